@@ -1,0 +1,395 @@
+//! Settings: a `rekey.toml` (targets, key policy, addresses) overridden by `REKEY_*`
+//! environment variables. Defaults reach a local Postgres and RabbitMQ and the demo
+//! schema, so a first run needs no configuration. Secrets (URLs that may hold passwords,
+//! the master key) are kept in `SecretString` and never printed.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use anyhow::{Context, bail};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+
+use crate::keys::master::{EnvMasterKey, FileMasterKey, MasterKeyError, MasterKeyProvider};
+
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// One encrypted table: its name (optionally schema-qualified), its integer primary key
+/// column, and the encrypted `bytea` columns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Target {
+    pub table: String,
+    #[serde(default = "default_id_column")]
+    pub id_column: String,
+    pub columns: Vec<String>,
+}
+
+fn default_id_column() -> String {
+    "id".to_owned()
+}
+
+impl Target {
+    /// The table name quoted for SQL (`"demo"."users"`).
+    pub fn quoted_table(&self) -> String {
+        self.table
+            .split('.')
+            .map(quote_ident)
+            .collect::<Vec<_>>()
+            .join(".")
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        let parts: Vec<&str> = self.table.split('.').collect();
+        if parts.len() > 2 || parts.iter().any(|p| !is_identifier(p)) {
+            bail!(
+                "target table {:?} is not a valid [schema.]table name (letters, digits and _ only)",
+                self.table
+            );
+        }
+        if !is_identifier(&self.id_column) {
+            bail!(
+                "target {}: id_column {:?} is not a valid column name",
+                self.table,
+                self.id_column
+            );
+        }
+        if self.columns.is_empty() {
+            bail!("target {}: no encrypted columns listed", self.table);
+        }
+        for c in &self.columns {
+            if !is_identifier(c) {
+                bail!(
+                    "target {}: column {c:?} is not a valid column name",
+                    self.table
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether `s` is a plain SQL identifier, safe to quote into statements.
+pub fn is_identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && s.len() <= 63
+}
+
+/// Quotes an identifier that `is_identifier` accepted.
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// How long keys live and how many encryptions a key may make.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct KeyPolicy {
+    pub field_rotation_days: u32,
+    pub data_rotation_days: u32,
+    /// Random 96-bit nonces allow 2^32 encryptions per key (NIST SP 800-38D).
+    pub nonce_budget: u64,
+}
+
+impl Default for KeyPolicy {
+    fn default() -> Self {
+        Self {
+            field_rotation_days: 30,
+            data_rotation_days: 90,
+            nonce_budget: 1 << 32,
+        }
+    }
+}
+
+/// The demo application's targets, used when no configuration names any.
+pub fn demo_targets() -> Vec<Target> {
+    let t = |table: &str, cols: &[&str]| Target {
+        table: table.to_owned(),
+        id_column: "id".to_owned(),
+        columns: cols.iter().map(|c| (*c).to_owned()).collect(),
+    };
+    vec![
+        t("demo.users", &["email", "phone"]),
+        t("demo.agents", &["api_key", "system_prompt"]),
+        t("demo.conversations", &["body", "summary"]),
+    ]
+}
+
+/// The file form of the settings; every field is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSettings {
+    database_url: Option<String>,
+    amqp_url: Option<String>,
+    master_key_file: Option<PathBuf>,
+    queue_prefix: Option<String>,
+    actor: Option<String>,
+    #[serde(default)]
+    keys: Option<KeyPolicy>,
+    #[serde(default)]
+    targets: Vec<Target>,
+}
+
+/// Where the master key comes from, as configured.
+#[derive(Clone)]
+pub enum MasterKeySource {
+    None,
+    Env(SecretString),
+    File(PathBuf),
+}
+
+impl fmt::Debug for MasterKeySource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MasterKeySource::None => f.write_str("None"),
+            MasterKeySource::Env(_) => f.write_str("Env(REKEY_MASTER_KEY)"),
+            MasterKeySource::File(p) => write!(f, "File({})", p.display()),
+        }
+    }
+}
+
+/// Everything a rekey process is configured with.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// PostgreSQL URL; may hold a password, so it is secret.
+    pub database_url: SecretString,
+    /// AMQP URL; may hold a password, so it is secret.
+    pub amqp_url: SecretString,
+    pub master_key: MasterKeySource,
+    /// The prefix of every queue and exchange name, so that test runs and environments
+    /// sharing one broker never see each other's messages.
+    pub queue_prefix: String,
+    /// Who acts, for the audit log.
+    pub actor: String,
+    pub key_policy: KeyPolicy,
+    pub targets: Vec<Target>,
+}
+
+impl Settings {
+    /// Loads from the process environment and, if present, the file named by `--config`,
+    /// `REKEY_CONFIG`, or `./rekey.toml`.
+    pub fn load(config_file: Option<&Path>) -> anyhow::Result<Self> {
+        let env: HashMap<String, String> = std::env::vars()
+            .filter(|(k, _)| k.starts_with("REKEY_"))
+            .collect();
+        Self::from_sources(config_file, &env)
+    }
+
+    /// Loads from an explicit environment map (tests use this).
+    pub fn from_sources(
+        config_file: Option<&Path>,
+        env: &HashMap<String, String>,
+    ) -> anyhow::Result<Self> {
+        let path = config_file
+            .map(Path::to_path_buf)
+            .or_else(|| env.get("REKEY_CONFIG").map(PathBuf::from))
+            .or_else(|| {
+                Path::new("rekey.toml")
+                    .exists()
+                    .then(|| PathBuf::from("rekey.toml"))
+            });
+        let file: FileSettings = match &path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("read configuration file {}", p.display()))?;
+                toml::from_str(&text)
+                    .with_context(|| format!("parse configuration file {}", p.display()))?
+            }
+            None => FileSettings::default(),
+        };
+
+        let database_url = env
+            .get("REKEY_DATABASE_URL")
+            .cloned()
+            .or(file.database_url)
+            .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned());
+        tokio_postgres::Config::from_str(&database_url).map_err(|_| {
+            anyhow::anyhow!("REKEY_DATABASE_URL is not a valid PostgreSQL connection URL")
+        })?;
+        let amqp_url = env
+            .get("REKEY_AMQP_URL")
+            .cloned()
+            .or(file.amqp_url)
+            .unwrap_or_else(|| DEFAULT_AMQP_URL.to_owned());
+        if !(amqp_url.starts_with("amqp://") || amqp_url.starts_with("amqps://")) {
+            bail!("REKEY_AMQP_URL must start with amqp:// or amqps://");
+        }
+
+        let master_key = if let Some(v) = env.get("REKEY_MASTER_KEY").filter(|v| !v.is_empty()) {
+            MasterKeySource::Env(SecretString::from(v.clone()))
+        } else if let Some(p) = env.get("REKEY_MASTER_KEY_FILE").filter(|v| !v.is_empty()) {
+            MasterKeySource::File(PathBuf::from(p))
+        } else if let Some(p) = file.master_key_file {
+            MasterKeySource::File(p)
+        } else {
+            MasterKeySource::None
+        };
+
+        let mut key_policy = file.keys.unwrap_or_default();
+        if let Some(v) = env.get("REKEY_FIELD_ROTATION_DAYS") {
+            key_policy.field_rotation_days = v
+                .parse()
+                .context("REKEY_FIELD_ROTATION_DAYS must be a whole number of days")?;
+        }
+        if let Some(v) = env.get("REKEY_DATA_ROTATION_DAYS") {
+            key_policy.data_rotation_days = v
+                .parse()
+                .context("REKEY_DATA_ROTATION_DAYS must be a whole number of days")?;
+        }
+
+        let queue_prefix = env
+            .get("REKEY_QUEUE_PREFIX")
+            .cloned()
+            .or(file.queue_prefix)
+            .unwrap_or_else(|| "rekey".to_owned());
+        if queue_prefix.is_empty()
+            || !queue_prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            bail!(
+                "REKEY_QUEUE_PREFIX {queue_prefix:?} may hold only letters, digits, '-', '_' and '.'"
+            );
+        }
+        let actor = env
+            .get("REKEY_ACTOR")
+            .cloned()
+            .or(file.actor)
+            .unwrap_or_else(default_actor);
+
+        let targets = if file.targets.is_empty() {
+            demo_targets()
+        } else {
+            file.targets
+        };
+        for t in &targets {
+            t.validate().context("invalid targets in configuration")?;
+        }
+
+        Ok(Self {
+            database_url: SecretString::from(database_url),
+            amqp_url: SecretString::from(amqp_url),
+            master_key,
+            queue_prefix,
+            actor,
+            key_policy,
+            targets,
+        })
+    }
+
+    /// The master key provider these settings name.
+    pub fn master_key_provider(&self) -> Result<Box<dyn MasterKeyProvider>, MasterKeyError> {
+        match &self.master_key {
+            MasterKeySource::None => Err(MasterKeyError::Missing),
+            MasterKeySource::Env(v) => {
+                Ok(Box::new(EnvMasterKey::new("REKEY_MASTER_KEY", v.clone())))
+            }
+            MasterKeySource::File(p) => {
+                Ok(Box::new(FileMasterKey::new("REKEY_MASTER_KEY_FILE", p)))
+            }
+        }
+    }
+
+    /// The database's address without user or password, for messages.
+    pub fn database_display(&self) -> String {
+        redacted_pg(self.database_url.expose_secret())
+    }
+
+    pub fn target(&self, table: &str) -> Option<&Target> {
+        self.targets.iter().find(|t| t.table == table)
+    }
+}
+
+/// `host:port/dbname` of a PostgreSQL URL, without credentials.
+pub fn redacted_pg(url: &str) -> String {
+    match tokio_postgres::Config::from_str(url) {
+        Ok(c) => {
+            let host = c
+                .get_hosts()
+                .first()
+                .map(|h| match h {
+                    tokio_postgres::config::Host::Tcp(s) => s.clone(),
+                    tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+                })
+                .unwrap_or_else(|| "localhost".into());
+            let port = c.get_ports().first().copied().unwrap_or(5432);
+            format!("{host}:{port}/{}", c.get_dbname().unwrap_or(""))
+        }
+        Err(_) => "<invalid URL>".to_owned(),
+    }
+}
+
+fn default_actor() -> String {
+    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default();
+    format!("{user}@{host}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).into(), (*v).into()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_need_no_configuration() {
+        let s = Settings::from_sources(None, &env(&[])).unwrap();
+        assert_eq!(s.database_display(), "127.0.0.1:5432/postgres");
+        assert_eq!(s.targets, demo_targets());
+        assert!(matches!(s.master_key, MasterKeySource::None));
+        assert_eq!(s.key_policy.field_rotation_days, 30);
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let path = std::env::temp_dir().join(format!("rekey-{}.toml", uuid::Uuid::new_v4()));
+        std::fs::write(
+            &path,
+            "database_url = \"postgres://a@db1/x\"\n[keys]\nfield_rotation_days = 7\n[[targets]]\ntable = \"app.t\"\ncolumns = [\"c\"]\n",
+        )
+        .unwrap();
+        let s = Settings::from_sources(
+            Some(&path),
+            &env(&[("REKEY_DATABASE_URL", "postgres://b:pw@db2:6000/y")]),
+        )
+        .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(s.database_display(), "db2:6000/y");
+        assert_eq!(s.key_policy.field_rotation_days, 7);
+        assert_eq!(s.key_policy.data_rotation_days, 90);
+        assert_eq!(s.targets[0].quoted_table(), "\"app\".\"t\"");
+    }
+
+    #[test]
+    fn bad_identifiers_and_urls_are_refused_naming_the_setting() {
+        let path = std::env::temp_dir().join(format!("rekey-{}.toml", uuid::Uuid::new_v4()));
+        std::fs::write(
+            &path,
+            "[[targets]]\ntable = \"t; drop table x\"\ncolumns = [\"c\"]\n",
+        )
+        .unwrap();
+        let err = format!(
+            "{:#}",
+            Settings::from_sources(Some(&path), &env(&[])).unwrap_err()
+        );
+        std::fs::remove_file(&path).unwrap();
+        assert!(err.contains("not a valid"), "{err}");
+        let err = Settings::from_sources(
+            None,
+            &env(&[("REKEY_DATABASE_URL", "post gres://x:secret@")]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("REKEY_DATABASE_URL"));
+        assert!(!err.to_string().contains("secret"));
+    }
+}

@@ -1,0 +1,25 @@
+//! rekey-common: everything the coordinator, the workers and the load test share.
+//!
+//! - [`secret`]: types for key material and plaintext (redacted `Debug`, zeroized on drop).
+//! - [`envelope`]: the v1 field envelope, `seal` and `open` (pure crypto, no I/O).
+//! - [`keys`]: the key hierarchy: master key providers, the wrapped-key format, the key
+//!   ring, the key store in Postgres, the census.
+//! - [`audit`]: the key-usage audit log.
+//! - [`config`]: settings from `rekey.toml` and `REKEY_*` variables.
+//! - [`db`]: the connection pool and the embedded migrations.
+//! - [`telemetry`]: logging setup for the binaries.
+//!
+//! **Architecture invariant:** `envelope`, `keys::wrap`, `keys::ring` and `secret` do no
+//! I/O; only the edges (`keys::store`, `audit`, `db`, the binaries) talk to Postgres.
+
+pub mod audit;
+pub mod config;
+pub mod db;
+pub mod envelope;
+pub mod keys;
+pub mod secret;
+pub mod telemetry;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use config::Settings;
