@@ -8,6 +8,7 @@
 //! - [`config`]: settings from `rekey.toml` and `REKEY_*` variables.
 //! - [`db`]: the connection pool and the embedded migrations.
 //! - [`telemetry`]: logging setup for the binaries.
+//! - [`testing`]: test support (a fresh database per test), used by every crate's tests.
 //!
 //! **Architecture invariant:** `envelope`, `keys::wrap`, `keys::ring` and `secret` do no
 //! I/O; only the edges (`keys::store`, `audit`, `db`, the binaries) talk to Postgres.
@@ -19,7 +20,6 @@ pub mod envelope;
 pub mod keys;
 pub mod secret;
 pub mod telemetry;
-#[cfg(feature = "testing")]
 pub mod testing;
 
 pub use config::Settings;

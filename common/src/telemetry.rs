@@ -13,7 +13,9 @@ pub enum LogFormat {
 
 /// Installs the global subscriber; a second call is a no-op (tests call it repeatedly).
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new("info,refinery_core=warn,tokio_postgres=warn,lapin=warn")
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -1,4 +1,4 @@
-//! Test support (feature `testing`): a fresh database with a random name per test, migrated,
+//! Test support: a fresh database with a random name per test, migrated,
 //! and dropped when the test ends. Tests that need Postgres fail loudly when it is missing;
 //! they never skip.
 

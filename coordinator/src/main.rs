@@ -1,1 +1,20 @@
-fn main() {}
+//! `rekey`, the operator CLI. Parses arguments, sets up logging and hands over to
+//! [`rekey_coordinator::cli::run`]; everything else is library code that tests drive.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = rekey_coordinator::cli::Cli::parse();
+    rekey_common::telemetry::init(cli.log_format);
+    match rekey_coordinator::cli::run(cli).await {
+        Ok(code) => code,
+        Err(err) => {
+            // The one place a command's error is reported; `{:#}` prints the context chain.
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,169 @@
+//! FORMAT.md's worked example, checked byte for byte: once through rekey's own code, and
+//! once as an independent program would do it, with AES-GCM and the documented layout only.
+
+use std::collections::HashMap;
+
+use aes_gcm::aead::{Aead, Payload};
+use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
+use rekey_common::envelope::{self, FieldLocation};
+use rekey_common::keys::master::{MasterKey, fingerprint};
+use rekey_common::keys::ring::FieldKey;
+use rekey_common::keys::{KeyKind, KeyState, wrap};
+use rekey_common::secret::KeyMaterial;
+use uuid::Uuid;
+
+fn seq(start: u8, n: usize) -> Vec<u8> {
+    (0..n).map(|i| start + i as u8).collect()
+}
+
+/// The `name = hex-or-text` lines of the fenced block after "## Worked example".
+fn documented() -> HashMap<String, String> {
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../FORMAT.md")).unwrap();
+    let section = text
+        .split("## Worked example")
+        .nth(1)
+        .expect("FORMAT.md has a worked example");
+    let block = section.split("```").nth(1).expect("a fenced block");
+    block
+        .lines()
+        .filter_map(|l| l.split_once(" = "))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect()
+}
+
+fn computed() -> Vec<(&'static str, String)> {
+    let master = MasterKey::new(KeyMaterial::from_slice(&seq(0x00, 32)).unwrap());
+    let data_id = Uuid::parse_str("11111111-2222-4333-8444-555555555555").unwrap();
+    let data_key = KeyMaterial::from_slice(&seq(0x20, 32)).unwrap();
+    let field_id = Uuid::parse_str("66666666-7777-4888-9999-aaaaaaaaaaaa").unwrap();
+    let field_key = KeyMaterial::from_slice(&seq(0x40, 32)).unwrap();
+    let wrapped_data = wrap::wrap_with_nonce(
+        master.material(),
+        master.id(),
+        KeyKind::Data,
+        data_id,
+        &data_key,
+        seq(0xa0, 12).try_into().unwrap(),
+    );
+    let wrapped_field = wrap::wrap_with_nonce(
+        &data_key,
+        data_id,
+        KeyKind::Field,
+        field_id,
+        &field_key,
+        seq(0xb0, 12).try_into().unwrap(),
+    );
+    let key = FieldKey::new(field_id, KeyState::Active, &field_key, 0, 1 << 32);
+    let loc = FieldLocation {
+        table: "demo.users",
+        column: "email",
+        row_id: 42,
+    };
+    let env = envelope::seal_with_nonce(
+        &key,
+        seq(0xc0, 12).try_into().unwrap(),
+        &loc,
+        b"alice@example.com",
+    );
+    let mut aad = env[..17].to_vec();
+    aad.extend_from_slice(b"demo.users\0email\042");
+    vec![
+        ("master_key", hex::encode(seq(0x00, 32))),
+        (
+            "master_key_base64",
+            "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=".to_owned(),
+        ),
+        ("master_key_id", fingerprint(master.material()).to_string()),
+        ("data_key_id", data_id.to_string()),
+        ("data_key", hex::encode(seq(0x20, 32))),
+        ("data_key_wrap_nonce", hex::encode(seq(0xa0, 12))),
+        (
+            "data_key_wrap_aad",
+            hex::encode(wrap::associated_data(KeyKind::Data, data_id, master.id())),
+        ),
+        ("wrapped_data_key", hex::encode(&wrapped_data)),
+        ("field_key_id", field_id.to_string()),
+        ("field_key", hex::encode(seq(0x40, 32))),
+        ("field_key_wrap_nonce", hex::encode(seq(0xb0, 12))),
+        (
+            "field_key_wrap_aad",
+            hex::encode(wrap::associated_data(KeyKind::Field, field_id, data_id)),
+        ),
+        ("wrapped_field_key", hex::encode(&wrapped_field)),
+        ("table", "demo.users".to_owned()),
+        ("column", "email".to_owned()),
+        ("row_id", "42".to_owned()),
+        ("plaintext", hex::encode(b"alice@example.com")),
+        ("nonce", hex::encode(seq(0xc0, 12))),
+        ("aad", hex::encode(&aad)),
+        ("envelope", hex::encode(&env)),
+    ]
+}
+
+#[test]
+fn format_md_worked_example_matches_byte_for_byte() {
+    let doc = documented();
+    let computed = computed();
+    if std::env::var("REKEY_PRINT_FORMAT_EXAMPLE").is_ok() {
+        for (k, v) in &computed {
+            println!("{k} = {v}");
+        }
+    }
+    for (name, value) in &computed {
+        assert_eq!(
+            doc.get(*name),
+            Some(value),
+            "FORMAT.md's {name} differs from what rekey computes"
+        );
+    }
+}
+
+#[test]
+fn an_independent_program_can_unwrap_the_keys_and_decrypt_the_field() {
+    let doc = documented();
+    let h = |k: &str| hex::decode(&doc[k]).unwrap();
+    let uuid = |k: &str| Uuid::parse_str(&doc[k]).unwrap();
+    let gcm = |key: &[u8], nonce_ct: &[u8], aad: &[u8]| {
+        Aes256Gcm::new_from_slice(key)
+            .unwrap()
+            .decrypt(
+                &Nonce::try_from(&nonce_ct[..12]).unwrap(),
+                Payload {
+                    msg: &nonce_ct[12..],
+                    aad,
+                },
+            )
+            .unwrap()
+    };
+    // Master key id: first 16 bytes of SHA-256("rekey master key v1" || master key).
+    use sha2::Digest;
+    let digest = sha2::Sha256::new()
+        .chain_update(b"rekey master key v1")
+        .chain_update(h("master_key"))
+        .finalize();
+    assert_eq!(&digest[..16], uuid("master_key_id").as_bytes());
+    // Data key: AAD = 01 'D' data_key_id master_key_id.
+    let mut aad = vec![0x01, b'D'];
+    aad.extend_from_slice(uuid("data_key_id").as_bytes());
+    aad.extend_from_slice(uuid("master_key_id").as_bytes());
+    let data_key = gcm(&h("master_key"), &h("wrapped_data_key"), &aad);
+    assert_eq!(data_key, h("data_key"));
+    // Field key: AAD = 01 'F' field_key_id data_key_id.
+    let mut aad = vec![0x01, b'F'];
+    aad.extend_from_slice(uuid("field_key_id").as_bytes());
+    aad.extend_from_slice(uuid("data_key_id").as_bytes());
+    let field_key = gcm(&data_key, &h("wrapped_field_key"), &aad);
+    assert_eq!(field_key, h("field_key"));
+    // Field value: AAD = envelope[0..17] || table 00 column 00 row id text.
+    let env = h("envelope");
+    assert_eq!(env[0], 0x01);
+    assert_eq!(&env[1..17], uuid("field_key_id").as_bytes());
+    let mut aad = env[..17].to_vec();
+    aad.extend_from_slice(
+        format!("{}\0{}\0{}", doc["table"], doc["column"], doc["row_id"]).as_bytes(),
+    );
+    assert_eq!(hex::encode(&aad), doc["aad"]);
+    let plaintext = gcm(&field_key, &env[17..], &aad);
+    assert_eq!(plaintext, h("plaintext"));
+}
