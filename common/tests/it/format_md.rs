@@ -67,7 +67,7 @@ fn computed() -> Vec<(&'static str, String)> {
         b"alice@example.com",
     );
     let mut aad = env[..17].to_vec();
-    aad.extend_from_slice(b"demo.users\0email\042");
+    aad.extend_from_slice(b"demo.users\x00email\x0042");
     vec![
         ("master_key", hex::encode(seq(0x00, 32))),
         (

@@ -1,0 +1,38 @@
+//! Running the `rekey` binary as an operator would, with a controlled environment.
+
+use std::process::{Command, Output};
+
+/// Output of one `rekey` invocation.
+#[derive(Debug)]
+pub struct Run {
+    pub ok: bool,
+    pub stdout: String,
+    pub stderr: String,
+    pub raw: Vec<u8>,
+}
+
+/// Runs `rekey args…` with only the given `REKEY_*` variables (plus PATH and RUST_LOG).
+pub fn rekey(env: &[(&str, &str)], args: &[&str]) -> Run {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rekey"));
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("RUST_LOG", "debug")
+        .current_dir(std::env::temp_dir())
+        .args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = cmd.output().expect("run rekey");
+    let mut raw = stdout.clone();
+    raw.extend_from_slice(&stderr);
+    Run {
+        ok: status.success(),
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+        raw,
+    }
+}

@@ -1,0 +1,4 @@
+//! The `rekey` binary end to end, against a fresh database per test.
+
+mod helpers;
+mod keys_cli;
