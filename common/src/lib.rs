@@ -5,6 +5,9 @@
 //! - [`keys`]: the key hierarchy: master key providers, the wrapped-key format, the key
 //!   ring, the key store in Postgres, the census.
 //! - [`audit`]: the key-usage audit log.
+//! - [`ledger`]: runs, stages and batches: the truth about progress.
+//! - [`messages`] and [`codec`]: what crosses RabbitMQ, and the one bincode codec.
+//! - [`broker`]: RabbitMQ connection, topology, confirmed publishing.
 //! - [`config`]: settings from `rekey.toml` and `REKEY_*` variables.
 //! - [`db`]: the connection pool and the embedded migrations.
 //! - [`telemetry`]: logging setup for the binaries.
@@ -14,11 +17,16 @@
 //! I/O; only the edges (`keys::store`, `audit`, `db`, the binaries) talk to Postgres.
 
 pub mod audit;
+pub mod broker;
+pub mod codec;
 pub mod config;
 pub mod db;
 pub mod envelope;
 pub mod keys;
+pub mod ledger;
+pub mod messages;
 pub mod secret;
+pub mod stages;
 pub mod telemetry;
 pub mod testing;
 

@@ -1,1 +1,62 @@
-fn main() {}
+//! `rekey-worker`: takes batch orders from RabbitMQ and re-encrypts their rows. Parses
+//! arguments, sets up logging and signals, and calls [`rekey_worker::consume::run`].
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use rekey_common::telemetry::LogFormat;
+use rekey_worker::consume::{self, WorkerOptions};
+
+#[derive(Debug, Parser)]
+#[command(name = "rekey-worker", version, about = "rekey's batch worker: re-encrypts rows batch by batch")]
+struct Args {
+    /// Configuration file (default: $REKEY_CONFIG, then ./rekey.toml if present).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Batches processed at once, each in its own transaction and connection.
+    #[arg(long, env = "REKEY_WORKER_CONCURRENCY", default_value_t = 2)]
+    concurrency: usize,
+    /// Unacknowledged batch orders the broker may hand this worker at once.
+    #[arg(long, env = "REKEY_WORKER_PREFETCH", default_value_t = 4)]
+    prefetch: u16,
+    /// `lock_timeout` of a batch transaction: how long it waits for an application's row lock.
+    #[arg(long, default_value_t = 2000)]
+    lock_timeout_ms: u64,
+    /// `statement_timeout` of a batch transaction.
+    #[arg(long, default_value_t = 60000)]
+    statement_timeout_ms: u64,
+    /// A name for logs, the ledger and the broker (default: hostname-pid).
+    #[arg(long, env = "REKEY_WORKER_ID")]
+    worker_id: Option<String>,
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    rekey_common::telemetry::init(args.log_format);
+    let settings = match rekey_common::Settings::load(args.config.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut opts = WorkerOptions::default();
+    opts.concurrency = args.concurrency.max(1);
+    opts.prefetch = args.prefetch.max(1);
+    opts.lock_timeout_ms = args.lock_timeout_ms;
+    opts.statement_timeout_ms = args.statement_timeout_ms;
+    if let Some(id) = args.worker_id {
+        opts.worker_id = id;
+    }
+    match consume::run(settings, opts, consume::shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

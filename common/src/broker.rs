@@ -1,0 +1,208 @@
+//! RabbitMQ: connecting (with the URL's password kept out of every message), the queue
+//! topology, and publishing with publisher confirms and the mandatory flag.
+//!
+//! Topology, per `REKEY_QUEUE_PREFIX` (default `rekey`):
+//! - `<prefix>.batches`: durable quorum queue of batch orders, with a delivery limit; a
+//!   message delivered more often than that is dead-lettered, at least once, to
+//! - `<prefix>.batches.dead`: durable quorum queue of refused batch orders; messages the
+//!   worker refuses itself carry the reason in the `x-rekey-reason` header;
+//! - `<prefix>.reports`: durable quorum queue of batch reports for the coordinator.
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use secrecy::{ExposeSecret, SecretString};
+
+/// How many times a batch order may be delivered before the broker dead-letters it.
+pub const DELIVERY_LIMIT: i64 = 10;
+
+/// Header carrying why a worker refused a message.
+pub const REASON_HEADER: &str = "x-rekey-reason";
+
+/// The queue names of one prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topology {
+    pub batches: String,
+    pub dead_letters: String,
+    pub reports: String,
+}
+
+impl Topology {
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            batches: format!("{prefix}.batches"),
+            dead_letters: format!("{prefix}.batches.dead"),
+            reports: format!("{prefix}.reports"),
+        }
+    }
+}
+
+/// `host:port/vhost` of an AMQP URL, without credentials, for messages.
+pub fn redacted(url: &str) -> String {
+    let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
+    let rest = rest.rsplit_once('@').map(|(_, r)| r).unwrap_or(rest);
+    rest.split('?').next().unwrap_or(rest).to_owned()
+}
+
+/// Connects once, naming the setting and the address (never the password) on failure.
+pub async fn connect(url: &SecretString, name: &str) -> anyhow::Result<Connection> {
+    let props = ConnectionProperties::default().with_connection_name(name.into());
+    Connection::connect(url.expose_secret(), props).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot reach RabbitMQ at {} (set by REKEY_AMQP_URL): {}",
+            redacted(url.expose_secret()),
+            scrub(&e.to_string(), url.expose_secret())
+        )
+    })
+}
+
+/// Removes a URL (and so its password) from an error text, in case a library echoes it.
+fn scrub(text: &str, url: &str) -> String {
+    text.replace(url, "<REKEY_AMQP_URL>")
+}
+
+/// Connects, retrying with exponential backoff (capped at 10 s) until `deadline` passes.
+pub async fn connect_with_retry(url: &SecretString, name: &str, deadline: Duration) -> anyhow::Result<Connection> {
+    let start = std::time::Instant::now();
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match connect(url, name).await {
+            Ok(c) => return Ok(c),
+            Err(e) if start.elapsed() + delay < deadline => {
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "broker connection failed");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn long(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s))
+}
+
+fn quorum_args() -> FieldTable {
+    let mut t = FieldTable::default();
+    t.insert(ShortString::from("x-queue-type"), long("quorum"));
+    t
+}
+
+/// Declares the queues (idempotent: the same arguments every time).
+pub async fn declare(channel: &Channel, topo: &Topology) -> anyhow::Result<()> {
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    channel
+        .queue_declare(topo.dead_letters.as_str().into(), durable, quorum_args())
+        .await
+        .with_context(|| format!("declare queue {}", topo.dead_letters))?;
+    let mut args = quorum_args();
+    args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(DELIVERY_LIMIT));
+    args.insert("x-dead-letter-exchange".into(), long(""));
+    args.insert("x-dead-letter-routing-key".into(), long(&topo.dead_letters));
+    // At-least-once dead-lettering (RabbitMQ 3.10+) needs reject-publish overflow.
+    args.insert("x-dead-letter-strategy".into(), long("at-least-once"));
+    args.insert("x-overflow".into(), long("reject-publish"));
+    channel
+        .queue_declare(topo.batches.as_str().into(), durable, args)
+        .await
+        .with_context(|| format!("declare queue {}", topo.batches))?;
+    channel
+        .queue_declare(topo.reports.as_str().into(), durable, quorum_args())
+        .await
+        .with_context(|| format!("declare queue {}", topo.reports))?;
+    Ok(())
+}
+
+/// Opens a channel with publisher confirms on.
+pub async fn confirmed_channel(conn: &Connection) -> anyhow::Result<Channel> {
+    let ch = conn.create_channel().await.context("open a broker channel")?;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .context("enable publisher confirms")?;
+    Ok(ch)
+}
+
+/// Publishes a persistent message to `queue` through the default exchange, mandatory, and
+/// waits for the broker's confirm. A nack or a returned message is an error.
+pub async fn publish(channel: &Channel, queue: &str, payload: &[u8], headers: Option<FieldTable>) -> anyhow::Result<()> {
+    let mut props = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/x-rekey-bincode".into());
+    if let Some(h) = headers {
+        props = props.with_headers(h);
+    }
+    let confirm = channel
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            payload,
+            props,
+        )
+        .await
+        .with_context(|| format!("publish to {queue}"))?
+        .await
+        .with_context(|| format!("await the broker's confirm for {queue}"))?;
+    match confirm {
+        Confirmation::Ack(None) => Ok(()),
+        Confirmation::Ack(Some(ret)) => bail!(
+            "the broker returned a message for {queue}: {} {}",
+            ret.reply_code,
+            ret.reply_text
+        ),
+        Confirmation::Nack(_) => bail!("the broker refused (nacked) a message for {queue}"),
+        Confirmation::NotRequested => bail!("publisher confirms are not enabled on this channel"),
+    }
+}
+
+/// Headers with the reason a message was refused.
+pub fn reason_headers(reason: &str) -> FieldTable {
+    let mut t = FieldTable::default();
+    t.insert(REASON_HEADER.into(), long(reason));
+    t
+}
+
+/// Messages ready in a queue (a passive declare).
+pub async fn queue_depth(channel: &Channel, queue: &str) -> anyhow::Result<u32> {
+    let q = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .with_context(|| format!("inspect queue {queue}"))?;
+    Ok(q.message_count())
+}
+
+/// Deletes the queues of a topology (tests and `rekey` clean-up).
+pub async fn delete(channel: &Channel, topo: &Topology) -> anyhow::Result<()> {
+    for q in [&topo.batches, &topo.dead_letters, &topo.reports] {
+        channel
+            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .with_context(|| format!("delete queue {q}"))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn redacted_url_has_no_credentials() {
+        assert_eq!(super::redacted("amqp://guest:s3cret@10.0.0.1:5672/%2f"), "10.0.0.1:5672/%2f");
+        assert_eq!(super::redacted("amqps://h:5671/v?heartbeat=5"), "h:5671/v");
+    }
+}

@@ -1,0 +1,350 @@
+//! The consumer loop: takes batch orders with a small prefetch, runs up to `concurrency`
+//! batches at once, retries transient failures with backoff, dead-letters poison messages
+//! with their reason, acks only after the batch's transaction committed, and publishes a
+//! report. When the broker connection drops it reconnects with backoff by itself; on
+//! shutdown it stops taking orders, finishes and acks the batches in flight, and returns.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use deadpool_postgres::Pool;
+use futures::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection};
+use rekey_common::audit::{self, AuditEntry};
+use rekey_common::broker::{self, Topology};
+use rekey_common::messages::{BatchMessage, BatchReport, FORMAT_VERSION};
+use rekey_common::{Settings, db};
+use serde_json::json;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::ring::RingHandle;
+use crate::rotate_batch::{BatchError, BatchResult, BatchSettings, rotate_batch};
+
+/// How a worker runs.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// Batches processed at once.
+    pub concurrency: usize,
+    /// Unacknowledged deliveries the broker may hand over at once.
+    pub prefetch: u16,
+    pub lock_timeout_ms: u64,
+    pub statement_timeout_ms: u64,
+    /// Attempts of a batch within one delivery before it is handed back to the broker
+    /// (whose delivery limit then bounds the total).
+    pub max_attempts: u32,
+    pub worker_id: String,
+    /// Values above which a batch's crypto runs on the blocking pool.
+    pub blocking_threshold: usize,
+}
+
+impl Default for WorkerOptions {
+    fn default() -> Self {
+        let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_owned()).unwrap_or_default();
+        Self {
+            concurrency: 2,
+            prefetch: 4,
+            lock_timeout_ms: 2000,
+            statement_timeout_ms: 60_000,
+            max_attempts: 6,
+            worker_id: format!("{host}-{}", std::process::id()),
+            blocking_threshold: 256,
+        }
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("install SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("shutdown requested: finishing batches in flight");
+}
+
+/// What every batch task shares.
+struct Shared {
+    pool: Pool,
+    ring: RingHandle,
+    topo: Topology,
+    batch: BatchSettings,
+    max_attempts: u32,
+}
+
+/// Runs a worker until `shutdown` resolves.
+pub async fn run(settings: Settings, opts: WorkerOptions, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let provider = settings.master_key_provider()?;
+    let master = provider
+        .load()
+        .with_context(|| format!("load the master key from {}", provider.describe()))?;
+    let pool = db::pool(&settings, opts.concurrency + 1)?;
+    db::check_connection(&pool, &settings).await?;
+    let ring = RingHandle::load(&pool, master).await.context("load the key ring")?;
+    let shared = Arc::new(Shared {
+        pool,
+        ring,
+        topo: Topology::new(&settings.queue_prefix),
+        batch: BatchSettings {
+            lock_timeout_ms: opts.lock_timeout_ms,
+            statement_timeout_ms: opts.statement_timeout_ms,
+            worker_id: opts.worker_id.clone(),
+            blocking_threshold: opts.blocking_threshold,
+        },
+        max_attempts: opts.max_attempts.max(1),
+    });
+    tokio::pin!(shutdown);
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let conn = tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            c = broker::connect(&settings.amqp_url, &opts.worker_id) => c,
+        };
+        let conn = match conn {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), retry_in_ms = backoff.as_millis() as u64, "broker unreachable");
+                tokio::select! {
+                    _ = &mut shutdown => return Ok(()),
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(200);
+        tracing::info!(worker = %opts.worker_id, "connected to the broker");
+        match serve(&conn, &shared, &opts, &mut shutdown).await {
+            Ok(Served::Shutdown) => {
+                let _ = conn.close(200, "worker shutting down".into()).await;
+                tracing::info!("worker stopped");
+                return Ok(());
+            }
+            Ok(Served::Lost) => tracing::warn!("broker connection lost; reconnecting"),
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "broker session failed; reconnecting"),
+        }
+        tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            _ = tokio::time::sleep(backoff) => {}
+        }
+    }
+}
+
+enum Served {
+    Shutdown,
+    Lost,
+}
+
+/// One broker session: consume until the connection drops or shutdown is asked.
+async fn serve(
+    conn: &Connection,
+    shared: &Arc<Shared>,
+    opts: &WorkerOptions,
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> anyhow::Result<Served> {
+    let consume_ch = conn.create_channel().await?;
+    consume_ch.basic_qos(opts.prefetch, BasicQosOptions::default()).await?;
+    broker::declare(&consume_ch, &shared.topo).await?;
+    let publish_ch = broker::confirmed_channel(conn).await?;
+    let mut consumer = consume_ch
+        .basic_consume(
+            shared.topo.batches.as_str().into(),
+            opts.worker_id.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .context("start consuming batch orders")?;
+    let permits = Arc::new(Semaphore::new(opts.concurrency));
+    let mut tasks = JoinSet::new();
+    let served = loop {
+        let permit = tokio::select! {
+            _ = shutdown.as_mut() => break Served::Shutdown,
+            p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
+        };
+        tokio::select! {
+            _ = shutdown.as_mut() => break Served::Shutdown,
+            next = consumer.next() => match next {
+                Some(Ok(delivery)) => {
+                    let shared = shared.clone();
+                    let publish_ch = publish_ch.clone();
+                    tasks.spawn(async move {
+                        handle(&shared, &publish_ch, delivery).await;
+                        drop(permit);
+                    });
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "consumer error");
+                    break Served::Lost;
+                }
+                None => break Served::Lost,
+            },
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+        }
+        while tasks.try_join_next().is_some() {}
+    };
+    if matches!(served, Served::Shutdown) {
+        // Stop new deliveries; those prefetched but not started go back when the channel
+        // closes. Then let the batches in flight commit and ack.
+        let _ = consume_ch
+            .basic_cancel(opts.worker_id.as_str().into(), Default::default())
+            .await;
+    }
+    while tasks.join_next().await.is_some() {}
+    let _ = consume_ch.close(200, "bye".into()).await;
+    let _ = publish_ch.close(200, "bye".into()).await;
+    Ok(served)
+}
+
+/// Handles one delivery from decode to ack. Never panics on bad input.
+async fn handle(shared: &Shared, publish_ch: &Channel, delivery: Delivery) {
+    let msg = match BatchMessage::decode(&delivery.data) {
+        Ok(m) => m,
+        Err(e) => {
+            dead_letter(shared, publish_ch, &delivery, None, &format!("{e}")).await;
+            return;
+        }
+    };
+    let mut attempt = 0u32;
+    let mut delay = Duration::from_millis(100);
+    loop {
+        attempt += 1;
+        match rotate_batch(&shared.pool, &shared.ring, &msg, &shared.batch).await {
+            Ok(result) => {
+                log_result(&msg, &result);
+                if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
+                    // The batch is committed; a redelivery will find it done.
+                    tracing::warn!(run_id = msg.run_id, batch_no = msg.batch_no, error = %e, "ack failed after commit");
+                    return;
+                }
+                report(shared, publish_ch, &msg, &result).await;
+                return;
+            }
+            Err(BatchError::Poison(reason)) => {
+                dead_letter(shared, publish_ch, &delivery, Some(&msg), &reason).await;
+                return;
+            }
+            Err(BatchError::Failed(reason)) => {
+                mark_failed(shared, &msg, &reason).await;
+                dead_letter(shared, publish_ch, &delivery, Some(&msg), &reason).await;
+                return;
+            }
+            Err(BatchError::Transient(e)) if attempt < shared.max_attempts => {
+                tracing::warn!(run_id = msg.run_id, batch_no = msg.batch_no, attempt, error = %format!("{e:#}"), "batch failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(BatchError::Transient(e)) => {
+                tracing::error!(run_id = msg.run_id, batch_no = msg.batch_no, attempt, error = %format!("{e:#}"), "batch failed; handing it back to the broker");
+                let _ = delivery
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .await;
+                return;
+            }
+        }
+    }
+}
+
+/// Records in the ledger that a batch can never succeed, so the run shows it as failed
+/// with its reason instead of publishing it again.
+async fn mark_failed(shared: &Shared, msg: &BatchMessage, reason: &str) {
+    let result = async {
+        let c = shared.pool.get().await?;
+        c.execute(
+            "UPDATE rekey.batches SET state = 'failed', error = $3, worker = $4, lease_until = NULL
+              WHERE run_id = $1 AND batch_no = $2 AND state <> 'done'",
+            &[&msg.run_id, &msg.batch_no, &reason, &shared.batch.worker_id],
+        )
+        .await?;
+        anyhow::Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        tracing::warn!(run_id = msg.run_id, batch_no = msg.batch_no, error = %format!("{e:#}"), "could not mark a batch failed");
+    }
+}
+
+fn log_result(msg: &BatchMessage, r: &BatchResult) {
+    tracing::info!(
+        run_id = msg.run_id,
+        batch_no = msg.batch_no,
+        outcome = ?r.outcome,
+        n_rows = r.counts.n_rows,
+        n_rotated = r.counts.n_rotated,
+        n_errors = r.counts.n_errors,
+        elapsed_ms = r.elapsed_ms,
+        "batch handled"
+    );
+}
+
+async fn report(shared: &Shared, publish_ch: &Channel, msg: &BatchMessage, r: &BatchResult) {
+    let rep = BatchReport {
+        format: FORMAT_VERSION,
+        run_id: msg.run_id,
+        batch_no: msg.batch_no,
+        outcome: r.outcome,
+        n_rows: r.counts.n_rows,
+        n_rotated: r.counts.n_rotated,
+        n_errors: r.counts.n_errors,
+        worker: shared.batch.worker_id.clone(),
+        elapsed_ms: r.elapsed_ms,
+    };
+    if let Err(e) = broker::publish(publish_ch, &shared.topo.reports, &rep.encode(), None).await {
+        // Reports only wake the coordinator; the ledger already holds the truth.
+        tracing::warn!(run_id = msg.run_id, batch_no = msg.batch_no, error = %format!("{e:#}"), "report not published");
+    }
+}
+
+/// Sends a refused message to the dead-letter queue with its reason, audits it, and acks
+/// the original. If the publish fails, rejects it so the broker dead-letters it instead.
+async fn dead_letter(shared: &Shared, publish_ch: &Channel, delivery: &Delivery, msg: Option<&BatchMessage>, reason: &str) {
+    tracing::error!(
+        run_id = msg.map(|m| m.run_id),
+        batch_no = msg.map(|m| m.batch_no),
+        reason,
+        "message refused and dead-lettered"
+    );
+    let entry = AuditEntry {
+        key_id: None,
+        operation: "dead_letter".into(),
+        success: false,
+        n_ops: 1,
+        run_id: msg.map(|m| m.run_id),
+        batch_no: msg.map(|m| m.batch_no),
+        actor: shared.batch.worker_id.clone(),
+        detail: json!({ "reason": reason, "bytes": delivery.data.len() }),
+    };
+    match shared.pool.get().await {
+        Ok(c) => {
+            if let Err(e) = audit::record(&**c, &[entry]).await {
+                tracing::warn!(error = %e, "could not audit a dead-lettered message");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "could not audit a dead-lettered message"),
+    }
+    let published = broker::publish(
+        publish_ch,
+        &shared.topo.dead_letters,
+        &delivery.data,
+        Some(broker::reason_headers(reason)),
+    )
+    .await;
+    let settled = match published {
+        Ok(()) => delivery.ack(BasicAckOptions::default()).await,
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "dead-letter publish failed; rejecting to the broker's dead-letter route");
+            delivery.reject(BasicRejectOptions { requeue: false }).await
+        }
+    };
+    if let Err(e) = settled {
+        tracing::warn!(error = %e, "could not settle a refused message");
+    }
+}
