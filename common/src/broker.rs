@@ -11,7 +11,9 @@
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use secrecy::{ExposeSecret, SecretString};
@@ -50,13 +52,15 @@ pub fn redacted(url: &str) -> String {
 /// Connects once, naming the setting and the address (never the password) on failure.
 pub async fn connect(url: &SecretString, name: &str) -> anyhow::Result<Connection> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(url.expose_secret(), props).await.map_err(|e| {
-        anyhow::anyhow!(
-            "cannot reach RabbitMQ at {} (set by REKEY_AMQP_URL): {}",
-            redacted(url.expose_secret()),
-            scrub(&e.to_string(), url.expose_secret())
-        )
-    })
+    Connection::connect(url.expose_secret(), props)
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot reach RabbitMQ at {} (set by REKEY_AMQP_URL): {}",
+                redacted(url.expose_secret()),
+                scrub(&e.to_string(), url.expose_secret())
+            )
+        })
 }
 
 /// Removes a URL (and so its password) from an error text, in case a library echoes it.
@@ -65,7 +69,11 @@ fn scrub(text: &str, url: &str) -> String {
 }
 
 /// Connects, retrying with exponential backoff (capped at 10 s) until `deadline` passes.
-pub async fn connect_with_retry(url: &SecretString, name: &str, deadline: Duration) -> anyhow::Result<Connection> {
+pub async fn connect_with_retry(
+    url: &SecretString,
+    name: &str,
+    deadline: Duration,
+) -> anyhow::Result<Connection> {
     let start = std::time::Instant::now();
     let mut delay = Duration::from_millis(200);
     loop {
@@ -102,7 +110,10 @@ pub async fn declare(channel: &Channel, topo: &Topology) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("declare queue {}", topo.dead_letters))?;
     let mut args = quorum_args();
-    args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(DELIVERY_LIMIT));
+    args.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongLongInt(DELIVERY_LIMIT),
+    );
     args.insert("x-dead-letter-exchange".into(), long(""));
     args.insert("x-dead-letter-routing-key".into(), long(&topo.dead_letters));
     // At-least-once dead-lettering (RabbitMQ 3.10+) needs reject-publish overflow.
@@ -121,7 +132,10 @@ pub async fn declare(channel: &Channel, topo: &Topology) -> anyhow::Result<()> {
 
 /// Opens a channel with publisher confirms on.
 pub async fn confirmed_channel(conn: &Connection) -> anyhow::Result<Channel> {
-    let ch = conn.create_channel().await.context("open a broker channel")?;
+    let ch = conn
+        .create_channel()
+        .await
+        .context("open a broker channel")?;
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
         .context("enable publisher confirms")?;
@@ -130,7 +144,12 @@ pub async fn confirmed_channel(conn: &Connection) -> anyhow::Result<Channel> {
 
 /// Publishes a persistent message to `queue` through the default exchange, mandatory, and
 /// waits for the broker's confirm. A nack or a returned message is an error.
-pub async fn publish(channel: &Channel, queue: &str, payload: &[u8], headers: Option<FieldTable>) -> anyhow::Result<()> {
+pub async fn publish(
+    channel: &Channel,
+    queue: &str,
+    payload: &[u8],
+    headers: Option<FieldTable>,
+) -> anyhow::Result<()> {
     let mut props = BasicProperties::default()
         .with_delivery_mode(2)
         .with_content_type("application/x-rekey-bincode".into());
@@ -202,7 +221,10 @@ pub async fn delete(channel: &Channel, topo: &Topology) -> anyhow::Result<()> {
 mod tests {
     #[test]
     fn redacted_url_has_no_credentials() {
-        assert_eq!(super::redacted("amqp://guest:s3cret@10.0.0.1:5672/%2f"), "10.0.0.1:5672/%2f");
+        assert_eq!(
+            super::redacted("amqp://guest:s3cret@10.0.0.1:5672/%2f"),
+            "10.0.0.1:5672/%2f"
+        );
         assert_eq!(super::redacted("amqps://h:5671/v?heartbeat=5"), "h:5671/v");
     }
 }

@@ -118,12 +118,20 @@ fn associated_data(header: &[u8], loc: &FieldLocation<'_>) -> Vec<u8> {
 
 /// Encrypts `plaintext` for `loc` under the ring's encryption key with a fresh random nonce.
 pub fn seal(ring: &KeyRing, loc: &FieldLocation<'_>, plaintext: &[u8]) -> Result<Vec<u8>, Error> {
-    seal_with(ring.encrypt_key().ok_or(Error::NoEncryptKey)?, loc, plaintext)
+    seal_with(
+        ring.encrypt_key().ok_or(Error::NoEncryptKey)?,
+        loc,
+        plaintext,
+    )
 }
 
 /// Encrypts `plaintext` for `loc` under a given key with a fresh random nonce, counting
 /// the encryption against the key's nonce budget.
-pub fn seal_with(key: &FieldKey, loc: &FieldLocation<'_>, plaintext: &[u8]) -> Result<Vec<u8>, Error> {
+pub fn seal_with(
+    key: &FieldKey,
+    loc: &FieldLocation<'_>,
+    plaintext: &[u8],
+) -> Result<Vec<u8>, Error> {
     key.reserve_encryption()?;
     let mut nonce = [0u8; NONCE_LEN];
     rand::rng().fill_bytes(&mut nonce);

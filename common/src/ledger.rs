@@ -69,11 +69,17 @@ impl RunState {
         }
     }
     fn parse(s: &str) -> Self {
-        Self::ALL.into_iter().find(|k| k.as_str() == s).unwrap_or(RunState::Failed)
+        Self::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .unwrap_or(RunState::Failed)
     }
     /// Whether the run is over for good.
     pub fn is_final(self) -> bool {
-        matches!(self, RunState::Completed | RunState::Failed | RunState::RolledBack)
+        matches!(
+            self,
+            RunState::Completed | RunState::Failed | RunState::RolledBack
+        )
     }
 }
 
@@ -139,7 +145,10 @@ pub struct NewRun {
     pub operator: String,
 }
 
-pub async fn create_run<C: GenericClient>(c: &C, new: &NewRun) -> Result<Run, tokio_postgres::Error> {
+pub async fn create_run<C: GenericClient>(
+    c: &C,
+    new: &NewRun,
+) -> Result<Run, tokio_postgres::Error> {
     let targets = serde_json::to_value(&new.targets).expect("targets serialize");
     let row = c
         .query_one(
@@ -162,19 +171,31 @@ pub async fn create_run<C: GenericClient>(c: &C, new: &NewRun) -> Result<Run, to
     Ok(run_from(&row))
 }
 
-pub async fn get_run<C: GenericClient>(c: &C, id: i64) -> Result<Option<Run>, tokio_postgres::Error> {
-    Ok(c.query_opt(&format!("SELECT {RUN_COLUMNS} FROM rekey.runs WHERE id = $1"), &[&id])
-        .await?
-        .map(|r| run_from(&r)))
+pub async fn get_run<C: GenericClient>(
+    c: &C,
+    id: i64,
+) -> Result<Option<Run>, tokio_postgres::Error> {
+    Ok(c.query_opt(
+        &format!("SELECT {RUN_COLUMNS} FROM rekey.runs WHERE id = $1"),
+        &[&id],
+    )
+    .await?
+    .map(|r| run_from(&r)))
 }
 
 /// The most recent runs, newest first.
-pub async fn recent_runs<C: GenericClient>(c: &C, limit: i64) -> Result<Vec<Run>, tokio_postgres::Error> {
-    Ok(c.query(&format!("SELECT {RUN_COLUMNS} FROM rekey.runs ORDER BY id DESC LIMIT $1"), &[&limit])
-        .await?
-        .iter()
-        .map(run_from)
-        .collect())
+pub async fn recent_runs<C: GenericClient>(
+    c: &C,
+    limit: i64,
+) -> Result<Vec<Run>, tokio_postgres::Error> {
+    Ok(c.query(
+        &format!("SELECT {RUN_COLUMNS} FROM rekey.runs ORDER BY id DESC LIMIT $1"),
+        &[&limit],
+    )
+    .await?
+    .iter()
+    .map(run_from)
+    .collect())
 }
 
 /// Moves a run to `state` (the coordinator is the only writer of run state).
@@ -205,7 +226,11 @@ pub struct BatchPlan {
 }
 
 /// Appends batches to a run, numbering them after the run's last batch.
-pub async fn insert_batches<C: GenericClient>(c: &C, run_id: i64, plans: &[BatchPlan]) -> Result<u64, tokio_postgres::Error> {
+pub async fn insert_batches<C: GenericClient>(
+    c: &C,
+    run_id: i64,
+    plans: &[BatchPlan],
+) -> Result<u64, tokio_postgres::Error> {
     if plans.is_empty() {
         return Ok(0);
     }
@@ -244,7 +269,11 @@ impl Progress {
     /// Decrypt errors over values that needed decrypting.
     pub fn error_rate(&self) -> f64 {
         let attempted = self.n_rotated + self.n_errors;
-        if attempted == 0 { 0.0 } else { self.n_errors as f64 / attempted as f64 }
+        if attempted == 0 {
+            0.0
+        } else {
+            self.n_errors as f64 / attempted as f64
+        }
     }
 
     pub fn is_finished(&self) -> bool {
@@ -252,7 +281,10 @@ impl Progress {
     }
 }
 
-pub async fn progress<C: GenericClient>(c: &C, run_id: i64) -> Result<Progress, tokio_postgres::Error> {
+pub async fn progress<C: GenericClient>(
+    c: &C,
+    run_id: i64,
+) -> Result<Progress, tokio_postgres::Error> {
     let r = c
         .query_one(
             "SELECT count(*),
@@ -268,7 +300,10 @@ pub async fn progress<C: GenericClient>(c: &C, run_id: i64) -> Result<Progress, 
         )
         .await?;
     let settings = c
-        .query_opt("SELECT (settings->>'planned_rows')::int8 FROM rekey.runs WHERE id = $1", &[&run_id])
+        .query_opt(
+            "SELECT (settings->>'planned_rows')::int8 FROM rekey.runs WHERE id = $1",
+            &[&run_id],
+        )
         .await?
         .and_then(|r| r.get::<_, Option<i64>>(0))
         .unwrap_or(0);

@@ -72,7 +72,7 @@ impl BatchMessage {
             Ok(m) => Err(MessageError::UnknownVersion(m.format)),
             // A future format with other fields is reported as a version mismatch.
             Err(e) => match version_prefix(bytes) {
-                Some(v) if v != FORMAT_VERSION && v < 100 => Err(MessageError::UnknownVersion(v)),
+                Some(v) if (2..100).contains(&v) => Err(MessageError::UnknownVersion(v)),
                 _ => Err(MessageError::Undecodable(e)),
             },
         }
@@ -82,7 +82,9 @@ impl BatchMessage {
 /// The leading format version of a message, if the bytes start with a valid varint u16.
 fn version_prefix(bytes: &[u8]) -> Option<u16> {
     let cfg = bincode::config::standard();
-    bincode::serde::decode_from_slice::<u16, _>(bytes, cfg).ok().map(|(v, _)| v)
+    bincode::serde::decode_from_slice::<u16, _>(bytes, cfg)
+        .ok()
+        .map(|(v, _)| v)
 }
 
 impl BatchReport {
@@ -123,13 +125,22 @@ mod tests {
 
     #[test]
     fn random_bytes_and_other_versions_are_refused() {
-        assert!(matches!(BatchMessage::decode(b""), Err(MessageError::Undecodable(_))));
+        assert!(matches!(
+            BatchMessage::decode(b""),
+            Err(MessageError::Undecodable(_))
+        ));
         assert!(BatchMessage::decode(&[0xff; 40]).is_err());
         let mut m = msg();
         m.format = 9;
-        assert!(matches!(BatchMessage::decode(&m.encode()), Err(MessageError::UnknownVersion(9))));
+        assert!(matches!(
+            BatchMessage::decode(&m.encode()),
+            Err(MessageError::UnknownVersion(9))
+        ));
         let mut bytes = msg().encode();
         bytes.push(0);
-        assert!(matches!(BatchMessage::decode(&bytes), Err(MessageError::Undecodable(_))));
+        assert!(matches!(
+            BatchMessage::decode(&bytes),
+            Err(MessageError::Undecodable(_))
+        ));
     }
 }

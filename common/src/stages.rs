@@ -8,7 +8,9 @@ pub const BUCKETS: i32 = 10_000;
 /// The SQL expression giving a row's bucket in `[0, 10000)` for id column `id_sql` and the
 /// run's seed as parameter `seed_param` (e.g. `$4`).
 pub fn bucket_sql(id_sql: &str, seed_param: &str) -> String {
-    format!("((hashint8extended({id_sql}, {seed_param}::int8) % {BUCKETS}) + {BUCKETS}) % {BUCKETS}")
+    format!(
+        "((hashint8extended({id_sql}, {seed_param}::int8) % {BUCKETS}) + {BUCKETS}) % {BUCKETS}"
+    )
 }
 
 /// The bucket range `[lo, hi)` of stage `stage_no` given the run's cumulative percentages.

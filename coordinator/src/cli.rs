@@ -110,7 +110,11 @@ impl DriveArgs {
         crate::drive::DriveOptions {
             max_in_flight: self.max_in_flight.max(1),
             lease: std::time::Duration::from_secs(self.lease_secs.max(1)),
-            progress: if json { crate::drive::ProgressMode::Quiet } else { crate::drive::ProgressMode::Auto },
+            progress: if json {
+                crate::drive::ProgressMode::Quiet
+            } else {
+                crate::drive::ProgressMode::Auto
+            },
             ..Default::default()
         }
     }
@@ -220,7 +224,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Resume { run, detach, drive, json } => {
+        Command::Resume {
+            run,
+            detach,
+            drive,
+            json,
+        } => {
             let ctx = Context::connect(cli.config.as_deref()).await?;
             let r = run_cmd::resume(&ctx.pool, run).await?;
             if !json {
@@ -233,12 +242,25 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// Drives a run to its end (or only reports its plan with --detach) and prints its status.
 /// Exits non-zero unless the run completed.
-async fn follow(ctx: &Context, run_id: i64, detach: bool, drive: &DriveArgs, json: bool) -> anyhow::Result<ExitCode> {
+async fn follow(
+    ctx: &Context,
+    run_id: i64,
+    detach: bool,
+    drive: &DriveArgs,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
     if !detach {
         let shutdown = async {
             let _ = tokio::signal::ctrl_c().await;
         };
-        crate::drive::drive(&ctx.pool, &ctx.settings, run_id, &drive.options(json), shutdown).await?;
+        crate::drive::drive(
+            &ctx.pool,
+            &ctx.settings,
+            run_id,
+            &drive.options(json),
+            shutdown,
+        )
+        .await?;
     }
     let s = run_cmd::status(&ctx.pool, run_id).await?;
     if json {
@@ -247,5 +269,9 @@ async fn follow(ctx: &Context, run_id: i64, detach: bool, drive: &DriveArgs, jso
         run_cmd::print_status(&s);
     }
     let ok = detach || s.run.state == rekey_common::ledger::RunState::Completed;
-    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

@@ -54,7 +54,13 @@ impl Default for DriveOptions {
 /// Publishes what the window allows: marks each batch published in the ledger, then
 /// publishes its message with a confirm. A crash between the two leaves a published batch
 /// without a message, which its lease brings back.
-async fn publish_window(pool: &Pool, channel: &lapin::Channel, topo: &Topology, run_id: i64, opts: &DriveOptions) -> anyhow::Result<usize> {
+async fn publish_window(
+    pool: &Pool,
+    channel: &lapin::Channel,
+    topo: &Topology,
+    run_id: i64,
+    opts: &DriveOptions,
+) -> anyhow::Result<usize> {
     let client = pool.get().await?;
     // Leases that ran out: publish again, or give up after max_attempts.
     client
@@ -71,7 +77,10 @@ async fn publish_window(pool: &Pool, channel: &lapin::Channel, topo: &Topology, 
         )
         .await?;
     let in_flight: i64 = client
-        .query_one("SELECT count(*) FROM rekey.batches WHERE run_id = $1 AND state = 'published'", &[&run_id])
+        .query_one(
+            "SELECT count(*) FROM rekey.batches WHERE run_id = $1 AND state = 'published'",
+            &[&run_id],
+        )
         .await?
         .get(0);
     let room = (opts.max_in_flight - in_flight).max(0);
@@ -142,7 +151,9 @@ impl Display {
             b.set_length(p.planned_rows_estimate.max(p.n_rows) as u64);
             b.set_position(rows);
             b.set_message(msg);
-        } else if self.mode == ProgressMode::Auto && (self.last_line.elapsed() > Duration::from_secs(5) || p.is_finished()) {
+        } else if self.mode == ProgressMode::Auto
+            && (self.last_line.elapsed() > Duration::from_secs(5) || p.is_finished())
+        {
             let secs = self.started.elapsed().as_secs_f64().max(0.001);
             eprintln!(
                 "run {run_id}: batches {}/{} done, {} rows ({:.0} rows/s), rotated {}, {msg}",
@@ -178,7 +189,12 @@ pub async fn drive(
     let mut display = Display::new(opts.progress, first.planned_rows_estimate as u64);
     let mut backoff = Duration::from_millis(200);
     loop {
-        let conn = match broker::connect(&settings.amqp_url, &format!("rekey-coordinator-run-{run_id}")).await {
+        let conn = match broker::connect(
+            &settings.amqp_url,
+            &format!("rekey-coordinator-run-{run_id}"),
+        )
+        .await
+        {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), "broker unreachable; retrying");
@@ -198,7 +214,9 @@ pub async fn drive(
             let mut reports = report_ch
                 .basic_consume(
                     topo.reports.as_str().into(),
-                    format!("coordinator-{run_id}-{}", std::process::id()).as_str().into(),
+                    format!("coordinator-{run_id}-{}", std::process::id())
+                        .as_str()
+                        .into(),
                     BasicConsumeOptions::default(),
                     FieldTable::default(),
                 )
@@ -215,11 +233,18 @@ pub async fn drive(
                 display.update(run_id, &p);
                 if p.is_finished() {
                     let (state, reason) = if p.failed > 0 {
-                        (RunState::Halted, Some(format!("{} batch(es) failed; see `rekey status {run_id}`", p.failed)))
+                        (
+                            RunState::Halted,
+                            Some(format!(
+                                "{} batch(es) failed; see `rekey status {run_id}`",
+                                p.failed
+                            )),
+                        )
                     } else {
                         (RunState::Completed, None)
                     };
-                    ledger::set_run_state(&**pool.get().await?, run_id, state, reason.as_deref()).await?;
+                    ledger::set_run_state(&**pool.get().await?, run_id, state, reason.as_deref())
+                        .await?;
                     return Ok(state);
                 }
                 tokio::select! {

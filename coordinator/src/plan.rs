@@ -10,7 +10,11 @@ use tokio_postgres::GenericClient;
 /// Ranges `[lo, hi]` covering every row of `target` that exists now, each holding
 /// `batch_size` rows (the last one fewer). Rows inserted later above the last range are
 /// caught by the coverage sweep.
-pub async fn ranges<C: GenericClient>(c: &C, target: &Target, batch_size: i64) -> anyhow::Result<Vec<(i64, i64)>> {
+pub async fn ranges<C: GenericClient>(
+    c: &C,
+    target: &Target,
+    batch_size: i64,
+) -> anyhow::Result<Vec<(i64, i64)>> {
     let table = target.quoted_table();
     let id = quote_ident(&target.id_column);
     let first: Option<i64> = c
@@ -18,8 +22,11 @@ pub async fn ranges<C: GenericClient>(c: &C, target: &Target, batch_size: i64) -
         .await
         .with_context(|| format!("read the first id of {}", target.table))?
         .get(0);
-    let Some(mut lo) = first else { return Ok(Vec::new()) };
-    let next_boundary = format!("SELECT {id} FROM {table} WHERE {id} >= $1 ORDER BY {id} OFFSET $2 LIMIT 1");
+    let Some(mut lo) = first else {
+        return Ok(Vec::new());
+    };
+    let next_boundary =
+        format!("SELECT {id} FROM {table} WHERE {id} >= $1 ORDER BY {id} OFFSET $2 LIMIT 1");
     let last = format!("SELECT max({id}) FROM {table} WHERE {id} >= $1");
     let mut out = Vec::new();
     loop {

@@ -38,21 +38,34 @@ impl Default for RotateOptions {
 
 /// Chooses the target key, makes it active for new writes (unless a dry run), records the
 /// run, plans its batches into the ledger and marks it running. Nothing is published yet.
-pub async fn start_rotation(pool: &Pool, settings: &Settings, master: &MasterKey, opts: &RotateOptions) -> anyhow::Result<Run> {
+pub async fn start_rotation(
+    pool: &Pool,
+    settings: &Settings,
+    master: &MasterKey,
+    opts: &RotateOptions,
+) -> anyhow::Result<Run> {
     if opts.batch_size < 1 {
         bail!("--batch-size must be at least 1");
     }
     let mut client = pool.get().await?;
     // Every stored key must unwrap before anything changes.
-    store::load_ring(&**client, master).await.context("load the key ring")?;
+    store::load_ring(&**client, master)
+        .await
+        .context("load the key ring")?;
     let tx = client.transaction().await?;
-    tx.execute("SELECT pg_advisory_xact_lock(hashtext('rekey keys'))", &[]).await?;
+    tx.execute("SELECT pg_advisory_xact_lock(hashtext('rekey keys'))", &[])
+        .await?;
     let previous = store::active(&*tx, KeyKind::Field).await?;
     let target = match opts.target_key {
         Some(id) => {
             let k = store::get(&*tx, id).await?;
-            if k.kind != KeyKind::Field || !matches!(k.state, KeyState::Pending | KeyState::Active) {
-                bail!("target key {id} must be a pending or active field key; it is a {} {} key", k.state, k.kind);
+            if k.kind != KeyKind::Field || !matches!(k.state, KeyState::Pending | KeyState::Active)
+            {
+                bail!(
+                    "target key {id} must be a pending or active field key; it is a {} {} key",
+                    k.state,
+                    k.kind
+                );
             }
             k
         }
@@ -64,18 +77,32 @@ pub async fn start_rotation(pool: &Pool, settings: &Settings, master: &MasterKey
                 .max_by_key(|k| k.created_at);
             match newest_pending {
                 Some(k) => k,
-                None => store::generate(&*tx, master, KeyKind::Field, "rotation target", &settings.key_policy, &settings.actor).await?,
+                None => {
+                    store::generate(
+                        &tx,
+                        master,
+                        KeyKind::Field,
+                        "rotation target",
+                        &settings.key_policy,
+                        &settings.actor,
+                    )
+                    .await?
+                }
             }
         }
     };
     if !opts.dry_run {
-        store::activate(&*tx, target.id, &settings.actor).await?;
+        store::activate(&tx, target.id, &settings.actor).await?;
     }
     let seed = opts.seed.unwrap_or_else(rand::random);
     let run = ledger::create_run(
         &*tx,
         &NewRun {
-            kind: if opts.dry_run { RunKind::DryRun } else { RunKind::Rotation },
+            kind: if opts.dry_run {
+                RunKind::DryRun
+            } else {
+                RunKind::Rotation
+            },
             target_key_id: target.id,
             previous_key_id: previous.map(|k| k.id).filter(|id| *id != target.id),
             parent_run_id: None,
@@ -107,16 +134,23 @@ pub async fn start_rotation(pool: &Pool, settings: &Settings, master: &MasterKey
     ledger::set_run_state(&*tx, run.id, RunState::Running, None).await?;
     tx.commit().await?;
     tracing::info!(run_id = run.id, target_key = %target.id, n_batches = plans.len(), planned_rows, dry_run = opts.dry_run, "run planned");
-    Ok(ledger::get_run(&**client, run.id).await?.expect("just created"))
+    Ok(ledger::get_run(&**client, run.id)
+        .await?
+        .expect("just created"))
 }
 
 /// Pauses a running run: the coordinator stops publishing, workers hand back the batches
 /// they receive, and `resume` carries on.
 pub async fn pause(pool: &Pool, run_id: i64) -> anyhow::Result<Run> {
     let client = pool.get().await?;
-    let run = ledger::get_run(&**client, run_id).await?.with_context(|| format!("no run {run_id}"))?;
+    let run = ledger::get_run(&**client, run_id)
+        .await?
+        .with_context(|| format!("no run {run_id}"))?;
     if run.state != RunState::Running {
-        bail!("run {run_id} is {}; only a running run can be paused", run.state);
+        bail!(
+            "run {run_id} is {}; only a running run can be paused",
+            run.state
+        );
     }
     ledger::set_run_state(&**client, run_id, RunState::Paused, None).await?;
     Ok(ledger::get_run(&**client, run_id).await?.expect("exists"))
@@ -126,7 +160,9 @@ pub async fn pause(pool: &Pool, run_id: i64) -> anyhow::Result<Run> {
 /// are published again (a duplicate message is harmless: the worker finds it done).
 pub async fn resume(pool: &Pool, run_id: i64) -> anyhow::Result<Run> {
     let client = pool.get().await?;
-    let run = ledger::get_run(&**client, run_id).await?.with_context(|| format!("no run {run_id}"))?;
+    let run = ledger::get_run(&**client, run_id)
+        .await?
+        .with_context(|| format!("no run {run_id}"))?;
     if run.state.is_final() {
         bail!("run {run_id} is {}; there is nothing to resume", run.state);
     }
@@ -138,7 +174,10 @@ pub async fn resume(pool: &Pool, run_id: i64) -> anyhow::Result<Run> {
         .await?;
     ledger::set_run_state(&**client, run_id, RunState::Running, None).await?;
     client
-        .execute("UPDATE rekey.runs SET halt_reason = NULL WHERE id = $1", &[&run_id])
+        .execute(
+            "UPDATE rekey.runs SET halt_reason = NULL WHERE id = $1",
+            &[&run_id],
+        )
         .await?;
     Ok(ledger::get_run(&**client, run_id).await?.expect("exists"))
 }
@@ -176,7 +215,9 @@ pub struct Status {
 
 pub async fn status(pool: &Pool, run_id: i64) -> anyhow::Result<Status> {
     let client = pool.get().await?;
-    let run = ledger::get_run(&**client, run_id).await?.with_context(|| format!("no run {run_id}"))?;
+    let run = ledger::get_run(&**client, run_id)
+        .await?
+        .with_context(|| format!("no run {run_id}"))?;
     let progress = ledger::progress(&**client, run_id).await?;
     let failed_batches = client
         .query(
@@ -228,7 +269,16 @@ pub async fn status(pool: &Pool, run_id: i64) -> anyhow::Result<Status> {
 pub fn print_status(s: &Status) {
     let r = &s.run;
     let p = &s.progress;
-    println!("run {} ({}) {}{}", r.id, r.kind.as_str(), r.state, r.halt_reason.as_deref().map(|h| format!(": {h}")).unwrap_or_default());
+    println!(
+        "run {} ({}) {}{}",
+        r.id,
+        r.kind.as_str(),
+        r.state,
+        r.halt_reason
+            .as_deref()
+            .map(|h| format!(": {h}"))
+            .unwrap_or_default()
+    );
     println!("  target key   {}", r.target_key_id);
     if let Some(prev) = r.previous_key_id {
         println!("  previous key {prev}");
@@ -248,7 +298,10 @@ pub fn print_status(s: &Status) {
         s.decrypt_error_rate * 100.0
     );
     if let Some(e) = s.elapsed_secs {
-        println!("  elapsed      {e:.1} s ({:.0} rows/s)", p.n_rows as f64 / e.max(0.001));
+        println!(
+            "  elapsed      {e:.1} s ({:.0} rows/s)",
+            p.n_rows as f64 / e.max(0.001)
+        );
     }
     for f in &s.failed_batches {
         println!(
@@ -262,7 +315,10 @@ pub fn print_status(s: &Status) {
         );
     }
     for e in &s.decrypt_errors {
-        println!("  undecryptable {}.{} ({}): {} values, see rekey.decrypt_errors", e.table, e.column, e.error_kind, e.n_values);
+        println!(
+            "  undecryptable {}.{} ({}): {} values, see rekey.decrypt_errors",
+            e.table, e.column, e.error_kind, e.n_values
+        );
     }
 }
 

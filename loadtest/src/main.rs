@@ -12,7 +12,11 @@ use rekey_common::{Settings, db};
 use rekey_loadtest::{seed, verify};
 
 #[derive(Debug, Parser)]
-#[command(name = "rekey-loadtest", version, about = "Seed, verify and load-test rekey on the demo schema")]
+#[command(
+    name = "rekey-loadtest",
+    version,
+    about = "Seed, verify and load-test rekey on the demo schema"
+)]
 struct Cli {
     #[arg(long, global = true)]
     config: Option<PathBuf>,
@@ -66,9 +70,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let pool = db::pool(&settings, 4)?;
     db::check_connection(&pool, &settings).await?;
     let provider = settings.master_key_provider()?;
-    let master = provider.load().with_context(|| format!("load the master key from {}", provider.describe()))?;
+    let master = provider
+        .load()
+        .with_context(|| format!("load the master key from {}", provider.describe()))?;
     match cli.command {
-        Command::Seed { rows, seed: s, corrupt_fraction, json } => {
+        Command::Seed {
+            rows,
+            seed: s,
+            corrupt_fraction,
+            json,
+        } => {
             if !(0.0..=1.0).contains(&corrupt_fraction) {
                 anyhow::bail!("--corrupt-fraction must be between 0 and 1");
             }
@@ -95,7 +106,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             .await?;
             let secs = started.elapsed().as_secs_f64();
             if json {
-                println!("{}", serde_json::to_string_pretty(&serde_json::json!({"report": report, "seconds": secs}))?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(
+                        &serde_json::json!({"report": report, "seconds": secs})
+                    )?
+                );
             } else {
                 println!(
                     "seeded {} records ({} values, {} planted corrupt) in {secs:.1} s ({:.0} records/s)",
@@ -130,7 +146,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     println!("  {e}");
                 }
             }
-            Ok(if report.passed() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if report.passed() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
     }
 }

@@ -12,8 +12,8 @@ use deadpool_postgres::Pool;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use rekey_common::envelope::{self, FieldLocation};
-use rekey_common::keys::ring::{FieldKey, KeyRing};
 use rekey_common::keys::KeyState;
+use rekey_common::keys::ring::{FieldKey, KeyRing};
 use rekey_common::secret::KeyMaterial;
 use sha2::{Digest, Sha256};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
@@ -59,9 +59,21 @@ struct Shape {
 }
 
 const SHAPES: [Shape; 3] = [
-    Shape { table: "demo.users", columns: ["email", "phone"], extra: "name" },
-    Shape { table: "demo.agents", columns: ["api_key", "system_prompt"], extra: "name" },
-    Shape { table: "demo.conversations", columns: ["body", "summary"], extra: "title" },
+    Shape {
+        table: "demo.users",
+        columns: ["email", "phone"],
+        extra: "name",
+    },
+    Shape {
+        table: "demo.agents",
+        columns: ["api_key", "system_prompt"],
+        extra: "name",
+    },
+    Shape {
+        table: "demo.conversations",
+        columns: ["body", "summary"],
+        extra: "title",
+    },
 ];
 
 /// The id of the i-th row of a table: dense for users, sparse for agents (every third id),
@@ -82,8 +94,26 @@ fn row_id(table_idx: usize, i: i64, n: i64) -> i64 {
 
 fn words(rng: &mut StdRng, min: usize, max: usize) -> String {
     const WORDS: &[&str] = &[
-        "the", "key", "rotation", "agent", "lightning", "secret", "customer", "order", "invoice", "deploy", "staging",
-        "please", "review", "summary", "ticket", "refund", "latency", "database", "cluster", "message",
+        "the",
+        "key",
+        "rotation",
+        "agent",
+        "lightning",
+        "secret",
+        "customer",
+        "order",
+        "invoice",
+        "deploy",
+        "staging",
+        "please",
+        "review",
+        "summary",
+        "ticket",
+        "refund",
+        "latency",
+        "database",
+        "cluster",
+        "message",
     ];
     let len = rng.random_range(min..=max);
     let mut s = String::with_capacity(len + 16);
@@ -103,11 +133,18 @@ fn plaintext(rng: &mut StdRng, table_idx: usize, col: usize, i: i64) -> Option<V
             if rng.random_bool(0.1) {
                 return None;
             }
-            format!("+1 555 {:04} {:04}", rng.random_range(0..10_000), rng.random_range(0..10_000))
+            format!(
+                "+1 555 {:04} {:04}",
+                rng.random_range(0..10_000),
+                rng.random_range(0..10_000)
+            )
         }
         (1, 0) => {
             let bytes: [u8; 24] = rng.random();
-            format!("sk-live-{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())
+            format!(
+                "sk-live-{}",
+                bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+            )
         }
         (1, 1) => words(rng, 200, 800),
         (2, 0) => words(rng, 200, 4096),
@@ -131,11 +168,21 @@ struct Chunk {
     corrupt: i64,
 }
 
-fn build_chunk(ring: &KeyRing, stranger: &FieldKey, opts: &SeedOptions, table_idx: usize, start: i64, end: i64, n: i64) -> anyhow::Result<Chunk> {
+fn build_chunk(
+    ring: &KeyRing,
+    stranger: &FieldKey,
+    opts: &SeedOptions,
+    table_idx: usize,
+    start: i64,
+    end: i64,
+    n: i64,
+) -> anyhow::Result<Chunk> {
     let shape = &SHAPES[table_idx];
     // One generator per chunk, seeded from (seed, table, chunk start): deterministic
     // whatever the chunk size of other tables and whatever the order of chunks.
-    let mut rng = StdRng::seed_from_u64(opts.seed ^ ((table_idx as u64) << 56) ^ (start as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut rng = StdRng::seed_from_u64(
+        opts.seed ^ ((table_idx as u64) << 56) ^ (start as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+    );
     let mut c = Chunk::default();
     for i in start..end {
         let id = row_id(table_idx, i, n);
@@ -146,8 +193,13 @@ fn build_chunk(ring: &KeyRing, stranger: &FieldKey, opts: &SeedOptions, table_id
                 c.values[col].push(None);
                 continue;
             };
-            let loc = FieldLocation { table: shape.table, column: shape.columns[col], row_id: id };
-            let corrupt = opts.corrupt_fraction > 0.0 && rng.random_bool(opts.corrupt_fraction.min(1.0));
+            let loc = FieldLocation {
+                table: shape.table,
+                column: shape.columns[col],
+                row_id: id,
+            };
+            let corrupt =
+                opts.corrupt_fraction > 0.0 && rng.random_bool(opts.corrupt_fraction.min(1.0));
             let env = if corrupt {
                 c.corrupt += 1;
                 match rng.random_range(0..3) {
@@ -159,14 +211,22 @@ fn build_chunk(ring: &KeyRing, stranger: &FieldKey, opts: &SeedOptions, table_id
                     }
                     1 => envelope::seal_with(stranger, &loc, &pt)?,
                     _ => {
-                        let moved = FieldLocation { row_id: id + 1, ..loc };
+                        let moved = FieldLocation {
+                            row_id: id + 1,
+                            ..loc
+                        };
                         envelope::seal(ring, &moved, &pt)?
                     }
                 }
             } else {
                 envelope::seal(ring, &loc, &pt)?
             };
-            c.digests.push((shape.columns[col].to_owned(), id, Sha256::digest(&pt).to_vec(), corrupt));
+            c.digests.push((
+                shape.columns[col].to_owned(),
+                id,
+                Sha256::digest(&pt).to_vec(),
+                corrupt,
+            ));
             c.values[col].push(Some(env));
         }
     }
@@ -200,9 +260,20 @@ async fn copy_chunk(pool: &Pool, table_idx: usize, chunk: &Chunk) -> anyhow::Res
     for (k, id) in chunk.ids.iter().enumerate() {
         let parent = id % 997 + 1;
         let row: Vec<&(dyn ToSql + Sync)> = if table_idx == 0 {
-            vec![id, &chunk.extra[k], &chunk.values[0][k], &chunk.values[1][k]]
+            vec![
+                id,
+                &chunk.extra[k],
+                &chunk.values[0][k],
+                &chunk.values[1][k],
+            ]
         } else {
-            vec![id, &parent, &chunk.extra[k], &chunk.values[0][k], &chunk.values[1][k]]
+            vec![
+                id,
+                &parent,
+                &chunk.extra[k],
+                &chunk.values[0][k],
+                &chunk.values[1][k],
+            ]
         };
         writer.as_mut().write(&row).await?;
     }
@@ -210,11 +281,17 @@ async fn copy_chunk(pool: &Pool, table_idx: usize, chunk: &Chunk) -> anyhow::Res
     let sink = tx
         .copy_in("COPY demo.plaintext_digests (table_name, column_name, row_id, digest, corrupt) FROM STDIN BINARY")
         .await?;
-    let writer = BinaryCopyInWriter::new(sink, &[Type::TEXT, Type::TEXT, Type::INT8, Type::BYTEA, Type::BOOL]);
+    let writer = BinaryCopyInWriter::new(
+        sink,
+        &[Type::TEXT, Type::TEXT, Type::INT8, Type::BYTEA, Type::BOOL],
+    );
     futures::pin_mut!(writer);
     let table = shape.table.to_owned();
     for (col, id, digest, corrupt) in &chunk.digests {
-        writer.as_mut().write(&[&table, col, id, digest, corrupt]).await?;
+        writer
+            .as_mut()
+            .write(&[&table, col, id, digest, corrupt])
+            .await?;
     }
     writer.finish().await?;
     tx.commit().await?;
@@ -222,10 +299,27 @@ async fn copy_chunk(pool: &Pool, table_idx: usize, chunk: &Chunk) -> anyhow::Res
 }
 
 /// Seeds `opts.rows` records with the ring's active key. The demo tables must be empty.
-pub async fn seed(pool: &Pool, ring: Arc<KeyRing>, opts: &SeedOptions) -> anyhow::Result<SeedReport> {
-    anyhow::ensure!(ring.encrypt_key().is_some(), "there is no active field key: run `rekey keys init` first");
-    let stranger = Arc::new(FieldKey::new(Uuid::new_v4(), KeyState::Active, &KeyMaterial::generate(), 0, u64::MAX));
-    let counts = [opts.rows * 4 / 10, opts.rows * 2 / 10, opts.rows - opts.rows * 4 / 10 - opts.rows * 2 / 10];
+pub async fn seed(
+    pool: &Pool,
+    ring: Arc<KeyRing>,
+    opts: &SeedOptions,
+) -> anyhow::Result<SeedReport> {
+    anyhow::ensure!(
+        ring.encrypt_key().is_some(),
+        "there is no active field key: run `rekey keys init` first"
+    );
+    let stranger = Arc::new(FieldKey::new(
+        Uuid::new_v4(),
+        KeyState::Active,
+        &KeyMaterial::generate(),
+        0,
+        u64::MAX,
+    ));
+    let counts = [
+        opts.rows * 4 / 10,
+        opts.rows * 2 / 10,
+        opts.rows - opts.rows * 4 / 10 - opts.rows * 2 / 10,
+    ];
     let mut report = SeedReport::default();
     for (table_idx, &n) in counts.iter().enumerate() {
         let mut start = 0;
@@ -237,7 +331,9 @@ pub async fn seed(pool: &Pool, ring: Arc<KeyRing>, opts: &SeedOptions) -> anyhow
                 let (ring, stranger, opts2) = (ring.clone(), stranger.clone(), opts.clone());
                 let s = start;
                 start = end;
-                tokio::task::spawn_blocking(move || build_chunk(&ring, &stranger, &opts2, table_idx, s, end, n))
+                tokio::task::spawn_blocking(move || {
+                    build_chunk(&ring, &stranger, &opts2, table_idx, s, end, n)
+                })
             });
             if let Some(h) = pending.take() {
                 let chunk = h.await.context("seed worker")??;
@@ -253,10 +349,14 @@ pub async fn seed(pool: &Pool, ring: Arc<KeyRing>, opts: &SeedOptions) -> anyhow
             }
         }
         report.rows += n;
-        report.per_table.push((SHAPES[table_idx].table.to_owned(), n));
+        report
+            .per_table
+            .push((SHAPES[table_idx].table.to_owned(), n));
     }
     let client = pool.get().await?;
     rekey_common::keys::store::add_encryptions(&**client, &ring.take_encryption_counts()).await?;
-    client.batch_execute("ANALYZE demo.users; ANALYZE demo.agents; ANALYZE demo.conversations").await?;
+    client
+        .batch_execute("ANALYZE demo.users; ANALYZE demo.agents; ANALYZE demo.conversations")
+        .await?;
     Ok(report)
 }

@@ -45,7 +45,11 @@ pub async fn update_emails(
             loaded = Instant::now();
         }
         let id = rng.random_range(1..=max_id);
-        let email = format!("updated{}.{}@example.org", id, rng.random_range(0..1_000_000u32));
+        let email = format!(
+            "updated{}.{}@example.org",
+            id,
+            rng.random_range(0..1_000_000u32)
+        );
         let t0 = Instant::now();
         match write_one(pool, &ring, id, email.as_bytes()).await {
             Ok(true) => report.updates += 1,
@@ -67,9 +71,18 @@ pub async fn update_emails(
 async fn write_one(pool: &Pool, ring: &KeyRing, id: i64, plaintext: &[u8]) -> anyhow::Result<bool> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
-    let loc = FieldLocation { table: "demo.users", column: "email", row_id: id };
+    let loc = FieldLocation {
+        table: "demo.users",
+        column: "email",
+        row_id: id,
+    };
     let env = envelope::seal(ring, &loc, plaintext)?;
-    let n = tx.execute("UPDATE demo.users SET email = $2 WHERE id = $1", &[&id, &env]).await?;
+    let n = tx
+        .execute(
+            "UPDATE demo.users SET email = $2 WHERE id = $1",
+            &[&id, &env],
+        )
+        .await?;
     if n == 0 {
         return Ok(false);
     }

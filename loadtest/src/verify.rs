@@ -47,7 +47,11 @@ pub struct VerifyReport {
 impl VerifyReport {
     /// Whether every value is accounted for.
     pub fn passed(&self) -> bool {
-        self.mismatched == 0 && self.undecryptable == 0 && self.missing == 0 && self.unrecorded == 0 && self.not_on_expected_key == 0
+        self.mismatched == 0
+            && self.undecryptable == 0
+            && self.missing == 0
+            && self.unrecorded == 0
+            && self.not_on_expected_key == 0
     }
 
     fn example(&mut self, s: String) {
@@ -58,7 +62,12 @@ impl VerifyReport {
 }
 
 /// Verifies every value of the demo tables, `chunk` rows at a time.
-pub async fn verify(pool: &Pool, ring: &KeyRing, expect_key: Option<Uuid>, chunk: i64) -> anyhow::Result<VerifyReport> {
+pub async fn verify(
+    pool: &Pool,
+    ring: &KeyRing,
+    expect_key: Option<Uuid>,
+    chunk: i64,
+) -> anyhow::Result<VerifyReport> {
     let client = pool.get().await?;
     let mut r = VerifyReport::default();
     for (table, column) in COLUMNS {
@@ -98,17 +107,25 @@ pub async fn verify(pool: &Pool, ring: &KeyRing, expect_key: Option<Uuid>, chunk
                         r.example(format!("{at}: value never recorded"));
                     }
                     (Some(v), Some(d)) => {
-                        let key = envelope::key_id(&v).map(|k| k.to_string()).unwrap_or_else(|_| "malformed".into());
+                        let key = envelope::key_id(&v)
+                            .map(|k| k.to_string())
+                            .unwrap_or_else(|_| "malformed".into());
                         *r.by_key.entry(key).or_default() += 1;
-                        let loc = FieldLocation { table, column, row_id: id };
+                        let loc = FieldLocation {
+                            table,
+                            column,
+                            row_id: id,
+                        };
                         match (envelope::open(ring, &loc, &v), corrupt.unwrap_or(false)) {
-                            (Ok(p), false) if Sha256::digest(p.as_bytes()).as_slice() == d.as_slice() => {
+                            (Ok(p), false)
+                                if Sha256::digest(p.as_bytes()).as_slice() == d.as_slice() =>
+                            {
                                 r.ok += 1;
-                                if let Some(k) = expect_key {
-                                    if envelope::key_id(&v).ok() != Some(k) {
-                                        r.not_on_expected_key += 1;
-                                        r.example(format!("{at}: not under the expected key"));
-                                    }
+                                if let Some(k) = expect_key
+                                    && envelope::key_id(&v).ok() != Some(k)
+                                {
+                                    r.not_on_expected_key += 1;
+                                    r.example(format!("{at}: not under the expected key"));
                                 }
                             }
                             (Ok(_), _) => {

@@ -12,7 +12,9 @@ use anyhow::Context;
 use deadpool_postgres::Pool;
 use futures::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use rekey_common::audit::{self, AuditEntry};
@@ -45,7 +47,9 @@ pub struct WorkerOptions {
 
 impl Default for WorkerOptions {
     fn default() -> Self {
-        let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_owned()).unwrap_or_default();
+        let host = std::fs::read_to_string("/etc/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_default();
         Self {
             concurrency: 2,
             prefetch: 4,
@@ -60,7 +64,8 @@ impl Default for WorkerOptions {
 
 /// Resolves on SIGTERM or Ctrl-C.
 pub async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("install SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("install SIGTERM handler");
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
@@ -78,14 +83,20 @@ struct Shared {
 }
 
 /// Runs a worker until `shutdown` resolves.
-pub async fn run(settings: Settings, opts: WorkerOptions, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn run(
+    settings: Settings,
+    opts: WorkerOptions,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let provider = settings.master_key_provider()?;
     let master = provider
         .load()
         .with_context(|| format!("load the master key from {}", provider.describe()))?;
     let pool = db::pool(&settings, opts.concurrency + 1)?;
     db::check_connection(&pool, &settings).await?;
-    let ring = RingHandle::load(&pool, master).await.context("load the key ring")?;
+    let ring = RingHandle::load(&pool, master)
+        .await
+        .context("load the key ring")?;
     let shared = Arc::new(Shared {
         pool,
         ring,
@@ -126,7 +137,9 @@ pub async fn run(settings: Settings, opts: WorkerOptions, shutdown: impl Future<
                 return Ok(());
             }
             Ok(Served::Lost) => tracing::warn!("broker connection lost; reconnecting"),
-            Err(e) => tracing::warn!(error = %format!("{e:#}"), "broker session failed; reconnecting"),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "broker session failed; reconnecting")
+            }
         }
         tokio::select! {
             _ = &mut shutdown => return Ok(()),
@@ -148,7 +161,9 @@ async fn serve(
     shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
 ) -> anyhow::Result<Served> {
     let consume_ch = conn.create_channel().await?;
-    consume_ch.basic_qos(opts.prefetch, BasicQosOptions::default()).await?;
+    consume_ch
+        .basic_qos(opts.prefetch, BasicQosOptions::default())
+        .await?;
     broker::declare(&consume_ch, &shared.topo).await?;
     let publish_ch = broker::confirmed_channel(conn).await?;
     let mut consumer = consume_ch
@@ -305,7 +320,13 @@ async fn report(shared: &Shared, publish_ch: &Channel, msg: &BatchMessage, r: &B
 
 /// Sends a refused message to the dead-letter queue with its reason, audits it, and acks
 /// the original. If the publish fails, rejects it so the broker dead-letters it instead.
-async fn dead_letter(shared: &Shared, publish_ch: &Channel, delivery: &Delivery, msg: Option<&BatchMessage>, reason: &str) {
+async fn dead_letter(
+    shared: &Shared,
+    publish_ch: &Channel,
+    delivery: &Delivery,
+    msg: Option<&BatchMessage>,
+    reason: &str,
+) {
     tracing::error!(
         run_id = msg.map(|m| m.run_id),
         batch_no = msg.map(|m| m.batch_no),

@@ -9,7 +9,11 @@ use rekey_common::telemetry::LogFormat;
 use rekey_worker::consume::{self, WorkerOptions};
 
 #[derive(Debug, Parser)]
-#[command(name = "rekey-worker", version, about = "rekey's batch worker: re-encrypts rows batch by batch")]
+#[command(
+    name = "rekey-worker",
+    version,
+    about = "rekey's batch worker: re-encrypts rows batch by batch"
+)]
 struct Args {
     /// Configuration file (default: $REKEY_CONFIG, then ./rekey.toml if present).
     #[arg(long)]
@@ -44,11 +48,13 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let mut opts = WorkerOptions::default();
-    opts.concurrency = args.concurrency.max(1);
-    opts.prefetch = args.prefetch.max(1);
-    opts.lock_timeout_ms = args.lock_timeout_ms;
-    opts.statement_timeout_ms = args.statement_timeout_ms;
+    let mut opts = WorkerOptions {
+        concurrency: args.concurrency.max(1),
+        prefetch: args.prefetch.max(1),
+        lock_timeout_ms: args.lock_timeout_ms,
+        statement_timeout_ms: args.statement_timeout_ms,
+        ..Default::default()
+    };
     if let Some(id) = args.worker_id {
         opts.worker_id = id;
     }

@@ -81,10 +81,13 @@ impl From<deadpool_postgres::PoolError> for BatchError {
 /// Splits database errors: a missing table or column (SQL class 42) can never succeed;
 /// everything else (timeouts, deadlocks, lost connections, shutdowns) is retried.
 fn classify(e: tokio_postgres::Error) -> BatchError {
-    if let Some(code) = e.code() {
-        if code.code().starts_with("42") {
-            return BatchError::Failed(format!("the batch's SQL cannot run: {}", e.as_db_error().map(|d| d.message()).unwrap_or("")));
-        }
+    if let Some(code) = e.code()
+        && code.code().starts_with("42")
+    {
+        return BatchError::Failed(format!(
+            "the batch's SQL cannot run: {}",
+            e.as_db_error().map(|d| d.message()).unwrap_or("")
+        ));
     }
     BatchError::Transient(anyhow::Error::new(e))
 }
@@ -197,9 +200,14 @@ fn compute(
                     let check = envelope::open_with(target_key, &loc, &sealed)
                         .map_err(|e| anyhow::anyhow!("verification of a re-encrypted value failed at {table}.{} row {row_id}: {e}", columns[ci]))?;
                     if check.as_bytes() != plain.as_bytes() {
-                        anyhow::bail!("verification of a re-encrypted value failed at {table}.{} row {row_id}: plaintext differs", columns[ci]);
+                        anyhow::bail!(
+                            "verification of a re-encrypted value failed at {table}.{} row {row_id}: plaintext differs",
+                            columns[ci]
+                        );
                     }
-                    *out.audit.entry((Some(target), "encrypt", true)).or_default() += 1;
+                    *out.audit
+                        .entry((Some(target), "encrypt", true))
+                        .or_default() += 1;
                     *out.audit.entry((Some(target), "verify", true)).or_default() += 1;
                     out.counts.n_rotated += 1;
                     changed[ci] = Some(sealed);
@@ -229,7 +237,10 @@ struct Claim {
 }
 
 /// Claims the batch: locks its ledger row and checks the message against the ledger.
-async fn claim(tx: &tokio_postgres::Transaction<'_>, msg: &BatchMessage) -> Result<Claim, BatchError> {
+async fn claim(
+    tx: &tokio_postgres::Transaction<'_>,
+    msg: &BatchMessage,
+) -> Result<Claim, BatchError> {
     let row = tx
         .query_opt(
             "SELECT b.state, b.table_name, b.id_lo, b.id_hi, b.stage_no, r.kind, r.state, r.target_key_id,
@@ -251,19 +262,32 @@ async fn claim(tx: &tokio_postgres::Transaction<'_>, msg: &BatchMessage) -> Resu
             format!("unknown run {}", msg.run_id)
         }));
     };
-    let (table, lo, hi, stage_no): (String, i64, i64, i32) = (row.get(1), row.get(2), row.get(3), row.get(4));
+    let (table, lo, hi, stage_no): (String, i64, i64, i32) =
+        (row.get(1), row.get(2), row.get(3), row.get(4));
     if table != msg.table || lo != msg.id_lo || hi != msg.id_hi || stage_no != msg.stage_no {
         return Err(BatchError::Poison(format!(
             "batch {} of run {} disagrees with the ledger: message says {} ids {}..={} stage {}, ledger says {} ids {}..={} stage {}",
-            msg.batch_no, msg.run_id, msg.table, msg.id_lo, msg.id_hi, msg.stage_no, table, lo, hi, stage_no
+            msg.batch_no,
+            msg.run_id,
+            msg.table,
+            msg.id_lo,
+            msg.id_hi,
+            msg.stage_no,
+            table,
+            lo,
+            hi,
+            stage_no
         )));
     }
-    let targets: Vec<Target> = serde_json::from_value(row.get(8))
-        .map_err(|e| BatchError::Poison(format!("run {} has unreadable targets: {e}", msg.run_id)))?;
+    let targets: Vec<Target> = serde_json::from_value(row.get(8)).map_err(|e| {
+        BatchError::Poison(format!("run {} has unreadable targets: {e}", msg.run_id))
+    })?;
     let target = targets
         .into_iter()
         .find(|t| t.table == table)
-        .ok_or_else(|| BatchError::Poison(format!("run {} has no target table {table}", msg.run_id)))?;
+        .ok_or_else(|| {
+            BatchError::Poison(format!("run {} has no target table {table}", msg.run_id))
+        })?;
     let kind = match row.get::<_, &str>(5) {
         "rotation" => RunKind::Rotation,
         "dry_run" => RunKind::DryRun,
@@ -337,13 +361,17 @@ async fn rotate_in(
     let table = target.quoted_table();
     let id_col = quote_ident(&target.id_column);
     let cols: Vec<String> = target.columns.iter().map(|c| quote_ident(c)).collect();
-    let (b_lo, b_hi) = stages::bucket_range(&claim.stages, msg.stage_no)
-        .ok_or_else(|| BatchError::Poison(format!("run {} has no stage {}", msg.run_id, msg.stage_no)))?;
+    let (b_lo, b_hi) = stages::bucket_range(&claim.stages, msg.stage_no).ok_or_else(|| {
+        BatchError::Poison(format!("run {} has no stage {}", msg.run_id, msg.stage_no))
+    })?;
     let whole = b_lo == 0 && b_hi == stages::BUCKETS;
     let stage_filter = if whole {
         String::new()
     } else {
-        format!(" AND {} BETWEEN $3 AND $4", stages::bucket_sql(&id_col, "$5"))
+        format!(
+            " AND {} BETWEEN $3 AND $4",
+            stages::bucket_sql(&id_col, "$5")
+        )
     };
     let select = format!(
         "SELECT {id_col}, {} FROM {table} WHERE {id_col} BETWEEN $1 AND $2{stage_filter} ORDER BY {id_col} FOR UPDATE",
@@ -353,7 +381,11 @@ async fn rotate_in(
     let rows = if whole {
         tx.query(&select, &[&msg.id_lo, &msg.id_hi]).await?
     } else {
-        tx.query(&select, &[&msg.id_lo, &msg.id_hi, &lo_b, &hi_b, &claim.seed]).await?
+        tx.query(
+            &select,
+            &[&msg.id_lo, &msg.id_hi, &lo_b, &hi_b, &claim.seed],
+        )
+        .await?
     };
     let rows: Vec<(i64, Vec<Option<Vec<u8>>>)> = rows
         .into_iter()
@@ -362,13 +394,19 @@ async fn rotate_in(
 
     let mut ring = ring_handle.get();
     if !ring.contains(&claim.target_key_id) {
-        ring = ring_handle.reload(pool).await.map_err(BatchError::Transient)?;
+        ring = ring_handle
+            .reload(pool)
+            .await
+            .map_err(BatchError::Transient)?;
     }
     let mut computed = run_compute(ring.clone(), &claim, &rows, settings).await?;
     if !computed.unknown_keys.is_empty() && ring_handle.worth_reloading(&computed.unknown_keys) {
         // Perhaps a key generated after this worker loaded its ring: reload once and redo.
         flush_counts(&tx, &ring).await?;
-        ring = ring_handle.reload(pool).await.map_err(BatchError::Transient)?;
+        ring = ring_handle
+            .reload(pool)
+            .await
+            .map_err(BatchError::Transient)?;
         ring_handle.note_missing(&ring, &computed.unknown_keys);
         computed = run_compute(ring.clone(), &claim, &rows, settings).await?;
     }
@@ -379,7 +417,9 @@ async fn rotate_in(
             .enumerate()
             .map(|(i, c)| format!("{c} = COALESCE(u.c{i}, t.{c})"))
             .collect();
-        let unnest_args: Vec<String> = (0..cols.len()).map(|i| format!("${}::bytea[]", i + 2)).collect();
+        let unnest_args: Vec<String> = (0..cols.len())
+            .map(|i| format!("${}::bytea[]", i + 2))
+            .collect();
         let aliases: Vec<String> = (0..cols.len()).map(|i| format!("c{i}")).collect();
         let update = format!(
             "UPDATE {table} AS t SET {} FROM unnest($1::int8[], {}) AS u(id, {}) WHERE t.{id_col} = u.id",
@@ -431,7 +471,11 @@ async fn run_compute(
     settings: &BatchSettings,
 ) -> Result<Computed, BatchError> {
     let n_values = rows.len() * claim.target.columns.len();
-    let (target, table, columns) = (claim.target_key_id, claim.target.table.clone(), claim.target.columns.clone());
+    let (target, table, columns) = (
+        claim.target_key_id,
+        claim.target.table.clone(),
+        claim.target.columns.clone(),
+    );
     let result = if n_values > settings.blocking_threshold {
         let rows = rows.to_vec();
         tokio::task::spawn_blocking(move || compute(&ring, target, &table, &columns, &rows))
@@ -443,7 +487,10 @@ async fn run_compute(
     result.map_err(|e| BatchError::Failed(format!("{e:#}")))
 }
 
-async fn flush_counts(tx: &tokio_postgres::Transaction<'_>, ring: &KeyRing) -> Result<(), BatchError> {
+async fn flush_counts(
+    tx: &tokio_postgres::Transaction<'_>,
+    ring: &KeyRing,
+) -> Result<(), BatchError> {
     store::add_encryptions(tx, &ring.take_encryption_counts())
         .await
         .map_err(|e| BatchError::Transient(anyhow::Error::new(e)))
@@ -459,8 +506,16 @@ async fn record(
     settings: &BatchSettings,
 ) -> Result<(), BatchError> {
     if !computed.errors.is_empty() {
-        let cols: Vec<&str> = computed.errors.iter().map(|e| claim.target.columns[e.column].as_str()).collect();
-        let rows: Vec<String> = computed.errors.iter().map(|e| e.row_id.to_string()).collect();
+        let cols: Vec<&str> = computed
+            .errors
+            .iter()
+            .map(|e| claim.target.columns[e.column].as_str())
+            .collect();
+        let rows: Vec<String> = computed
+            .errors
+            .iter()
+            .map(|e| e.row_id.to_string())
+            .collect();
         let keys: Vec<Option<Uuid>> = computed.errors.iter().map(|e| e.key_id).collect();
         let kinds: Vec<&str> = computed.errors.iter().map(|e| e.kind).collect();
         tx.execute(
@@ -486,7 +541,9 @@ async fn record(
             detail: json!({"table": claim.target.table, "kind": claim.kind}),
         })
         .collect();
-    entries.sort_by(|a, b| (&a.operation, a.success, a.key_id).cmp(&(&b.operation, b.success, b.key_id)));
+    entries.sort_by(|a, b| {
+        (&a.operation, a.success, a.key_id).cmp(&(&b.operation, b.success, b.key_id))
+    });
     audit::record(tx, &entries).await?;
     flush_counts(tx, ring).await?;
     let c = computed.counts;

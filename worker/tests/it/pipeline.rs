@@ -1,0 +1,532 @@
+//! The pipeline's promises: every value rotated exactly once and still decrypting to its
+//! plaintext, under duplicates, crashes, corrupt data, poison messages and concurrent
+//! application writes; a dry run that changes nothing.
+
+use std::time::Duration;
+
+use rekey_common::broker;
+use rekey_common::ledger::{self, RunState};
+use rekey_common::messages::{BatchMessage, FORMAT_VERSION};
+use rekey_coordinator::drive::drive;
+use rekey_coordinator::run_cmd::{self, RotateOptions};
+
+use crate::helpers::Env;
+
+fn opts(batch_size: i64) -> RotateOptions {
+    RotateOptions {
+        batch_size,
+        ..Default::default()
+    }
+}
+
+async fn wait_until(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    for _ in 0..600 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting until {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_thousand_records_over_three_tables_are_rotated_by_two_workers() {
+    let env = Env::seeded(50_000, 0.0).await;
+    let (w1, w2) = (env.worker("w1", 2), env.worker("w2", 2));
+    let run = run_cmd::start_rotation(&env.db.pool, &env.settings, &env.master, &opts(1000))
+        .await
+        .unwrap();
+    assert_eq!(env.drive(run.id).await, RunState::Completed);
+
+    let report = env.verify(Some(run.target_key_id)).await;
+    assert!(report.passed(), "{report:?}");
+    let p = ledger::progress(&**env.db.pool.get().await.unwrap(), run.id)
+        .await
+        .unwrap();
+    assert_eq!(p.n_rows, 50_000, "the ledger's rows add up to the records");
+    assert_eq!(p.n_rotated, report.ok, "every value rotated once");
+    assert_eq!(p.n_values, p.n_rotated + p.n_skipped + p.n_errors);
+    assert_eq!(p.n_errors, 0);
+    let encrypts = env
+        .scalar("SELECT COALESCE(sum(n_ops), 0)::int8 FROM rekey.audit_log WHERE run_id = $1 AND operation = 'encrypt'", &[&run.id])
+        .await;
+    let decrypts = env
+        .scalar(
+            "SELECT COALESCE(sum(n_ops), 0)::int8 FROM rekey.audit_log WHERE run_id = $1 AND operation = 'decrypt' AND success",
+            &[&run.id],
+        )
+        .await;
+    assert_eq!(
+        (encrypts, decrypts),
+        (p.n_rotated, p.n_rotated),
+        "the audit adds up to the operations"
+    );
+    let used: i64 = env
+        .scalar(
+            "SELECT encryptions FROM rekey.keys WHERE id = $1",
+            &[&run.target_key_id],
+        )
+        .await;
+    assert_eq!(
+        used, p.n_rotated,
+        "the nonce budget counts every encryption"
+    );
+    // Both workers took part.
+    let workers = env
+        .scalar(
+            "SELECT count(DISTINCT worker) FROM rekey.batches WHERE run_id = $1",
+            &[&run.id],
+        )
+        .await;
+    assert_eq!(workers, 2);
+    w1.stop().await;
+    w2.stop().await;
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_same_batch_published_twice_is_rotated_once_and_counted_once() {
+    let env = Env::seeded(3_000, 0.0).await;
+    let run = run_cmd::start_rotation(&env.db.pool, &env.settings, &env.master, &opts(250))
+        .await
+        .unwrap();
+    // Before the coordinator publishes anything, every batch is already on the queue twice.
+    let (_conn, ch) = env.channel().await;
+    let batches = env
+        .db
+        .pool
+        .get()
+        .await
+        .unwrap()
+        .query("SELECT batch_no, stage_no, table_name, id_lo, id_hi FROM rekey.batches WHERE run_id = $1", &[&run.id])
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        for b in &batches {
+            let msg = BatchMessage {
+                format: FORMAT_VERSION,
+                run_id: run.id,
+                batch_no: b.get(0),
+                stage_no: b.get(1),
+                table: b.get(2),
+                id_lo: b.get(3),
+                id_hi: b.get(4),
+                attempt: 0,
+            };
+            broker::publish(&ch, &env.topo.batches, &msg.encode(), None)
+                .await
+                .unwrap();
+        }
+    }
+    let w = env.worker("w", 2);
+    assert_eq!(env.drive(run.id).await, RunState::Completed);
+    // Let the remaining duplicates drain through the worker too.
+    wait_until("the queue is empty", async || {
+        broker::queue_depth(&ch, &env.topo.batches).await.unwrap() == 0
+    })
+    .await;
+    w.stop().await;
+
+    let p = ledger::progress(&**env.db.pool.get().await.unwrap(), run.id)
+        .await
+        .unwrap();
+    let report = env.verify(Some(run.target_key_id)).await;
+    assert!(report.passed(), "{report:?}");
+    assert_eq!(p.n_rotated, report.ok);
+    let per_batch_max = env
+        .scalar(
+            "SELECT COALESCE(max(n), 0)::int8 FROM (SELECT count(*) AS n FROM rekey.audit_log
+              WHERE run_id = $1 AND operation = 'encrypt' GROUP BY batch_no) x",
+            &[&run.id],
+        )
+        .await;
+    assert_eq!(per_batch_max, 1, "each batch audited once");
+    let encrypts = env
+        .scalar("SELECT sum(n_ops)::int8 FROM rekey.audit_log WHERE run_id = $1 AND operation = 'encrypt'", &[&run.id])
+        .await;
+    assert_eq!(encrypts, p.n_rotated);
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_and_the_coordinator_killed_mid_run_then_resume_completes_without_redoing_done_batches()
+ {
+    let env = Env::seeded(12_000, 0.0).await;
+    let run = run_cmd::start_rotation(&env.db.pool, &env.settings, &env.master, &opts(100))
+        .await
+        .unwrap();
+    let n_batches = env
+        .scalar(
+            "SELECT count(*) FROM rekey.batches WHERE run_id = $1",
+            &[&run.id],
+        )
+        .await;
+    let w1 = env.worker("doomed", 1);
+    let (pool, settings) = (env.db.pool.clone(), env.settings.clone());
+    let coordinator = tokio::spawn(async move {
+        drive(
+            &pool,
+            &settings,
+            run.id,
+            &Env::drive_options(),
+            std::future::pending(),
+        )
+        .await
+    });
+    wait_until("a third of the batches are done", async || {
+        env.scalar(
+            "SELECT count(*) FROM rekey.batches WHERE run_id = $1 AND state = 'done'",
+            &[&run.id],
+        )
+        .await
+            >= n_batches / 3
+    })
+    .await;
+    // Both die where they stand.
+    w1.abort();
+    coordinator.abort();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let done_before: Vec<(i64, chrono::DateTime<chrono::Utc>)> = env
+        .db
+        .pool
+        .get()
+        .await
+        .unwrap()
+        .query("SELECT batch_no, done_at FROM rekey.batches WHERE run_id = $1 AND state = 'done' ORDER BY 1", &[&run.id])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert!(
+        !done_before.is_empty() && (done_before.len() as i64) < n_batches,
+        "the run was interrupted mid-way"
+    );
+
+    let w2 = env.worker("survivor", 2);
+    run_cmd::resume(&env.db.pool, run.id).await.unwrap();
+    assert_eq!(env.drive(run.id).await, RunState::Completed);
+    w2.stop().await;
+
+    let c = env.db.pool.get().await.unwrap();
+    for (batch_no, done_at) in &done_before {
+        let row = c
+            .query_one(
+                "SELECT done_at, worker FROM rekey.batches WHERE run_id = $1 AND batch_no = $2",
+                &[&run.id, batch_no],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            row.get::<_, chrono::DateTime<chrono::Utc>>(0),
+            *done_at,
+            "batch {} was redone",
+            batch_no
+        );
+        assert_eq!(row.get::<_, String>(1), "doomed");
+    }
+    let report = env.verify(Some(run.target_key_id)).await;
+    assert!(report.passed(), "{report:?}");
+    let p = ledger::progress(&**c, run.id).await.unwrap();
+    assert_eq!(p.n_rotated, report.ok);
+    assert_eq!(p.n_rows, 12_000);
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn planted_corrupt_values_are_listed_left_unchanged_and_counted_in_the_error_rate() {
+    let env = Env::seeded(4_000, 0.01).await;
+    let corrupt_before: Vec<(String, String, i64, Vec<u8>)> = corrupt_values(&env).await;
+    assert!(corrupt_before.len() > 20, "the seed planted corrupt values");
+    let w = env.worker("w", 2);
+    let run = run_cmd::start_rotation(&env.db.pool, &env.settings, &env.master, &opts(500))
+        .await
+        .unwrap();
+    assert_eq!(env.drive(run.id).await, RunState::Completed);
+    w.stop().await;
+
+    assert_eq!(
+        corrupt_values(&env).await,
+        corrupt_before,
+        "corrupt values left byte for byte unchanged"
+    );
+    let c = env.db.pool.get().await.unwrap();
+    for (table, column, id, _) in &corrupt_before {
+        let n: i64 = c
+            .query_one(
+                "SELECT count(*) FROM rekey.decrypt_errors WHERE run_id = $1 AND table_name = $2 AND column_name = $3 AND row_id = $4",
+                &[&run.id, table, column, &id.to_string()],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 1, "{table}.{column} row {id} listed in the error table");
+    }
+    let status = run_cmd::status(&env.db.pool, run.id).await.unwrap();
+    assert_eq!(status.progress.n_errors, corrupt_before.len() as i64);
+    let expected_rate =
+        corrupt_before.len() as f64 / (status.progress.n_rotated + status.progress.n_errors) as f64;
+    assert!((status.decrypt_error_rate - expected_rate).abs() < 1e-12);
+    let report = env.verify(Some(run.target_key_id)).await;
+    assert!(report.passed(), "every other value rotated: {report:?}");
+    assert_eq!(report.corrupt_as_planted, corrupt_before.len() as i64);
+    env.finish().await;
+}
+
+async fn corrupt_values(env: &Env) -> Vec<(String, String, i64, Vec<u8>)> {
+    let c = env.db.pool.get().await.unwrap();
+    let mut out = Vec::new();
+    for (table, column) in rekey_loadtest::verify::COLUMNS {
+        let rows = c
+            .query(
+                &format!(
+                    "SELECT d.row_id, t.{column} FROM demo.plaintext_digests d JOIN {table} t ON t.id = d.row_id
+                      WHERE d.table_name = $1 AND d.column_name = $2 AND d.corrupt ORDER BY 1"
+                ),
+                &[&table, &column],
+            )
+            .await
+            .unwrap();
+        out.extend(
+            rows.iter()
+                .map(|r| (table.to_owned(), column.to_owned(), r.get(0), r.get(1))),
+        );
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn poison_messages_are_dead_lettered_without_touching_a_row_and_workers_keep_running() {
+    let env = Env::seeded(1_000, 0.0).await;
+    let run = run_cmd::start_rotation(&env.db.pool, &env.settings, &env.master, &opts(100))
+        .await
+        .unwrap();
+    let w = env.worker("w", 2);
+    let (_conn, ch) = env.channel().await;
+    let first = env
+        .db
+        .pool
+        .get()
+        .await
+        .unwrap()
+        .query_one("SELECT batch_no, table_name, id_lo, id_hi FROM rekey.batches WHERE run_id = $1 ORDER BY batch_no LIMIT 1", &[&run.id])
+        .await
+        .unwrap();
+    let tampered = BatchMessage {
+        format: FORMAT_VERSION,
+        run_id: run.id,
+        batch_no: first.get(0),
+        stage_no: 0,
+        table: first.get(1),
+        id_lo: first.get(2),
+        id_hi: first.get::<_, i64>(3) + 500,
+        attempt: 1,
+    };
+    let unknown_run = BatchMessage {
+        run_id: run.id + 1000,
+        ..tampered.clone()
+    };
+    let future_version = BatchMessage {
+        format: 2,
+        ..tampered.clone()
+    };
+    let random: Vec<u8> = (0..97u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 7) as u8)
+        .collect();
+    for body in [
+        tampered.encode(),
+        unknown_run.encode(),
+        future_version.encode(),
+        random,
+    ] {
+        broker::publish(&ch, &env.topo.batches, &body, None)
+            .await
+            .unwrap();
+    }
+    wait_until("four messages are dead-lettered", async || {
+        broker::queue_depth(&ch, &env.topo.dead_letters)
+            .await
+            .unwrap()
+            == 4
+    })
+    .await;
+    let census = rekey_common::keys::census::census(
+        &**env.db.pool.get().await.unwrap(),
+        &env.settings.targets,
+    )
+    .await
+    .unwrap();
+    assert!(
+        census.iter().all(|r| r.key_id != Some(run.target_key_id)),
+        "no row touched"
+    );
+    let dead = env
+        .scalar(
+            "SELECT count(*) FROM rekey.audit_log WHERE operation = 'dead_letter' AND NOT success",
+            &[],
+        )
+        .await;
+    assert_eq!(dead, 4, "each refusal audited");
+    let reasons: Vec<String> = env
+        .db
+        .pool
+        .get()
+        .await
+        .unwrap()
+        .query("SELECT detail->>'reason' FROM rekey.audit_log WHERE operation = 'dead_letter' ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    // Two workers' tasks may audit in any order.
+    for expected in [
+        "disagrees with the ledger",
+        "unknown run",
+        "format version 2",
+        "undecodable message",
+    ] {
+        assert!(
+            reasons.iter().any(|r| r.contains(expected)),
+            "{expected:?} not among {reasons:?}"
+        );
+    }
+    let state = env
+        .scalar(
+            "SELECT count(*) FROM rekey.batches WHERE run_id = $1 AND state = 'pending'",
+            &[&run.id],
+        )
+        .await;
+    assert!(state > 0, "the ledger is untouched by poison");
+    // The same worker then completes the real run.
+    assert_eq!(env.drive(run.id).await, RunState::Completed);
+    assert!(!w.handle.is_finished());
+    w.stop().await;
+    assert!(env.verify(Some(run.target_key_id)).await.passed());
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn application_updates_during_the_rotation_are_never_lost() {
+    let env = Env::seeded(6_000, 0.0).await;
+    let (w1, w2) = (env.worker("w1", 2), env.worker("w2", 2));
+    let (pool, master) = (env.db.pool.clone(), env.master.clone());
+    let max_user = env.scalar("SELECT max(id) FROM demo.users", &[]).await;
+    let writers: Vec<_> = (0..3)
+        .map(|i| {
+            let (pool, master) = (pool.clone(), master.clone());
+            tokio::spawn(async move {
+                rekey_loadtest::traffic::update_emails(
+                    &pool,
+                    master,
+                    max_user,
+                    Duration::from_secs(6),
+                    Duration::from_millis(500),
+                    100 + i,
+                )
+                .await
+                .unwrap()
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let run = run_cmd::start_rotation(&env.db.pool, &env.settings, &env.master, &opts(200))
+        .await
+        .unwrap();
+    assert_eq!(env.drive(run.id).await, RunState::Completed);
+    let mut updates = 0;
+    for w in writers {
+        let r = w.await.unwrap();
+        assert_eq!(r.errors, 0, "{r:?}");
+        updates += r.updates;
+    }
+    assert!(
+        updates > 100,
+        "the application wrote during the run ({updates} updates)"
+    );
+    w1.stop().await;
+    w2.stop().await;
+    // Every row holds the application's latest plaintext.
+    let report = env.verify(None).await;
+    assert!(report.passed(), "{report:?}");
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dry_run_changes_nothing_and_its_counts_match_the_real_run() {
+    let env = Env::seeded(3_000, 0.005).await;
+    let snapshot = "SELECT md5(string_agg(md5(COALESCE(email, '')::text || COALESCE(phone, '')::text), ',' ORDER BY id)) FROM demo.users";
+    let fingerprint = |env: &Env| {
+        let pool = env.db.pool.clone();
+        async move {
+            let c = pool.get().await.unwrap();
+            let a: String = c.query_one(snapshot, &[]).await.unwrap().get(0);
+            let b: String = c
+                .query_one("SELECT md5(string_agg(md5(body::text), ',' ORDER BY id)) FROM demo.conversations", &[])
+                .await
+                .unwrap()
+                .get(0);
+            let k: String = c
+                .query_one(
+                    "SELECT string_agg(id::text || state, ',' ORDER BY id) FROM rekey.keys",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            (a, b, k)
+        }
+    };
+    let w = env.worker("w", 2);
+    let before = fingerprint(&env).await;
+    let dry = run_cmd::start_rotation(
+        &env.db.pool,
+        &env.settings,
+        &env.master,
+        &RotateOptions {
+            batch_size: 300,
+            dry_run: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(env.drive(dry.id).await, RunState::Completed);
+    let after = fingerprint(&env).await;
+    assert_eq!(before.0, after.0, "no value changed");
+    assert_eq!(before.1, after.1, "no value changed");
+    let dry_p = ledger::progress(&**env.db.pool.get().await.unwrap(), dry.id)
+        .await
+        .unwrap();
+    assert!(dry_p.n_rotated > 0 && dry_p.n_errors > 0);
+
+    let real = run_cmd::start_rotation(&env.db.pool, &env.settings, &env.master, &opts(300))
+        .await
+        .unwrap();
+    assert_eq!(
+        real.target_key_id, dry.target_key_id,
+        "the real run takes the key the dry run rehearsed"
+    );
+    assert_eq!(env.drive(real.id).await, RunState::Completed);
+    w.stop().await;
+    let real_p = ledger::progress(&**env.db.pool.get().await.unwrap(), real.id)
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            dry_p.n_rows,
+            dry_p.n_values,
+            dry_p.n_rotated,
+            dry_p.n_errors,
+            dry_p.n_null
+        ),
+        (
+            real_p.n_rows,
+            real_p.n_values,
+            real_p.n_rotated,
+            real_p.n_errors,
+            real_p.n_null
+        )
+    );
+    env.finish().await;
+}
