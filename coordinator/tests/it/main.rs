@@ -2,3 +2,4 @@
 
 mod helpers;
 mod keys_cli;
+mod plan;

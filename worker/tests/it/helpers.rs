@@ -68,13 +68,16 @@ impl Env {
     }
 
     pub fn worker(&self, id: &str, concurrency: usize) -> Worker {
-        let (tx, rx) = oneshot::channel::<()>();
-        let opts = WorkerOptions {
+        self.worker_with(WorkerOptions {
             concurrency,
             prefetch: concurrency as u16 * 2,
             worker_id: id.to_owned(),
             ..Default::default()
-        };
+        })
+    }
+
+    pub fn worker_with(&self, opts: WorkerOptions) -> Worker {
+        let (tx, rx) = oneshot::channel::<()>();
         let settings = self.settings.clone();
         let handle = tokio::spawn(async move {
             run(settings, opts, async {

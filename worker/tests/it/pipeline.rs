@@ -530,3 +530,109 @@ async fn a_dry_run_changes_nothing_and_its_counts_match_the_real_run() {
     );
     env.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_row_locked_by_the_application_past_the_lock_timeout_is_retried_not_lost() {
+    let env = Env::seeded(2_000, 0.0).await;
+    let w = env.worker_with(rekey_worker::consume::WorkerOptions {
+        concurrency: 2,
+        lock_timeout_ms: 150,
+        worker_id: "impatient".into(),
+        ..Default::default()
+    });
+    // The application holds row 5 of demo.users for 1.5 s, well past the worker's lock_timeout.
+    let pool = env.db.pool.clone();
+    let holder = tokio::spawn(async move {
+        let mut c = pool.get().await.unwrap();
+        let tx = c.transaction().await.unwrap();
+        tx.execute("SELECT 1 FROM demo.users WHERE id = 5 FOR UPDATE", &[])
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        tx.commit().await.unwrap();
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let run = run_cmd::start_rotation(&env.db.pool, &env.settings, &env.master, &opts(100))
+        .await
+        .unwrap();
+    assert_eq!(env.drive(run.id).await, RunState::Completed);
+    holder.await.unwrap();
+    w.stop().await;
+    let report = env.verify(Some(run.target_key_id)).await;
+    assert!(report.passed(), "{report:?}");
+    let p = ledger::progress(&**env.db.pool.get().await.unwrap(), run.id)
+        .await
+        .unwrap();
+    assert_eq!(p.n_rotated, report.ok, "counted once despite the retries");
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_paused_run_publishes_nothing_more_and_resume_finishes_it() {
+    let env = Env::seeded(6_000, 0.0).await;
+    let run = run_cmd::start_rotation(&env.db.pool, &env.settings, &env.master, &opts(100))
+        .await
+        .unwrap();
+    let w = env.worker("w", 1);
+    let (pool, settings) = (env.db.pool.clone(), env.settings.clone());
+    let coordinator = tokio::spawn(async move {
+        drive(
+            &pool,
+            &settings,
+            run.id,
+            &Env::drive_options(),
+            std::future::pending(),
+        )
+        .await
+    });
+    wait_until("some batches are done", async || {
+        env.scalar(
+            "SELECT count(*) FROM rekey.batches WHERE run_id = $1 AND state = 'done'",
+            &[&run.id],
+        )
+        .await
+            >= 5
+    })
+    .await;
+    run_cmd::pause(&env.db.pool, run.id).await.unwrap();
+    assert_eq!(
+        coordinator.await.unwrap().unwrap(),
+        RunState::Paused,
+        "the driver stops on pause"
+    );
+    // Batches already on the queue are handed back by the worker, not rotated.
+    let (_conn, ch) = env.channel().await;
+    wait_until("the queue drains", async || {
+        broker::queue_depth(&ch, &env.topo.batches).await.unwrap() == 0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let done_paused = env
+        .scalar(
+            "SELECT count(*) FROM rekey.batches WHERE run_id = $1 AND state = 'done'",
+            &[&run.id],
+        )
+        .await;
+    let total = env
+        .scalar(
+            "SELECT count(*) FROM rekey.batches WHERE run_id = $1",
+            &[&run.id],
+        )
+        .await;
+    assert!(done_paused < total);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        env.scalar(
+            "SELECT count(*) FROM rekey.batches WHERE run_id = $1 AND state = 'done'",
+            &[&run.id]
+        )
+        .await,
+        done_paused,
+        "nothing moves while paused"
+    );
+    run_cmd::resume(&env.db.pool, run.id).await.unwrap();
+    assert_eq!(env.drive(run.id).await, RunState::Completed);
+    w.stop().await;
+    assert!(env.verify(Some(run.target_key_id)).await.passed());
+    env.finish().await;
+}

@@ -1,0 +1,154 @@
+//! The three binaries together, as processes.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rekey_common::broker::{self, Topology};
+use rekey_common::keys::master::generate_base64;
+use rekey_common::testing::TestDb;
+use secrecy::ExposeSecret;
+
+fn bin(name: &str) -> PathBuf {
+    let here = PathBuf::from(env!("CARGO_BIN_EXE_rekey-loadtest"));
+    let path = here.with_file_name(name);
+    assert!(
+        path.exists(),
+        "{} not built: run the tests with `cargo test --workspace`",
+        path.display()
+    );
+    path
+}
+
+struct Env {
+    vars: Vec<(&'static str, String)>,
+}
+
+impl Env {
+    fn cmd(&self, name: &str, args: &[&str]) -> Command {
+        let mut c = Command::new(bin(name));
+        c.args(args)
+            .env_remove("REKEY_CONFIG")
+            .current_dir(std::env::temp_dir());
+        for (k, v) in &self.vars {
+            c.env(k, v);
+        }
+        c
+    }
+
+    fn run(&self, name: &str, args: &[&str]) -> (bool, String, String) {
+        let out = self.cmd(name, args).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    fn worker(&self, id: &str) -> Child {
+        self.cmd("rekey-worker", &["--worker-id", id])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+}
+
+fn sigterm(child: &Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(
+            start.elapsed() < within,
+            "process did not exit within {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn seed_rotate_with_two_worker_processes_verify_and_stop_them_with_sigterm() {
+    let db = TestDb::new().await;
+    let env = Env {
+        vars: vec![
+            ("REKEY_DATABASE_URL", db.url.clone()),
+            (
+                "REKEY_MASTER_KEY",
+                generate_base64().expose_secret().to_owned(),
+            ),
+            ("REKEY_QUEUE_PREFIX", db.name.clone()),
+            ("RUST_LOG", "info".into()),
+        ],
+    };
+    let (ok, out, err) = env.run(
+        "rekey-loadtest",
+        &[
+            "seed",
+            "--rows",
+            "8000",
+            "--corrupt-fraction",
+            "0.002",
+            "--json",
+        ],
+    );
+    assert!(ok, "{out}{err}");
+    let mut w1 = env.worker("p1");
+    let mut w2 = env.worker("p2");
+
+    let (ok, out, err) = env.run("rekey", &["rotate", "--batch-size", "400", "--json"]);
+    assert!(ok, "{out}\n{err}");
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(status["run"]["state"], "completed");
+    assert_eq!(status["progress"]["n_rows"], 8000);
+    let target = status["run"]["target_key_id"].as_str().unwrap().to_owned();
+    let run_id = status["run"]["id"].as_i64().unwrap().to_string();
+
+    let (ok, out, _) = env.run("rekey", &["status", &run_id, "--json"]);
+    assert!(ok);
+    let again: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        again["progress"], status["progress"],
+        "status is recomputed from the ledger"
+    );
+    assert!(!again["decrypt_errors"].as_array().unwrap().is_empty());
+
+    let (ok, out, err) = env.run(
+        "rekey-loadtest",
+        &["verify", "--expect-key", &target, "--json"],
+    );
+    assert!(ok, "{out}\n{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v["ok"].as_i64().unwrap() > 10_000);
+    assert_eq!(v["mismatched"], 0);
+
+    // Pause and resume of a finished run are refused with a reason.
+    let (ok, _, err) = env.run("rekey", &["pause", &run_id]);
+    assert!(
+        !ok && err.contains("only a running run can be paused"),
+        "{err}"
+    );
+
+    sigterm(&w1);
+    sigterm(&w2);
+    assert!(wait_exit(&mut w1, Duration::from_secs(30)).success());
+    assert!(wait_exit(&mut w2, Duration::from_secs(30)).success());
+
+    let conn = broker::connect(
+        &secrecy::SecretString::from("amqp://guest:guest@127.0.0.1:5672/%2f"),
+        "t",
+    )
+    .await
+    .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    broker::delete(&ch, &Topology::new(&db.name)).await.unwrap();
+}
