@@ -127,6 +127,9 @@ struct FileSettings {
     master_key_file: Option<PathBuf>,
     queue_prefix: Option<String>,
     actor: Option<String>,
+    reports_dir: Option<PathBuf>,
+    probe_query: Option<String>,
+    backup_check: Option<String>,
     #[serde(default)]
     keys: Option<KeyPolicy>,
     #[serde(default)]
@@ -166,6 +169,13 @@ pub struct Settings {
     pub actor: String,
     pub key_policy: KeyPolicy,
     pub targets: Vec<Target>,
+    /// Where evidence reports are written (`exports/rotation_reports` by default).
+    pub reports_dir: PathBuf,
+    /// A query whose latency stands for the application's (default: point reads by id).
+    pub probe_query: Option<String>,
+    /// How preflight proves a recent backup: `archiver` (pg_stat_archiver),
+    /// `command:<shell command>` (exit 0 = a backup within 24 h exists), or `none`.
+    pub backup_check: String,
 }
 
 impl Settings {
@@ -269,7 +279,27 @@ impl Settings {
             t.validate().context("invalid targets in configuration")?;
         }
 
+        let reports_dir = env
+            .get("REKEY_REPORTS_DIR")
+            .map(PathBuf::from)
+            .or(file.reports_dir)
+            .unwrap_or_else(|| PathBuf::from("exports/rotation_reports"));
+        let probe_query = env.get("REKEY_PROBE_QUERY").cloned().or(file.probe_query);
+        let backup_check = env
+            .get("REKEY_BACKUP_CHECK")
+            .cloned()
+            .or(file.backup_check)
+            .unwrap_or_else(|| "archiver".to_owned());
+        if !(backup_check == "archiver"
+            || backup_check == "none"
+            || backup_check.starts_with("command:"))
+        {
+            bail!("REKEY_BACKUP_CHECK must be archiver, none, or command:<shell command>");
+        }
         Ok(Self {
+            reports_dir,
+            probe_query,
+            backup_check,
             database_url: SecretString::from(database_url),
             amqp_url: SecretString::from(amqp_url),
             master_key,

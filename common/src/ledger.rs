@@ -104,13 +104,15 @@ pub struct Run {
     pub batch_size: i32,
     pub seed: i64,
     pub halt_reason: Option<String>,
+    pub source_key_ids: Option<Vec<Uuid>>,
+    pub settings: RunSettings,
     pub created_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
 }
 
 const RUN_COLUMNS: &str = "id, kind, state, target_key_id, previous_key_id, parent_run_id, targets, stages, \
-                           current_stage, batch_size, seed, halt_reason, created_at, started_at, finished_at";
+                           current_stage, batch_size, seed, halt_reason, source_key_ids, settings, created_at, started_at, finished_at";
 
 fn run_from(row: &Row) -> Run {
     Run {
@@ -126,9 +128,60 @@ fn run_from(row: &Row) -> Run {
         batch_size: row.get("batch_size"),
         seed: row.get("seed"),
         halt_reason: row.get("halt_reason"),
+        source_key_ids: row.get("source_key_ids"),
+        settings: serde_json::from_value(row.get("settings")).unwrap_or_default(),
         created_at: row.get("created_at"),
         started_at: row.get("started_at"),
         finished_at: row.get("finished_at"),
+    }
+}
+
+/// How a run is gated and paced, fixed when it is planned (kept in `runs.settings`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RunSettings {
+    /// Rows of the target tables when the run was planned.
+    pub planned_rows: i64,
+    /// Observation after the first stage (the playbook: 24 h after the canary).
+    pub observe_first_secs: u64,
+    /// Observation after every later stage (the playbook: 2 h between stages).
+    pub observe_secs: u64,
+    /// Advance to the next stage by itself once a stage's observation ends.
+    pub auto_advance: bool,
+    /// Roll back by itself when a gate is breached.
+    pub auto_rollback: bool,
+    /// A stage's decrypt error rate must stay below this (the playbook: 0.1%).
+    pub max_error_rate: f64,
+    /// Above this latency increase (percent) the coordinator throttles.
+    pub throttle_pct: f64,
+    /// Above this latency increase (percent), sustained, a stage is breached.
+    pub breach_pct: f64,
+    /// Latency increases smaller than this many milliseconds are noise, never impact.
+    pub min_impact_ms: f64,
+    /// The probe query's latency before the run (median, milliseconds).
+    pub probe_baseline_ms: Option<f64>,
+    /// Longest allowed gap between audit entries while a stage runs (the playbook: 5 min).
+    pub max_audit_gap_secs: f64,
+    /// Rows read back and decrypted per table at each observation check.
+    pub observe_sample: i64,
+}
+
+impl Default for RunSettings {
+    fn default() -> Self {
+        Self {
+            planned_rows: 0,
+            observe_first_secs: 24 * 3600,
+            observe_secs: 2 * 3600,
+            auto_advance: false,
+            auto_rollback: false,
+            max_error_rate: 0.001,
+            throttle_pct: 15.0,
+            breach_pct: 20.0,
+            min_impact_ms: 2.0,
+            probe_baseline_ms: None,
+            max_audit_gap_secs: 300.0,
+            observe_sample: 50,
+        }
     }
 }
 
@@ -140,9 +193,12 @@ pub struct NewRun {
     pub previous_key_id: Option<Uuid>,
     pub parent_run_id: Option<i64>,
     pub targets: Vec<Target>,
+    pub stages: Vec<i32>,
     pub batch_size: i32,
     pub seed: i64,
     pub operator: String,
+    pub source_key_ids: Option<Vec<Uuid>>,
+    pub settings: RunSettings,
 }
 
 pub async fn create_run<C: GenericClient>(
@@ -153,8 +209,9 @@ pub async fn create_run<C: GenericClient>(
     let row = c
         .query_one(
             &format!(
-                "INSERT INTO rekey.runs (kind, state, target_key_id, previous_key_id, parent_run_id, targets, batch_size, seed, operator)
-                 VALUES ($1, 'planning', $2, $3, $4, $5, $6, $7, $8) RETURNING {RUN_COLUMNS}"
+                "INSERT INTO rekey.runs (kind, state, target_key_id, previous_key_id, parent_run_id, targets, batch_size, seed,
+                                         operator, stages, source_key_ids, settings)
+                 VALUES ($1, 'planning', $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING {RUN_COLUMNS}"
             ),
             &[
                 &new.kind.as_str(),
@@ -165,6 +222,9 @@ pub async fn create_run<C: GenericClient>(
                 &new.batch_size,
                 &new.seed,
                 &new.operator,
+                &new.stages,
+                &new.source_key_ids,
+                &serde_json::to_value(&new.settings).expect("settings serialize"),
             ],
         )
         .await?;
@@ -223,6 +283,8 @@ pub struct BatchPlan {
     pub table: String,
     pub id_lo: i64,
     pub id_hi: i64,
+    /// A sweep batch: every record of stages up to `stage_no` in the range.
+    pub cumulative: bool,
 }
 
 /// Appends batches to a run, numbering them after the run's last batch.
@@ -238,11 +300,12 @@ pub async fn insert_batches<C: GenericClient>(
     let tables: Vec<&str> = plans.iter().map(|p| p.table.as_str()).collect();
     let los: Vec<i64> = plans.iter().map(|p| p.id_lo).collect();
     let his: Vec<i64> = plans.iter().map(|p| p.id_hi).collect();
+    let cumulative: Vec<bool> = plans.iter().map(|p| p.cumulative).collect();
     c.execute(
-        "INSERT INTO rekey.batches (run_id, batch_no, stage_no, table_name, id_lo, id_hi)
-         SELECT $1, COALESCE((SELECT max(batch_no) FROM rekey.batches WHERE run_id = $1), 0) + u.ord, u.s, u.t, u.lo, u.hi
-           FROM unnest($2::int[], $3::text[], $4::int8[], $5::int8[]) WITH ORDINALITY AS u(s, t, lo, hi, ord)",
-        &[&run_id, &stages, &tables, &los, &his],
+        "INSERT INTO rekey.batches (run_id, batch_no, stage_no, table_name, id_lo, id_hi, cumulative)
+         SELECT $1, COALESCE((SELECT max(batch_no) FROM rekey.batches WHERE run_id = $1), 0) + u.ord, u.s, u.t, u.lo, u.hi, u.c
+           FROM unnest($2::int[], $3::text[], $4::int8[], $5::int8[], $6::bool[]) WITH ORDINALITY AS u(s, t, lo, hi, c, ord)",
+        &[&run_id, &stages, &tables, &los, &his, &cumulative],
     )
     .await
 }
@@ -285,6 +348,15 @@ pub async fn progress<C: GenericClient>(
     c: &C,
     run_id: i64,
 ) -> Result<Progress, tokio_postgres::Error> {
+    progress_of(c, run_id, None).await
+}
+
+/// Progress of one stage's batches, or of the whole run.
+pub async fn progress_of<C: GenericClient>(
+    c: &C,
+    run_id: i64,
+    stage_no: Option<i32>,
+) -> Result<Progress, tokio_postgres::Error> {
     let r = c
         .query_one(
             "SELECT count(*),
@@ -295,8 +367,8 @@ pub async fn progress<C: GenericClient>(
                     COALESCE(sum(n_rows), 0)::int8, COALESCE(sum(n_values), 0)::int8,
                     COALESCE(sum(n_rotated), 0)::int8, COALESCE(sum(n_skipped), 0)::int8,
                     COALESCE(sum(n_null), 0)::int8, COALESCE(sum(n_errors), 0)::int8
-               FROM rekey.batches WHERE run_id = $1",
-            &[&run_id],
+               FROM rekey.batches WHERE run_id = $1 AND ($2::int IS NULL OR stage_no = $2)",
+            &[&run_id, &stage_no],
         )
         .await?;
     let settings = c
@@ -321,4 +393,75 @@ pub async fn progress<C: GenericClient>(
         n_errors: r.get(10),
         planned_rows_estimate: settings,
     })
+}
+
+/// A stage as recorded in the ledger.
+#[derive(Debug, Clone, Serialize)]
+pub struct Stage {
+    pub run_id: i64,
+    pub stage_no: i32,
+    pub percent: i32,
+    pub state: String,
+    pub started_at: Option<DateTime<Utc>>,
+    pub gated_at: Option<DateTime<Utc>>,
+    pub observe_until: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    /// The gate decision with its figures.
+    pub gate: Option<serde_json::Value>,
+}
+
+fn stage_from(r: &Row) -> Stage {
+    Stage {
+        run_id: r.get("run_id"),
+        stage_no: r.get("stage_no"),
+        percent: r.get("percent"),
+        state: r.get("state"),
+        started_at: r.get("started_at"),
+        gated_at: r.get("gated_at"),
+        observe_until: r.get("observe_until"),
+        finished_at: r.get("finished_at"),
+        gate: r.get("gate"),
+    }
+}
+
+pub async fn stages<C: GenericClient>(
+    c: &C,
+    run_id: i64,
+) -> Result<Vec<Stage>, tokio_postgres::Error> {
+    Ok(c.query(
+        "SELECT * FROM rekey.stages WHERE run_id = $1 ORDER BY stage_no",
+        &[&run_id],
+    )
+    .await?
+    .iter()
+    .map(stage_from)
+    .collect())
+}
+
+pub async fn stage<C: GenericClient>(
+    c: &C,
+    run_id: i64,
+    stage_no: i32,
+) -> Result<Option<Stage>, tokio_postgres::Error> {
+    Ok(c.query_opt(
+        "SELECT * FROM rekey.stages WHERE run_id = $1 AND stage_no = $2",
+        &[&run_id, &stage_no],
+    )
+    .await?
+    .map(|r| stage_from(&r)))
+}
+
+/// Creates a run's stage rows, all pending.
+pub async fn create_stages<C: GenericClient>(
+    c: &C,
+    run_id: i64,
+    percents: &[i32],
+) -> Result<(), tokio_postgres::Error> {
+    c.execute(
+        "INSERT INTO rekey.stages (run_id, stage_no, percent)
+         SELECT $1, (u.ord - 1)::int, u.p FROM unnest($2::int[]) WITH ORDINALITY AS u(p, ord)",
+        &[&run_id, &percents],
+    )
+    .await?;
+    Ok(())
 }

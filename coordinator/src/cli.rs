@@ -2,12 +2,14 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use deadpool_postgres::Pool;
 use rekey_common::Settings;
 use rekey_common::keys::master::MasterKey;
+use rekey_common::ledger::{self, RunKind, RunSettings, RunState};
 use rekey_common::telemetry::LogFormat;
 
 use crate::keys_cmd::{self, KeysCommand};
@@ -45,20 +47,43 @@ pub enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
-    /// Rotate the field key: make a new key active for new writes, plan the run into the
-    /// ledger, publish its batches and follow it to the end (unless --detach).
+    /// The pre-rotation checklist, each item pass, warn or fail.
+    Preflight {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rotate the field key in stages: make a new key active for new writes, then rotate a
+    /// 1% canary and 25/50/75/100% of records, each stage gated and observed.
     Rotate {
         /// Rows per batch.
         #[arg(long, default_value_t = 1000)]
         batch_size: i64,
-        /// Everything but the write, in a run of its own kind; reports counts and the
-        /// would-be error rate. Keys are not activated.
+        /// Cumulative percentages of records per stage, ending at 100.
+        #[arg(long, value_delimiter = ',', default_value = "1,25,50,75,100")]
+        stages: Vec<i32>,
+        /// Observation after the first stage and after each later one, e.g. `24h,2h`
+        /// (the playbook), `30s`, or `0` for staging and tests.
+        #[arg(long, default_value = "24h,2h")]
+        observe: String,
+        /// Promote each stage by itself once its observation ends (else `rekey promote`).
+        #[arg(long)]
+        auto_advance: bool,
+        /// Roll back by itself when a gate is breached.
+        #[arg(long)]
+        auto_rollback: bool,
+        /// A stage's decrypt error rate must stay below this fraction.
+        #[arg(long, default_value_t = 0.001)]
+        max_error_rate: f64,
+        /// Everything but the write, in a run of its own kind (one stage, 100%).
         #[arg(long)]
         dry_run: bool,
         /// Rotate to this field key (default: the newest pending field key, or a new one).
         #[arg(long)]
         target_key: Option<uuid::Uuid>,
-        /// Plan and publish nothing more than the ledger; `rekey resume RUN` drives it.
+        /// Start even when preflight fails.
+        #[arg(long)]
+        skip_preflight: bool,
+        /// Plan only; `rekey resume RUN` drives it.
         #[arg(long)]
         detach: bool,
         #[command(flatten)]
@@ -66,12 +91,23 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Show a run's progress from the ledger (default: the latest run).
+    /// Show a run's progress and stages from the ledger (default: the latest run).
     Status {
         run: Option<i64>,
         /// Refresh every 2 seconds until the run ends.
         #[arg(long)]
         watch: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pass the current stage once its gates passed and its observation ended.
+    Promote {
+        run: i64,
+        /// Keep driving the run after promoting it.
+        #[arg(long)]
+        follow: bool,
+        #[command(flatten)]
+        drive: DriveArgs,
         #[arg(long)]
         json: bool,
     },
@@ -81,8 +117,7 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Resume a paused, halted or interrupted run, recomputing everything from the ledger,
-    /// and follow it to the end (unless --detach).
+    /// Resume a paused, halted or interrupted run, recomputing everything from the ledger.
     Resume {
         run: i64,
         #[arg(long)]
@@ -91,6 +126,36 @@ pub enum Command {
         drive: DriveArgs,
         #[arg(long)]
         json: bool,
+    },
+    /// Re-encrypt every value the run moved back to the previous key and make that key
+    /// active again.
+    Rollback {
+        run: i64,
+        #[arg(long, default_value_t = 1000)]
+        batch_size: i64,
+        #[arg(long)]
+        detach: bool,
+        #[command(flatten)]
+        drive: DriveArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a run's evidence report again (to exports/rotation_reports/ and the database).
+    Report {
+        run: i64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A fresh demo database, 100,000 records, two workers, a whole staged rotation.
+    Demo {
+        #[arg(long, default_value_t = 100_000)]
+        rows: i64,
+        /// Observation per stage.
+        #[arg(long, default_value = "3s")]
+        observe: String,
+        /// Keep the demo database afterwards.
+        #[arg(long)]
+        keep: bool,
     },
 }
 
@@ -106,10 +171,10 @@ pub struct DriveArgs {
 }
 
 impl DriveArgs {
-    fn options(&self, json: bool) -> crate::drive::DriveOptions {
+    pub fn options(&self, json: bool) -> crate::drive::DriveOptions {
         crate::drive::DriveOptions {
             max_in_flight: self.max_in_flight.max(1),
-            lease: std::time::Duration::from_secs(self.lease_secs.max(1)),
+            lease: Duration::from_secs(self.lease_secs.max(1)),
             progress: if json {
                 crate::drive::ProgressMode::Quiet
             } else {
@@ -118,6 +183,41 @@ impl DriveArgs {
             ..Default::default()
         }
     }
+}
+
+/// Parses `24h`, `90m`, `30s`, `1d`, `250ms` or `0`.
+pub fn parse_duration(s: &str) -> anyhow::Result<Duration> {
+    let s = s.trim();
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .with_context(|| format!("{s:?} is not a duration like 24h, 90m, 30s"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" | "" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        "d" => n * 86400.0,
+        _ => anyhow::bail!("{s:?}: unknown unit {unit:?} (use ms, s, m, h or d)"),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// `--observe A[,B]`: first stage, later stages.
+fn parse_observe(s: &str) -> anyhow::Result<(Duration, Duration)> {
+    let parts: Vec<&str> = s.split(',').collect();
+    let first = parse_duration(parts[0]).context("--observe")?;
+    let rest = match parts.get(1) {
+        Some(p) => parse_duration(p).context("--observe")?,
+        None => first,
+    };
+    Ok((first, rest))
 }
 
 /// What every command that touches the database starts from.
@@ -131,7 +231,11 @@ impl Context {
     /// Loads settings and connects, failing with a message that names the setting.
     pub async fn connect(config: Option<&std::path::Path>) -> anyhow::Result<Self> {
         let settings = Settings::load(config)?;
-        let pool = rekey_common::db::pool(&settings, 4)?;
+        Self::with_settings(settings).await
+    }
+
+    pub async fn with_settings(settings: Settings) -> anyhow::Result<Self> {
+        let pool = rekey_common::db::pool(&settings, 6)?;
         rekey_common::db::check_connection(&pool, &settings).await?;
         Ok(Self { settings, pool })
     }
@@ -145,56 +249,115 @@ impl Context {
     }
 }
 
+fn print_json_or<T: serde::Serialize>(
+    json: bool,
+    value: &T,
+    text: impl FnOnce(),
+) -> anyhow::Result<()> {
+    if json {
+        crate::output::json(value)
+    } else {
+        text();
+        Ok(())
+    }
+}
+
 /// Runs one command; the exit code is for commands whose result is a verdict.
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let config = cli.config.as_deref();
     match cli.command {
         Command::Migrate { demo, json } => {
-            let ctx = Context::connect(cli.config.as_deref()).await?;
+            let ctx = Context::connect(config).await?;
             let mut applied = rekey_common::db::migrate(&ctx.pool).await?;
             if demo {
                 applied.extend(rekey_common::db::migrate_demo(&ctx.pool).await?);
             }
-            if json {
-                crate::output::json(&serde_json::json!({ "applied": applied }))?;
-            } else if applied.is_empty() {
-                println!("migrations: up to date");
-            } else {
+            print_json_or(json, &serde_json::json!({ "applied": applied }), || {
+                if applied.is_empty() {
+                    println!("migrations: up to date");
+                }
                 for m in &applied {
                     println!("applied {m}");
                 }
-            }
+            })?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Keys { command } => keys_cmd::run(cli.config.as_deref(), command).await,
+        Command::Keys { command } => keys_cmd::run(config, command).await,
+        Command::Preflight { json } => {
+            let settings = Settings::load(config)?;
+            let p = crate::preflight::run(&settings).await;
+            print_json_or(json, &p, || p.print())?;
+            Ok(if p.passed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
         Command::Rotate {
             batch_size,
+            stages,
+            observe,
+            auto_advance,
+            auto_rollback,
+            max_error_rate,
             dry_run,
             target_key,
+            skip_preflight,
             detach,
             drive,
             json,
         } => {
-            let ctx = Context::connect(cli.config.as_deref()).await?;
+            let (first, rest) = parse_observe(&observe)?;
+            let ctx = Context::connect(config).await?;
+            if !skip_preflight {
+                let p = crate::preflight::run(&ctx.settings).await;
+                if !p.passed {
+                    if !json {
+                        p.print();
+                    }
+                    let items: Vec<String> = p
+                        .failures()
+                        .iter()
+                        .map(|c| format!("{}: {}", c.item, c.detail))
+                        .collect();
+                    anyhow::bail!(
+                        "preflight failed ({}); fix it or pass --skip-preflight",
+                        items.join("; ")
+                    );
+                }
+            }
             let master = ctx.master_key()?;
             let opts = run_cmd::RotateOptions {
                 batch_size,
                 dry_run,
                 target_key,
                 seed: None,
+                stages: if dry_run { vec![100] } else { stages },
+                gating: RunSettings {
+                    observe_first_secs: first.as_secs(),
+                    observe_secs: rest.as_secs(),
+                    auto_advance: auto_advance || dry_run,
+                    auto_rollback,
+                    max_error_rate,
+                    ..Default::default()
+                },
             };
             let run = run_cmd::start_rotation(&ctx.pool, &ctx.settings, &master, &opts)
                 .await
                 .context("start the rotation")?;
             if !json {
-                eprintln!("run {} planned: target key {}", run.id, run.target_key_id);
+                eprintln!(
+                    "run {} planned: target key {}, stages {:?}",
+                    run.id, run.target_key_id, run.stages
+                );
             }
             follow(&ctx, run.id, detach, &drive, json).await
         }
         Command::Status { run, watch, json } => {
-            let ctx = Context::connect(cli.config.as_deref()).await?;
+            let ctx = Context::connect(config).await?;
             let run_id = match run {
                 Some(r) => r,
-                None => rekey_common::ledger::recent_runs(&**ctx.pool.get().await?, 1)
+                None => ledger::recent_runs(&**ctx.pool.get().await?, 1)
                     .await?
                     .first()
                     .map(|r| r.id)
@@ -202,11 +365,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             loop {
                 let s = run_cmd::status(&ctx.pool, run_id).await?;
-                if json {
-                    crate::output::json(&s)?;
-                } else {
-                    run_cmd::print_status(&s);
-                }
+                print_json_or(json, &s, || run_cmd::print_status(&s))?;
                 if !watch || s.run.state.is_final() {
                     break;
                 }
@@ -214,14 +373,26 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Pause { run, json } => {
-            let ctx = Context::connect(cli.config.as_deref()).await?;
-            let r = run_cmd::pause(&ctx.pool, run).await?;
-            if json {
-                crate::output::json(&r)?;
-            } else {
-                println!("run {} is paused", r.id);
+        Command::Promote {
+            run,
+            follow: keep,
+            drive,
+            json,
+        } => {
+            let ctx = Context::connect(config).await?;
+            let r = run_cmd::promote(&ctx.pool, &ctx.settings, run).await?;
+            if !json {
+                eprintln!(
+                    "run {} promoted: now at stage {} ({})",
+                    r.id, r.current_stage, r.state
+                );
             }
+            follow(&ctx, r.id, !keep, &drive, json).await
+        }
+        Command::Pause { run, json } => {
+            let ctx = Context::connect(config).await?;
+            let r = run_cmd::pause(&ctx.pool, run).await?;
+            print_json_or(json, &r, || println!("run {} is paused", r.id))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Resume {
@@ -230,48 +401,153 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             drive,
             json,
         } => {
-            let ctx = Context::connect(cli.config.as_deref()).await?;
+            let ctx = Context::connect(config).await?;
             let r = run_cmd::resume(&ctx.pool, run).await?;
             if !json {
                 eprintln!("run {} resumed", r.id);
             }
             follow(&ctx, r.id, detach, &drive, json).await
         }
+        Command::Rollback {
+            run,
+            batch_size,
+            detach,
+            drive,
+            json,
+        } => {
+            let ctx = Context::connect(config).await?;
+            let r = run_cmd::start_rollback(&ctx.pool, &ctx.settings, run, batch_size).await?;
+            if !json {
+                eprintln!(
+                    "rollback run {} started for run {run}: back to key {}",
+                    r.id, r.target_key_id
+                );
+            }
+            follow(&ctx, r.id, detach, &drive, json).await
+        }
+        Command::Report { run, json } => {
+            let ctx = Context::connect(config).await?;
+            let path =
+                crate::report::write(&ctx.pool, &ctx.settings, run, "report requested").await?;
+            print_json_or(json, &serde_json::json!({"path": path}), || {
+                println!("{}", path.display())
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo {
+            rows,
+            observe,
+            keep,
+        } => {
+            let settings = Settings::load(config)?;
+            crate::demo::run(settings, rows, parse_duration(&observe)?, keep).await
+        }
     }
 }
 
-/// Drives a run to its end (or only reports its plan with --detach) and prints its status.
-/// Exits non-zero unless the run completed.
-async fn follow(
+/// Drives a run to its end (or leaves it with --detach) and prints its status. A breach
+/// with auto-rollback starts the rollback and drives it too; a completed rollback marks
+/// its parent rolled back. Exits non-zero unless the run completed (or was detached).
+pub async fn follow(
     ctx: &Context,
     run_id: i64,
     detach: bool,
     drive: &DriveArgs,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
+    let mut run_id = run_id;
     if !detach {
-        let shutdown = async {
-            let _ = tokio::signal::ctrl_c().await;
-        };
-        crate::drive::drive(
-            &ctx.pool,
-            &ctx.settings,
-            run_id,
-            &drive.options(json),
-            shutdown,
-        )
-        .await?;
+        loop {
+            let shutdown = async {
+                let _ = tokio::signal::ctrl_c().await;
+            };
+            let state = crate::drive::drive(
+                &ctx.pool,
+                &ctx.settings,
+                run_id,
+                &drive.options(json),
+                shutdown,
+            )
+            .await?;
+            let run = ledger::get_run(&**ctx.pool.get().await?, run_id)
+                .await?
+                .context("run vanished")?;
+            match (state, run.kind) {
+                (RunState::Completed, RunKind::Rollback) => {
+                    run_cmd::finish_rollback(&ctx.pool, &ctx.settings, &run).await?;
+                }
+                (RunState::Completed, _) => {
+                    crate::report::write(&ctx.pool, &ctx.settings, run_id, "run completed").await?;
+                }
+                (RunState::Halted, RunKind::Rotation)
+                    if run.settings.auto_rollback
+                        && run.halt_reason.as_deref() != Some("rolling back") =>
+                {
+                    if !json {
+                        eprintln!(
+                            "run {run_id} halted ({}); rolling back",
+                            run.halt_reason.as_deref().unwrap_or("-")
+                        );
+                    }
+                    let rb = run_cmd::start_rollback(
+                        &ctx.pool,
+                        &ctx.settings,
+                        run_id,
+                        i64::from(run.batch_size),
+                    )
+                    .await?;
+                    run_id = rb.id;
+                    continue;
+                }
+                _ => {}
+            }
+            break;
+        }
     }
     let s = run_cmd::status(&ctx.pool, run_id).await?;
-    if json {
-        crate::output::json(&s)?;
-    } else {
-        run_cmd::print_status(&s);
+    print_json_or(json, &s, || run_cmd::print_status(&s))?;
+    if !json && !detach {
+        let dbname: String = ctx
+            .pool
+            .get()
+            .await?
+            .query_one("SELECT current_database()", &[])
+            .await?
+            .get(0);
+        eprintln!(
+            "report: {}",
+            ctx.settings
+                .reports_dir
+                .join(format!("{dbname}-run-{run_id}.json"))
+                .display()
+        );
     }
-    let ok = detach || s.run.state == rekey_common::ledger::RunState::Completed;
+    let ok = detach || s.run.state == RunState::Completed;
     Ok(if ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_like_an_operator_writes_them() {
+        assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86400));
+        assert_eq!(parse_duration("90m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert!(parse_duration("soon").is_err());
+        assert_eq!(
+            parse_observe("24h,2h").unwrap(),
+            (Duration::from_secs(86400), Duration::from_secs(7200))
+        );
+        assert_eq!(
+            parse_observe("5s").unwrap(),
+            (Duration::from_secs(5), Duration::from_secs(5))
+        );
+    }
 }

@@ -14,8 +14,13 @@ use indicatif::{ProgressBar, ProgressStyle};
 use lapin::options::{BasicAckOptions, BasicConsumeOptions};
 use lapin::types::FieldTable;
 use rekey_common::Settings;
+use rekey_common::audit::{self, AuditEntry};
 use rekey_common::broker::{self, Topology};
-use rekey_common::ledger::{self, Progress, RunState};
+use rekey_common::keys::master::MasterKey;
+use rekey_common::keys::store;
+use rekey_common::ledger::{self, Progress, Run, RunState};
+
+use crate::{gate, plan, probe, report};
 use rekey_common::messages::{BatchMessage, BatchReport, FORMAT_VERSION};
 
 /// How the driver paces a run.
@@ -31,6 +36,8 @@ pub struct DriveOptions {
     pub tick: Duration,
     /// Show an indicatif bar (terminal) or plain lines (elsewhere), or nothing.
     pub progress: ProgressMode,
+    /// How often the latency probe runs while a stage rotates.
+    pub probe_every: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +54,7 @@ impl Default for DriveOptions {
             max_attempts: 20,
             tick: Duration::from_millis(500),
             progress: ProgressMode::Auto,
+            probe_every: Duration::from_secs(2),
         }
     }
 }
@@ -60,6 +68,7 @@ async fn publish_window(
     topo: &Topology,
     run_id: i64,
     opts: &DriveOptions,
+    window: i64,
 ) -> anyhow::Result<usize> {
     let client = pool.get().await?;
     // Leases that ran out: publish again, or give up after max_attempts.
@@ -83,7 +92,7 @@ async fn publish_window(
         )
         .await?
         .get(0);
-    let room = (opts.max_in_flight - in_flight).max(0);
+    let room = (window - in_flight).max(0);
     if room == 0 {
         return Ok(0);
     }
@@ -144,9 +153,22 @@ impl Display {
         }
     }
 
-    fn update(&mut self, run_id: i64, p: &Progress) {
+    fn awaiting(&mut self, run_id: i64, stage: &ledger::Stage) {
+        if self.mode == ProgressMode::Auto && self.last_line.elapsed() > Duration::from_secs(30) {
+            eprintln!(
+                "run {run_id}: stage {} ({}%) observed; waiting for `rekey promote {run_id}`",
+                stage.stage_no, stage.percent
+            );
+            self.last_line = Instant::now();
+        }
+    }
+
+    fn update(&mut self, run_id: i64, p: &Progress, stage: &ledger::Stage) {
         let rows = p.n_rows as u64;
-        let msg = format!("errors {} failed batches {}", p.n_errors, p.failed);
+        let msg = format!(
+            "stage {} ({}%) errors {} failed batches {}",
+            stage.stage_no, stage.percent, p.n_errors, p.failed
+        );
         if let Some(b) = &self.bar {
             b.set_length(p.planned_rows_estimate.max(p.n_rows) as u64);
             b.set_position(rows);
@@ -175,7 +197,9 @@ impl Display {
 }
 
 /// Drives run `run_id` until it completes, is paused or halted, or `shutdown` resolves.
-/// Returns the run's state at that moment.
+/// Returns the run's state at that moment. Stages are planned, gated, observed and (with
+/// `auto_advance`) promoted here; the ledger records every step, so a driver that dies is
+/// replaced by `rekey resume` without loss.
 pub async fn drive(
     pool: &Pool,
     settings: &Settings,
@@ -185,9 +209,15 @@ pub async fn drive(
 ) -> anyhow::Result<RunState> {
     tokio::pin!(shutdown);
     let topo = Topology::new(&settings.queue_prefix);
+    let provider = settings.master_key_provider()?;
+    let master = provider
+        .load()
+        .with_context(|| format!("load the master key from {}", provider.describe()))?;
     let first = ledger::progress(&**pool.get().await?, run_id).await?;
     let mut display = Display::new(opts.progress, first.planned_rows_estimate as u64);
+    let mut stage_state = StageRuntime::default();
     let mut backoff = Duration::from_millis(200);
+    let mut failures = 0u32;
     loop {
         let conn = match broker::connect(
             &settings.amqp_url,
@@ -222,30 +252,21 @@ pub async fn drive(
                 )
                 .await?;
             loop {
-                let run = ledger::get_run(&**pool.get().await?, run_id)
-                    .await?
-                    .with_context(|| format!("run {run_id} not found"))?;
-                if run.state != RunState::Running {
-                    return anyhow::Ok(run.state);
-                }
-                publish_window(pool, &channel, &topo, run_id, opts).await?;
-                let p = ledger::progress(&**pool.get().await?, run_id).await?;
-                display.update(run_id, &p);
-                if p.is_finished() {
-                    let (state, reason) = if p.failed > 0 {
-                        (
-                            RunState::Halted,
-                            Some(format!(
-                                "{} batch(es) failed; see `rekey status {run_id}`",
-                                p.failed
-                            )),
-                        )
-                    } else {
-                        (RunState::Completed, None)
-                    };
-                    ledger::set_run_state(&**pool.get().await?, run_id, state, reason.as_deref())
-                        .await?;
-                    return Ok(state);
+                let stepped = step(
+                    pool,
+                    settings,
+                    &master,
+                    &channel,
+                    &topo,
+                    run_id,
+                    opts,
+                    &mut stage_state,
+                    &mut display,
+                )
+                .await?;
+                failures = 0;
+                if let Some(state) = stepped {
+                    return anyhow::Ok(state);
                 }
                 tokio::select! {
                     _ = &mut shutdown => return Ok(RunState::Running),
@@ -271,12 +292,423 @@ pub async fn drive(
             }
             Err(e) => {
                 // A broker or database hiccup: the ledger still holds everything, so
-                // reconnect and carry on.
-                tracing::warn!(error = %format!("{e:#}"), "run session interrupted; reconnecting");
-                tokio::time::sleep(backoff).await;
+                // reconnect and carry on, backing off; an error that persists for about
+                // ten minutes is not a hiccup and is returned.
+                failures += 1;
+                if failures > MAX_SESSION_FAILURES {
+                    return Err(e.context(format!(
+                        "driving run {run_id} failed {failures} times in a row"
+                    )));
+                }
+                let delay =
+                    Duration::from_millis(200u64 << failures.min(6)).min(Duration::from_secs(10));
+                tracing::warn!(error = %format!("{e:#}"), retry_in_ms = delay.as_millis() as u64, "run session interrupted; reconnecting");
+                tokio::select! {
+                    _ = &mut shutdown => return current_state(pool, run_id).await,
+                    _ = tokio::time::sleep(delay) => {}
+                }
             }
         }
     }
+}
+
+/// What the driver keeps in memory about the current stage (lost on restart, which only
+/// restarts the latency samples and the throttle).
+#[derive(Debug, Default)]
+struct StageRuntime {
+    stage_no: Option<i32>,
+    perf: gate::PerfTracker,
+    throttle_level: u32,
+    last_probe: Option<Instant>,
+    last_observation: Option<Instant>,
+    ring: Option<rekey_common::keys::ring::KeyRing>,
+}
+
+/// One step of the run's state machine. Returns the run's state when driving should stop.
+#[allow(clippy::too_many_arguments)]
+async fn step(
+    pool: &Pool,
+    settings: &Settings,
+    master: &MasterKey,
+    channel: &lapin::Channel,
+    topo: &Topology,
+    run_id: i64,
+    opts: &DriveOptions,
+    rt: &mut StageRuntime,
+    display: &mut Display,
+) -> anyhow::Result<Option<RunState>> {
+    let client = pool.get().await?;
+    let run = ledger::get_run(&**client, run_id)
+        .await?
+        .with_context(|| format!("run {run_id} not found"))?;
+    if run.state != RunState::Running {
+        return Ok(Some(run.state));
+    }
+    let stage_no = run.current_stage;
+    let stage = ledger::stage(&**client, run_id, stage_no)
+        .await?
+        .with_context(|| format!("run {run_id} has no stage {stage_no}"))?;
+    if rt.stage_no != Some(stage_no) {
+        *rt = StageRuntime {
+            stage_no: Some(stage_no),
+            ..Default::default()
+        };
+    }
+    drop(client);
+    match stage.state.as_str() {
+        "pending" => {
+            start_stage(pool, settings, &run, stage_no).await?;
+        }
+        "running" => {
+            if rt
+                .last_probe
+                .is_none_or(|t| t.elapsed() >= opts.probe_every)
+            {
+                rt.last_probe = Some(Instant::now());
+                let lat =
+                    probe::measure(pool, &run.targets, settings.probe_query.as_deref(), 5).await?;
+                let throttle = rt.perf.record(&run.settings, lat.median_ms);
+                rt.throttle_level = if throttle {
+                    (rt.throttle_level + 1).min(4)
+                } else {
+                    rt.throttle_level.saturating_sub(1)
+                };
+                if throttle {
+                    tracing::warn!(
+                        run_id,
+                        stage_no,
+                        latency_ms = lat.median_ms,
+                        throttle_level = rt.throttle_level,
+                        "application latency up: throttling"
+                    );
+                }
+                if rt.perf.figures.breached {
+                    let reason = format!(
+                        "performance impact: probe latency over {:.0}% above the baseline for {} samples in a row",
+                        run.settings.breach_pct,
+                        gate::SUSTAINED_SAMPLES
+                    );
+                    let decision = gate::evaluate(
+                        &**pool.get().await?,
+                        &run,
+                        stage_no,
+                        0,
+                        0,
+                        &rt.perf.figures,
+                    )
+                    .await?;
+                    return breach(pool, settings, &run, stage_no, &decision, &reason)
+                        .await
+                        .map(Some);
+                }
+            }
+            let window = (opts.max_in_flight >> rt.throttle_level).max(1);
+            publish_window(pool, channel, topo, run_id, opts, window).await?;
+            let p = ledger::progress_of(&**pool.get().await?, run_id, Some(stage_no)).await?;
+            display.update(
+                run_id,
+                &ledger::progress(&**pool.get().await?, run_id).await?,
+                &stage,
+            );
+            if p.is_finished() {
+                pool.get()
+                    .await?
+                    .execute(
+                        "UPDATE rekey.stages SET state = 'gating', gated_at = now() WHERE run_id = $1 AND stage_no = $2 AND state = 'running'",
+                        &[&run_id, &stage_no],
+                    )
+                    .await?;
+            }
+        }
+        "gating" => {
+            return gate_stage(pool, settings, &run, &stage, rt).await;
+        }
+        "observing" => {
+            let every = Duration::from_secs_f64(
+                (run_observe_secs(&run, stage_no) as f64 / 5.0).clamp(0.2, 60.0),
+            );
+            if rt.last_observation.is_none_or(|t| t.elapsed() >= every) {
+                rt.last_observation = Some(Instant::now());
+                if rt.ring.is_none() {
+                    rt.ring = Some(store::load_ring(&**pool.get().await?, master).await?);
+                }
+                let ring = rt.ring.as_ref().expect("loaded");
+                let client = pool.get().await?;
+                let (read, failures) =
+                    gate::observe_sample(&**client, &run, ring, stage_no).await?;
+                client
+                    .execute(
+                        "UPDATE rekey.stages SET gate = jsonb_set(COALESCE(gate, '{}'), '{observation}', jsonb_build_object(
+                            'checks', COALESCE((gate->'observation'->>'checks')::int8, 0) + 1,
+                            'values_read', COALESCE((gate->'observation'->>'values_read')::int8, 0) + $3,
+                            'failures', COALESCE((gate->'observation'->>'failures')::int8, 0) + $4))
+                          WHERE run_id = $1 AND stage_no = $2",
+                        &[&run_id, &stage_no, &(read as i64), &(failures.len() as i64)],
+                    )
+                    .await?;
+                if !failures.is_empty() {
+                    let reason = format!(
+                        "observation: {} rotated value(s) failed to decrypt, e.g. {}",
+                        failures.len(),
+                        failures[0]
+                    );
+                    let decision = ledger::stage(&**client, run_id, stage_no)
+                        .await?
+                        .and_then(|s| s.gate);
+                    drop(client);
+                    return mark_breach(pool, settings, &run, stage_no, decision, &reason)
+                        .await
+                        .map(Some);
+                }
+            }
+            let ended = stage.observe_until.is_none_or(|u| u <= chrono::Utc::now());
+            if ended
+                && run.settings.auto_advance
+                && gate::advance(pool, &run, stage_no, &settings.actor, "advance").await?
+            {
+                report::write(pool, settings, run_id, &format!("stage {stage_no} passed")).await?;
+                if stage_no as usize + 1 >= run.stages.len() {
+                    return Ok(Some(RunState::Completed));
+                }
+            } else if ended {
+                display.awaiting(run_id, &stage);
+            }
+        }
+        "breached" => return Ok(Some(RunState::Halted)),
+        _ => {}
+    }
+    Ok(None)
+}
+
+fn run_observe_secs(run: &Run, stage_no: i32) -> u64 {
+    if stage_no == 0 {
+        run.settings.observe_first_secs
+    } else {
+        run.settings.observe_secs
+    }
+}
+
+/// Plans a stage's batches and marks it running.
+async fn start_stage(
+    pool: &Pool,
+    settings: &Settings,
+    run: &Run,
+    stage_no: i32,
+) -> anyhow::Result<()> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let (lo, hi) =
+        rekey_common::stages::bucket_range(&run.stages, stage_no).context("stage out of range")?;
+    let fraction = f64::from(hi - lo) / f64::from(rekey_common::stages::BUCKETS);
+    // A range holds about batch_size rows of this stage's slice.
+    let range_rows = ((f64::from(run.batch_size) / fraction).ceil() as i64).max(1);
+    let plans = plan::plan_stage(&*tx, &run.targets, stage_no, range_rows).await?;
+    let n = tx
+        .execute(
+            "UPDATE rekey.stages SET state = 'running', started_at = now() WHERE run_id = $1 AND stage_no = $2 AND state = 'pending'",
+            &[&run.id, &stage_no],
+        )
+        .await?;
+    if n == 1 {
+        ledger::insert_batches(&*tx, run.id, &plans).await?;
+        audit::record(
+            &*tx,
+            &[AuditEntry {
+                key_id: Some(run.target_key_id),
+                operation: "stage_start".into(),
+                success: true,
+                n_ops: 1,
+                run_id: Some(run.id),
+                batch_no: None,
+                actor: settings.actor.clone(),
+                detail: serde_json::json!({"stage_no": stage_no, "percent": run.stages[stage_no as usize], "batches": plans.len()}),
+            }],
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    tracing::info!(
+        run_id = run.id,
+        stage_no,
+        percent = run.stages[stage_no as usize],
+        n_batches = plans.len(),
+        "stage started"
+    );
+    Ok(())
+}
+
+/// Sweeps stragglers (re-batching them) or decides the stage's gates.
+async fn gate_stage(
+    pool: &Pool,
+    settings: &Settings,
+    run: &Run,
+    stage: &ledger::Stage,
+    rt: &mut StageRuntime,
+) -> anyhow::Result<Option<RunState>> {
+    let stage_no = stage.stage_no;
+    let sweeps = stage
+        .gate
+        .as_ref()
+        .and_then(|g| g.get("sweeps"))
+        .and_then(|v| v.as_u64())
+        .unwrap_or(0) as u32;
+    let client = pool.get().await?;
+    let mut plans = Vec::new();
+    let mut left = 0i64;
+    for t in &run.targets {
+        let ids = gate::stragglers(&**client, run, t, stage_no).await?;
+        left += ids.len() as i64;
+        plans.extend(gate::sweep_batches(
+            &t.table,
+            stage_no,
+            &ids,
+            run.batch_size as usize,
+        ));
+    }
+    if left > 0 && sweeps < MAX_SWEEPS {
+        tracing::info!(
+            run_id = run.id,
+            stage_no,
+            stragglers = left,
+            sweep = sweeps + 1,
+            "coverage sweep: re-batching stragglers"
+        );
+        let mut client = pool.get().await?;
+        let tx = client.transaction().await?;
+        ledger::insert_batches(&*tx, run.id, &plans).await?;
+        tx.execute(
+            "UPDATE rekey.stages SET state = 'running', gate = jsonb_build_object('sweeps', $3::int8)
+              WHERE run_id = $1 AND stage_no = $2 AND state = 'gating'",
+            &[&run.id, &stage_no, &i64::from(sweeps + 1)],
+        )
+        .await?;
+        tx.commit().await?;
+        return Ok(None);
+    }
+    let decision = gate::evaluate(&**client, run, stage_no, left, sweeps, &rt.perf.figures).await?;
+    drop(client);
+    if let Some(reason) = decision.reason() {
+        return breach(pool, settings, run, stage_no, &decision, &reason)
+            .await
+            .map(Some);
+    }
+    let observe = run_observe_secs(run, stage_no);
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    tx.execute(
+        "UPDATE rekey.stages SET state = 'observing', gate = $3, observe_until = now() + make_interval(secs => $4::float8)
+          WHERE run_id = $1 AND stage_no = $2 AND state = 'gating'",
+        &[&run.id, &stage_no, &serde_json::to_value(&decision)?, &(observe as f64)],
+    )
+    .await?;
+    audit::record(
+        &*tx,
+        &[AuditEntry {
+            key_id: Some(run.target_key_id),
+            operation: "gate".into(),
+            success: true,
+            n_ops: 1,
+            run_id: Some(run.id),
+            batch_no: None,
+            actor: settings.actor.clone(),
+            detail: serde_json::json!({"stage_no": stage_no, "passed": true, "observe_secs": observe}),
+        }],
+    )
+    .await?;
+    tx.commit().await?;
+    tracing::info!(
+        run_id = run.id,
+        stage_no,
+        observe_secs = observe,
+        "stage gates passed; observing"
+    );
+    report::write(
+        pool,
+        settings,
+        run.id,
+        &format!("stage {stage_no} gates passed"),
+    )
+    .await?;
+    Ok(None)
+}
+
+/// Consecutive failed sessions (each backing off up to 10 s) before the driver gives up.
+const MAX_SESSION_FAILURES: u32 = 60;
+
+/// Sweeps of stragglers per stage before the coverage gate gives up.
+pub const MAX_SWEEPS: u32 = 5;
+
+async fn breach(
+    pool: &Pool,
+    settings: &Settings,
+    run: &Run,
+    stage_no: i32,
+    decision: &gate::GateDecision,
+    reason: &str,
+) -> anyhow::Result<RunState> {
+    mark_breach(
+        pool,
+        settings,
+        run,
+        stage_no,
+        Some(serde_json::to_value(decision)?),
+        reason,
+    )
+    .await
+}
+
+/// Records a breach: the stage breached with its figures, the run halted with the reason.
+async fn mark_breach(
+    pool: &Pool,
+    settings: &Settings,
+    run: &Run,
+    stage_no: i32,
+    gate_json: Option<serde_json::Value>,
+    reason: &str,
+) -> anyhow::Result<RunState> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    tx.execute(
+        "UPDATE rekey.stages SET state = 'breached', gate = COALESCE($3, gate), finished_at = now() WHERE run_id = $1 AND stage_no = $2",
+        &[&run.id, &stage_no, &gate_json],
+    )
+    .await?;
+    ledger::set_run_state(
+        &*tx,
+        run.id,
+        RunState::Halted,
+        Some(&format!("stage {stage_no} breached: {reason}")),
+    )
+    .await?;
+    audit::record(
+        &*tx,
+        &[AuditEntry {
+            key_id: Some(run.target_key_id),
+            operation: "gate".into(),
+            success: false,
+            n_ops: 1,
+            run_id: Some(run.id),
+            batch_no: None,
+            actor: settings.actor.clone(),
+            detail: serde_json::json!({"stage_no": stage_no, "passed": false, "reason": reason}),
+        }],
+    )
+    .await?;
+    tx.commit().await?;
+    tracing::error!(
+        run_id = run.id,
+        stage_no,
+        reason,
+        "stage breached: run halted"
+    );
+    report::write(
+        pool,
+        settings,
+        run.id,
+        &format!("stage {stage_no} breached"),
+    )
+    .await?;
+    Ok(RunState::Halted)
 }
 
 async fn current_state(pool: &Pool, run_id: i64) -> anyhow::Result<RunState> {

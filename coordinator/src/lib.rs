@@ -5,11 +5,19 @@
 //! - [`output`]: text or `--json` output.
 //! - [`plan`]: cutting tables into ID ranges.
 //! - [`run_cmd`]: starting, pausing, resuming and inspecting runs.
+//! - [`gate`]: stage gates, coverage sweeps, observation, promotion.
+//! - [`probe`]: the application-latency probe.
+//! - [`report`]: evidence reports.
 //! - [`drive`]: publishing batches, leases, reports and progress until a run ends.
 
 pub mod cli;
+pub mod demo;
 pub mod drive;
+pub mod gate;
 pub mod keys_cmd;
 pub mod output;
 pub mod plan;
+pub mod preflight;
+pub mod probe;
+pub mod report;
 pub mod run_cmd;

@@ -65,6 +65,7 @@ pub async fn plan_stage<C: GenericClient>(
                 table: t.table.clone(),
                 id_lo: lo,
                 id_hi: hi,
+                cumulative: false,
             });
         }
     }

@@ -8,11 +8,9 @@ use deadpool_postgres::Pool;
 use rekey_common::Settings;
 use rekey_common::keys::master::MasterKey;
 use rekey_common::keys::{KeyKind, KeyState, store};
-use rekey_common::ledger::{self, NewRun, Progress, Run, RunKind, RunState};
+use rekey_common::ledger::{self, NewRun, Progress, Run, RunKind, RunSettings, RunState};
 use serde::Serialize;
 use uuid::Uuid;
-
-use crate::plan;
 
 /// What `rekey rotate` was asked for.
 #[derive(Debug, Clone)]
@@ -23,6 +21,10 @@ pub struct RotateOptions {
     /// field key, or a new one.
     pub target_key: Option<Uuid>,
     pub seed: Option<i64>,
+    /// Cumulative percentages of records per stage, ending at 100.
+    pub stages: Vec<i32>,
+    /// Gating and observation settings.
+    pub gating: RunSettings,
 }
 
 impl Default for RotateOptions {
@@ -32,6 +34,13 @@ impl Default for RotateOptions {
             dry_run: false,
             target_key: None,
             seed: None,
+            stages: vec![100],
+            gating: RunSettings {
+                observe_first_secs: 0,
+                observe_secs: 0,
+                auto_advance: true,
+                ..Default::default()
+            },
         }
     }
 }
@@ -46,6 +55,10 @@ pub async fn start_rotation(
 ) -> anyhow::Result<Run> {
     if opts.batch_size < 1 {
         bail!("--batch-size must be at least 1");
+    }
+    rekey_common::stages::validate(&opts.stages).map_err(|e| anyhow::anyhow!("--stages: {e}"))?;
+    if opts.dry_run && opts.stages != [100] {
+        bail!("a dry run covers 100% of records in one stage; leave --stages out");
     }
     let mut client = pool.get().await?;
     // Every stored key must unwrap before anything changes.
@@ -95,6 +108,15 @@ pub async fn start_rotation(
         store::activate(&tx, target.id, &settings.actor).await?;
     }
     let seed = opts.seed.unwrap_or_else(rand::random);
+    let mut gating = opts.gating.clone();
+    gating.planned_rows = planned_rows(&*tx, &settings.targets).await?;
+    if gating.probe_baseline_ms.is_none() {
+        // The application's latency before the run: the baseline of the performance gate.
+        let lat =
+            crate::probe::measure(pool, &settings.targets, settings.probe_query.as_deref(), 20)
+                .await?;
+        gating.probe_baseline_ms = Some(lat.median_ms);
+    }
     let run = ledger::create_run(
         &*tx,
         &NewRun {
@@ -110,33 +132,219 @@ pub async fn start_rotation(
             batch_size: i32::try_from(opts.batch_size).context("--batch-size is too large")?,
             seed,
             operator: settings.actor.clone(),
+            stages: opts.stages.clone(),
+            source_key_ids: None,
+            settings: gating,
         },
     )
     .await?;
-    let plans = plan::plan_stage(&*tx, &settings.targets, 0, opts.batch_size).await?;
-    ledger::insert_batches(&*tx, run.id, &plans).await?;
-    let planned_rows: i64 = {
-        let mut n = 0;
-        for t in &settings.targets {
-            let c: i64 = tx
-                .query_one(&format!("SELECT count(*) FROM {}", t.quoted_table()), &[])
-                .await?
-                .get(0);
-            n += c;
-        }
-        n
-    };
-    tx.execute(
-        "UPDATE rekey.runs SET settings = settings || jsonb_build_object('planned_rows', $2::int8) WHERE id = $1",
-        &[&run.id, &planned_rows],
+    ledger::create_stages(&*tx, run.id, &opts.stages).await?;
+    ledger::set_run_state(&*tx, run.id, RunState::Running, None).await?;
+    let action = if opts.dry_run { "dry_run" } else { "rotate" };
+    record_action(
+        &*tx,
+        &run,
+        &settings.actor,
+        action,
+        serde_json::json!({"stages": opts.stages, "batch_size": opts.batch_size}),
     )
     .await?;
-    ledger::set_run_state(&*tx, run.id, RunState::Running, None).await?;
     tx.commit().await?;
-    tracing::info!(run_id = run.id, target_key = %target.id, n_batches = plans.len(), planned_rows, dry_run = opts.dry_run, "run planned");
+    tracing::info!(run_id = run.id, target_key = %target.id, dry_run = opts.dry_run, "run planned");
     Ok(ledger::get_run(&**client, run.id)
         .await?
         .expect("just created"))
+}
+
+/// Rows in the target tables now (the progress bar's length).
+async fn planned_rows<C: tokio_postgres::GenericClient>(
+    c: &C,
+    targets: &[rekey_common::config::Target],
+) -> anyhow::Result<i64> {
+    let mut n = 0;
+    for t in targets {
+        let rows: i64 = c
+            .query_one(&format!("SELECT count(*) FROM {}", t.quoted_table()), &[])
+            .await
+            .with_context(|| format!("count the rows of {}", t.table))?
+            .get(0);
+        n += rows;
+    }
+    Ok(n)
+}
+
+/// Appends an operator action on a run to the audit log (the report lists them).
+async fn record_action<C: tokio_postgres::GenericClient>(
+    c: &C,
+    run: &Run,
+    actor: &str,
+    operation: &str,
+    detail: serde_json::Value,
+) -> anyhow::Result<()> {
+    rekey_common::audit::record(
+        c,
+        &[rekey_common::audit::AuditEntry {
+            key_id: Some(run.target_key_id),
+            operation: operation.to_owned(),
+            success: true,
+            n_ops: 1,
+            run_id: Some(run.id),
+            batch_no: None,
+            actor: actor.to_owned(),
+            detail,
+        }],
+    )
+    .await?;
+    Ok(())
+}
+
+/// `rekey promote RUN`: passes the current stage once its gates passed and its observation
+/// ended; refuses, saying why, before that.
+pub async fn promote(pool: &Pool, settings: &Settings, run_id: i64) -> anyhow::Result<Run> {
+    let client = pool.get().await?;
+    let run = ledger::get_run(&**client, run_id)
+        .await?
+        .with_context(|| format!("no run {run_id}"))?;
+    if run.state != RunState::Running {
+        bail!(
+            "run {run_id} is {}; only a running run can be promoted",
+            run.state
+        );
+    }
+    let stage = ledger::stage(&**client, run_id, run.current_stage)
+        .await?
+        .with_context(|| format!("run {run_id} has no stage {}", run.current_stage))?;
+    if let Some(why) = crate::gate::promotion_refusal(&stage, chrono::Utc::now()) {
+        bail!("cannot promote run {run_id}: {why}");
+    }
+    if !crate::gate::advance(pool, &run, stage.stage_no, &settings.actor, "promote").await? {
+        bail!(
+            "cannot promote run {run_id}: stage {} changed meanwhile; look again with `rekey status {run_id}`",
+            stage.stage_no
+        );
+    }
+    crate::report::write(
+        pool,
+        settings,
+        run_id,
+        &format!("stage {} promoted", stage.stage_no),
+    )
+    .await?;
+    Ok(ledger::get_run(&**client, run_id).await?.expect("exists"))
+}
+
+/// `rekey rollback RUN`: re-encrypts every value the run moved back to the previous key,
+/// through the same pipeline, in a rollback run of its own, and makes the previous key
+/// active again. Works mid-stage, after a halt and after completion; refused once the
+/// previous key can no longer decrypt (retired or destroyed).
+pub async fn start_rollback(
+    pool: &Pool,
+    settings: &Settings,
+    run_id: i64,
+    batch_size: i64,
+) -> anyhow::Result<Run> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock(hashtext('rekey keys'))", &[])
+        .await?;
+    let run = ledger::get_run(&*tx, run_id)
+        .await?
+        .with_context(|| format!("no run {run_id}"))?;
+    if run.kind != RunKind::Rotation {
+        bail!(
+            "run {run_id} is a {} run; only a rotation can be rolled back",
+            run.kind.as_str()
+        );
+    }
+    if run.state == RunState::RolledBack {
+        bail!("run {run_id} is already rolled back");
+    }
+    let Some(previous) = run.previous_key_id else {
+        bail!("run {run_id} has no previous key to roll back to");
+    };
+    let prev = store::get(&*tx, previous).await?;
+    if !prev.state.can_decrypt() {
+        bail!(
+            "cannot roll back run {run_id}: its previous key {previous} is {}; values can no longer be moved back to it",
+            prev.state
+        );
+    }
+    let open = tx
+        .query_opt(
+            "SELECT id FROM rekey.runs WHERE parent_run_id = $1 AND kind = 'rollback' AND state NOT IN ('completed', 'failed', 'rolled_back')",
+            &[&run_id],
+        )
+        .await?;
+    if let Some(r) = open {
+        let id: i64 = r.get(0);
+        bail!(
+            "run {run_id} already has rollback run {id} in progress; `rekey resume {id}` continues it"
+        );
+    }
+    // Stop the run where it stands; workers hand back any batch of it they receive.
+    if run.state != RunState::Completed {
+        ledger::set_run_state(&*tx, run_id, RunState::Halted, Some("rolling back")).await?;
+    }
+    store::activate(&tx, previous, &settings.actor).await?;
+    let rollback = ledger::create_run(
+        &*tx,
+        &NewRun {
+            kind: RunKind::Rollback,
+            target_key_id: previous,
+            previous_key_id: Some(run.target_key_id),
+            parent_run_id: Some(run_id),
+            targets: run.targets.clone(),
+            stages: vec![100],
+            batch_size: i32::try_from(batch_size.max(1)).context("--batch-size is too large")?,
+            seed: run.seed,
+            operator: settings.actor.clone(),
+            source_key_ids: Some(vec![run.target_key_id]),
+            settings: RunSettings {
+                planned_rows: planned_rows(&*tx, &run.targets).await?,
+                observe_first_secs: 0,
+                observe_secs: 0,
+                auto_advance: true,
+                auto_rollback: false,
+                ..run.settings.clone()
+            },
+        },
+    )
+    .await?;
+    ledger::create_stages(&*tx, rollback.id, &[100]).await?;
+    ledger::set_run_state(&*tx, rollback.id, RunState::Running, None).await?;
+    record_action(
+        &*tx,
+        &run,
+        &settings.actor,
+        "rollback",
+        serde_json::json!({"rollback_run": rollback.id}),
+    )
+    .await?;
+    tx.commit().await?;
+    tracing::warn!(run_id, rollback_run = rollback.id, previous_key = %previous, "rollback started");
+    Ok(ledger::get_run(&**client, rollback.id)
+        .await?
+        .expect("just created"))
+}
+
+/// After a rollback run completed, its parent run is rolled back.
+pub async fn finish_rollback(
+    pool: &Pool,
+    settings: &Settings,
+    rollback: &Run,
+) -> anyhow::Result<()> {
+    if let (RunKind::Rollback, Some(parent)) = (rollback.kind, rollback.parent_run_id) {
+        let client = pool.get().await?;
+        ledger::set_run_state(
+            &**client,
+            parent,
+            RunState::RolledBack,
+            Some(&format!("rolled back by run {}", rollback.id)),
+        )
+        .await?;
+        crate::report::write(pool, settings, parent, "rolled back").await?;
+    }
+    Ok(())
 }
 
 /// Pauses a running run: the coordinator stops publishing, workers hand back the batches
@@ -153,6 +361,7 @@ pub async fn pause(pool: &Pool, run_id: i64) -> anyhow::Result<Run> {
         );
     }
     ledger::set_run_state(&**client, run_id, RunState::Paused, None).await?;
+    record_action(&**client, &run, "operator", "pause", serde_json::json!({})).await?;
     Ok(ledger::get_run(&**client, run_id).await?.expect("exists"))
 }
 
@@ -166,10 +375,28 @@ pub async fn resume(pool: &Pool, run_id: i64) -> anyhow::Result<Run> {
     if run.state.is_final() {
         bail!("run {run_id} is {}; there is nothing to resume", run.state);
     }
+    let rollback = client
+        .query_opt("SELECT id FROM rekey.runs WHERE parent_run_id = $1 AND kind = 'rollback' ORDER BY id DESC LIMIT 1", &[&run_id])
+        .await?;
+    if let Some(r) = rollback {
+        let id: i64 = r.get(0);
+        bail!("run {run_id} is being rolled back by run {id}; resume run {id} instead");
+    }
+    // Batches marked published may have lost their message; failed ones get another
+    // chance now that the operator fixed the cause.
     client
         .execute(
-            "UPDATE rekey.batches SET state = 'pending', lease_until = NULL WHERE run_id = $1 AND state = 'published'",
+            "UPDATE rekey.batches SET state = 'pending', lease_until = NULL, attempts = CASE WHEN state = 'failed' THEN 0 ELSE attempts END
+              WHERE run_id = $1 AND state IN ('published', 'failed')",
             &[&run_id],
+        )
+        .await?;
+    // A breached stage runs again: what is left is published, then it is gated anew.
+    client
+        .execute(
+            "UPDATE rekey.stages SET state = 'running', finished_at = NULL
+              WHERE run_id = $1 AND stage_no = $2 AND state = 'breached'",
+            &[&run_id, &run.current_stage],
         )
         .await?;
     ledger::set_run_state(&**client, run_id, RunState::Running, None).await?;
@@ -179,6 +406,14 @@ pub async fn resume(pool: &Pool, run_id: i64) -> anyhow::Result<Run> {
             &[&run_id],
         )
         .await?;
+    record_action(
+        &**client,
+        &run,
+        "operator",
+        "resume",
+        serde_json::json!({"from": run.state}),
+    )
+    .await?;
     Ok(ledger::get_run(&**client, run_id).await?.expect("exists"))
 }
 
@@ -206,6 +441,7 @@ pub struct ErrorCount {
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
     pub run: Run,
+    pub stages: Vec<ledger::Stage>,
     pub progress: Progress,
     pub decrypt_error_rate: f64,
     pub failed_batches: Vec<FailedBatch>,
@@ -256,6 +492,7 @@ pub async fn status(pool: &Pool, run_id: i64) -> anyhow::Result<Status> {
         (end - s).num_milliseconds() as f64 / 1000.0
     });
     Ok(Status {
+        stages: ledger::stages(&**client, run_id).await?,
         decrypt_error_rate: progress.error_rate(),
         run,
         progress,
@@ -282,6 +519,39 @@ pub fn print_status(s: &Status) {
     println!("  target key   {}", r.target_key_id);
     if let Some(prev) = r.previous_key_id {
         println!("  previous key {prev}");
+    }
+    for st in &s.stages {
+        let current = if st.stage_no == r.current_stage && !r.state.is_final() {
+            "*"
+        } else {
+            " "
+        };
+        let until = match (st.state.as_str(), st.observe_until) {
+            ("observing", Some(u)) => format!(" until {}", u.format("%Y-%m-%d %H:%M:%S UTC")),
+            _ => String::new(),
+        };
+        let why = st
+            .gate
+            .as_ref()
+            .and_then(|g| g.get("checks"))
+            .and_then(|c| c.as_array())
+            .map(|cs| {
+                cs.iter()
+                    .filter(|c| c["passed"] == false)
+                    .map(|c| {
+                        format!(
+                            " {}: {}",
+                            c["name"].as_str().unwrap_or(""),
+                            c["reason"].as_str().unwrap_or("")
+                        )
+                    })
+                    .collect::<String>()
+            })
+            .unwrap_or_default();
+        println!(
+            "  {current}stage {} {:>3}%   {}{until}{why}",
+            st.stage_no, st.percent, st.state
+        );
     }
     println!(
         "  batches      {} total: {} done, {} published, {} pending, {} failed",

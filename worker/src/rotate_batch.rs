@@ -147,6 +147,7 @@ struct Computed {
 fn compute(
     ring: &KeyRing,
     target: Uuid,
+    sources: Option<&[Uuid]>,
     table: &str,
     columns: &[String],
     rows: &[(i64, Vec<Option<Vec<u8>>>)],
@@ -169,7 +170,11 @@ fn compute(
             };
             out.counts.n_values += 1;
             let header_key = envelope::key_id(value).ok();
-            if header_key == Some(target) {
+            let not_a_source = match (sources, header_key) {
+                (Some(sources), Some(k)) => !sources.contains(&k),
+                _ => false,
+            };
+            if header_key == Some(target) || not_a_source {
                 out.counts.n_skipped += 1;
                 continue;
             }
@@ -234,6 +239,9 @@ struct Claim {
     target: Target,
     stages: Vec<i32>,
     seed: i64,
+    cumulative: bool,
+    /// Rotate only values under these keys (rollback); `None`: any key but the target.
+    source_key_ids: Option<Vec<Uuid>>,
 }
 
 /// Claims the batch: locks its ledger row and checks the message against the ledger.
@@ -244,7 +252,7 @@ async fn claim(
     let row = tx
         .query_opt(
             "SELECT b.state, b.table_name, b.id_lo, b.id_hi, b.stage_no, r.kind, r.state, r.target_key_id,
-                    r.targets, r.stages, r.seed
+                    r.targets, r.stages, r.seed, b.cumulative, r.source_key_ids
                FROM rekey.batches b JOIN rekey.runs r ON r.id = b.run_id
               WHERE b.run_id = $1 AND b.batch_no = $2
                 FOR UPDATE OF b",
@@ -301,6 +309,8 @@ async fn claim(
         target,
         stages: row.get(9),
         seed: row.get(10),
+        cumulative: row.get(11),
+        source_key_ids: row.get(12),
     })
 }
 
@@ -364,6 +374,8 @@ async fn rotate_in(
     let (b_lo, b_hi) = stages::bucket_range(&claim.stages, msg.stage_no).ok_or_else(|| {
         BatchError::Poison(format!("run {} has no stage {}", msg.run_id, msg.stage_no))
     })?;
+    // A sweep batch takes every stage up to this one; a normal batch only this stage's slice.
+    let b_lo = if claim.cumulative { 0 } else { b_lo };
     let whole = b_lo == 0 && b_hi == stages::BUCKETS;
     let stage_filter = if whole {
         String::new()
@@ -377,7 +389,7 @@ async fn rotate_in(
         "SELECT {id_col}, {} FROM {table} WHERE {id_col} BETWEEN $1 AND $2{stage_filter} ORDER BY {id_col} FOR UPDATE",
         cols.join(", ")
     );
-    let (lo_b, hi_b) = (b_lo, b_hi - 1);
+    let (lo_b, hi_b) = (i64::from(b_lo), i64::from(b_hi) - 1);
     let rows = if whole {
         tx.query(&select, &[&msg.id_lo, &msg.id_hi]).await?
     } else {
@@ -476,13 +488,16 @@ async fn run_compute(
         claim.target.table.clone(),
         claim.target.columns.clone(),
     );
+    let sources = claim.source_key_ids.clone();
     let result = if n_values > settings.blocking_threshold {
         let rows = rows.to_vec();
-        tokio::task::spawn_blocking(move || compute(&ring, target, &table, &columns, &rows))
-            .await
-            .map_err(|e| BatchError::Transient(anyhow::anyhow!("crypto task failed: {e}")))?
+        tokio::task::spawn_blocking(move || {
+            compute(&ring, target, sources.as_deref(), &table, &columns, &rows)
+        })
+        .await
+        .map_err(|e| BatchError::Transient(anyhow::anyhow!("crypto task failed: {e}")))?
     } else {
-        compute(&ring, target, &table, &columns, rows)
+        compute(&ring, target, sources.as_deref(), &table, &columns, rows)
     };
     result.map_err(|e| BatchError::Failed(format!("{e:#}")))
 }

@@ -1,0 +1,444 @@
+//! Stage gates, observation and promotion. When a stage's batches are done the coordinator
+//! proves coverage (no record of the stage left under a key it should have left, except
+//! quarantined values; stragglers are re-batched), checks the decrypt error rate, audit
+//! completeness and performance impact, and records the decision with its figures. Then
+//! it observes the stage, re-reading and decrypting samples of rotated rows, until the
+//! observation period ends and the stage is promoted.
+
+use anyhow::Context;
+use deadpool_postgres::Pool;
+use rand::RngExt;
+use rekey_common::audit::{self, AuditEntry};
+use rekey_common::config::{Target, quote_ident};
+use rekey_common::envelope::{self, FieldLocation};
+use rekey_common::keys::ring::KeyRing;
+use rekey_common::ledger::{self, BatchPlan, Run, RunState};
+use rekey_common::stages;
+use serde::Serialize;
+use serde_json::json;
+use tokio_postgres::GenericClient;
+
+/// The SQL condition "this value still needs rotating" for column `c` of the run; `$1` is
+/// the target key id (bytea) or, for a rollback, the source key ids (bytea[]).
+fn needs_rotation(col: &str, run: &Run) -> String {
+    let header = format!("substring({col} from 2 for 16)");
+    match &run.source_key_ids {
+        Some(_) => format!("({col} IS NOT NULL AND {header} = ANY($1::bytea[]))"),
+        None => format!("({col} IS NOT NULL AND {header} IS DISTINCT FROM $1::bytea)"),
+    }
+}
+
+/// Ids of rows of stages up to `stage_no` that still hold a value to rotate, apart from
+/// values quarantined in the error table.
+pub async fn stragglers<C: GenericClient>(
+    c: &C,
+    run: &Run,
+    target: &Target,
+    stage_no: i32,
+) -> anyhow::Result<Vec<i64>> {
+    let (_, hi) = stages::bucket_range(&run.stages, stage_no).context("stage out of range")?;
+    let id = quote_ident(&target.id_column);
+    let conds: Vec<String> = target
+        .columns
+        .iter()
+        .map(|col| {
+            let q = quote_ident(col);
+            format!(
+                "({} AND NOT EXISTS (SELECT 1 FROM rekey.decrypt_errors e WHERE e.run_id = $2 AND e.table_name = $3
+                   AND e.column_name = '{}' AND e.row_id = t.{id}::text))",
+                needs_rotation(&format!("t.{q}"), run),
+                col
+            )
+        })
+        .collect();
+    let bucket = stages::bucket_sql(&format!("t.{id}"), "$4");
+    let sql = format!(
+        "SELECT t.{id} FROM {} t WHERE {bucket} < $5::int4 AND ({}) ORDER BY t.{id}",
+        target.quoted_table(),
+        conds.join(" OR ")
+    );
+    let target_key = run.target_key_id.as_bytes().to_vec();
+    let sources: Vec<Vec<u8>> = run
+        .source_key_ids
+        .iter()
+        .flatten()
+        .map(|k| k.as_bytes().to_vec())
+        .collect();
+    let keys: &(dyn tokio_postgres::types::ToSql + Sync) = if run.source_key_ids.is_some() {
+        &sources
+    } else {
+        &target_key
+    };
+    let rows = c
+        .query(&sql, &[keys, &run.id, &target.table, &run.seed, &hi])
+        .await
+        .with_context(|| format!("coverage sweep of {}", target.table))?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// Cuts straggler ids into sweep batches of at most `batch_size` ids each.
+pub fn sweep_batches(table: &str, stage_no: i32, ids: &[i64], batch_size: usize) -> Vec<BatchPlan> {
+    ids.chunks(batch_size.max(1))
+        .map(|chunk| BatchPlan {
+            stage_no,
+            table: table.to_owned(),
+            id_lo: chunk[0],
+            id_hi: *chunk.last().expect("non-empty chunk"),
+            cumulative: true,
+        })
+        .collect()
+}
+
+/// Performance figures of a stage, collected by the driver while the stage ran.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PerfFigures {
+    pub baseline_ms: Option<f64>,
+    pub samples: usize,
+    pub median_ms: Option<f64>,
+    pub max_ms: Option<f64>,
+    pub impact_pct: f64,
+    pub max_impact_pct: f64,
+    pub throttled_samples: usize,
+    /// Consecutive samples over the breach threshold, at most.
+    pub max_consecutive_over_breach: usize,
+    pub breached: bool,
+}
+
+/// Latency samples of one stage and the throttle decision.
+#[derive(Debug, Clone, Default)]
+pub struct PerfTracker {
+    pub samples_ms: Vec<f64>,
+    pub impacts: Vec<f64>,
+    consecutive_over_breach: usize,
+    pub figures: PerfFigures,
+}
+
+/// Samples over the breach threshold in a row that make a breach ("sustained").
+pub const SUSTAINED_SAMPLES: usize = 3;
+
+impl PerfTracker {
+    /// Records a sample; returns whether the coordinator should throttle now.
+    pub fn record(&mut self, settings: &ledger::RunSettings, ms: f64) -> bool {
+        let baseline = settings.probe_baseline_ms;
+        let impact = baseline
+            .map(|b| crate::probe::impact_pct(b, ms, settings.min_impact_ms))
+            .unwrap_or(0.0);
+        self.samples_ms.push(ms);
+        self.impacts.push(impact);
+        let throttle = impact > settings.throttle_pct;
+        if impact > settings.breach_pct {
+            self.consecutive_over_breach += 1;
+        } else {
+            self.consecutive_over_breach = 0;
+        }
+        let f = &mut self.figures;
+        f.baseline_ms = baseline;
+        f.samples = self.samples_ms.len();
+        let mut sorted = self.samples_ms.clone();
+        sorted.sort_by(f64::total_cmp);
+        f.median_ms = Some(sorted[sorted.len() / 2]);
+        f.max_ms = sorted.last().copied();
+        f.impact_pct = baseline
+            .map(|b| crate::probe::impact_pct(b, sorted[sorted.len() / 2], settings.min_impact_ms))
+            .unwrap_or(0.0);
+        f.max_impact_pct = f.max_impact_pct.max(impact);
+        if throttle {
+            f.throttled_samples += 1;
+        }
+        f.max_consecutive_over_breach = f
+            .max_consecutive_over_breach
+            .max(self.consecutive_over_breach);
+        if self.consecutive_over_breach >= SUSTAINED_SAMPLES {
+            f.breached = true;
+        }
+        throttle
+    }
+}
+
+/// One gate's verdict with its figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct GateCheck {
+    pub name: &'static str,
+    pub passed: bool,
+    pub figures: serde_json::Value,
+    pub reason: Option<String>,
+}
+
+/// The decision at the end of a stage.
+#[derive(Debug, Clone, Serialize)]
+pub struct GateDecision {
+    pub passed: bool,
+    pub checks: Vec<GateCheck>,
+    pub sweeps: u32,
+}
+
+impl GateDecision {
+    pub fn reason(&self) -> Option<String> {
+        let failed: Vec<String> = self
+            .checks
+            .iter()
+            .filter(|c| !c.passed)
+            .map(|c| format!("{}: {}", c.name, c.reason.as_deref().unwrap_or("failed")))
+            .collect();
+        (!failed.is_empty()).then(|| failed.join("; "))
+    }
+}
+
+/// Error rate, audit completeness and performance of stage `stage_no` (coverage is
+/// decided by the caller, which re-batches stragglers first).
+pub async fn evaluate<C: GenericClient>(
+    c: &C,
+    run: &Run,
+    stage_no: i32,
+    stragglers_left: i64,
+    sweeps: u32,
+    perf: &PerfFigures,
+) -> anyhow::Result<GateDecision> {
+    let s = &run.settings;
+    let p = ledger::progress_of(c, run.id, Some(stage_no)).await?;
+    let mut checks = Vec::new();
+    let quarantined: i64 = c
+        .query_one(
+            "SELECT count(*) FROM rekey.decrypt_errors e JOIN rekey.batches b ON b.run_id = e.run_id AND b.batch_no = e.batch_no
+              WHERE e.run_id = $1 AND b.stage_no = $2",
+            &[&run.id, &stage_no],
+        )
+        .await?
+        .get(0);
+    checks.push(GateCheck {
+        name: "coverage",
+        passed: stragglers_left == 0 && p.failed == 0,
+        figures: json!({"stragglers_left": stragglers_left, "sweeps": sweeps, "quarantined_values": quarantined, "failed_batches": p.failed}),
+        reason: if p.failed > 0 {
+            Some(format!("{} batch(es) failed", p.failed))
+        } else {
+            (stragglers_left > 0).then(|| format!("{stragglers_left} record(s) still under a key this run must replace"))
+        },
+    });
+    let rate = p.error_rate();
+    checks.push(GateCheck {
+        name: "decrypt_error_rate",
+        passed: rate < s.max_error_rate,
+        figures: json!({"errors": p.n_errors, "attempted": p.n_rotated + p.n_errors, "rate": rate, "threshold": s.max_error_rate}),
+        reason: (rate >= s.max_error_rate).then(|| {
+            format!("{:.4}% of decrypts failed ({} of {}), threshold {:.4}%", rate * 100.0, p.n_errors, p.n_rotated + p.n_errors, s.max_error_rate * 100.0)
+        }),
+    });
+    let audit = c
+        .query_one(
+            "SELECT COALESCE(sum(a.n_ops) FILTER (WHERE a.operation = 'encrypt' AND a.success), 0)::int8,
+                    COALESCE(sum(a.n_ops) FILTER (WHERE a.operation = 'decrypt' AND NOT a.success), 0)::int8,
+                    COALESCE(sum(a.n_ops) FILTER (WHERE a.operation = 'decrypt' AND a.success), 0)::int8
+               FROM rekey.audit_log a JOIN rekey.batches b ON b.run_id = a.run_id AND b.batch_no = a.batch_no
+              WHERE a.run_id = $1 AND b.stage_no = $2",
+            &[&run.id, &stage_no],
+        )
+        .await?;
+    let (enc, dec_fail, dec_ok): (i64, i64, i64) = (audit.get(0), audit.get(1), audit.get(2));
+    let gap: f64 = c
+        .query_one(
+            "WITH st AS (SELECT started_at FROM rekey.stages WHERE run_id = $1 AND stage_no = $2),
+                  ts AS (SELECT at FROM rekey.audit_log WHERE run_id = $1 AND at >= (SELECT started_at FROM st)
+                         UNION ALL SELECT started_at FROM st UNION ALL SELECT clock_timestamp())
+             SELECT COALESCE(EXTRACT(EPOCH FROM max(d)), 0)::float8
+               FROM (SELECT at - lag(at) OVER (ORDER BY at) AS d FROM ts) x",
+            &[&run.id, &stage_no],
+        )
+        .await?
+        .get(0);
+    let counts_ok = enc == p.n_rotated && dec_ok == p.n_rotated && dec_fail == p.n_errors;
+    let gap_ok = gap <= s.max_audit_gap_secs;
+    checks.push(GateCheck {
+        name: "audit_completeness",
+        passed: counts_ok && gap_ok,
+        figures: json!({
+            "ledger_rotated": p.n_rotated, "audited_encrypts": enc, "audited_decrypts": dec_ok,
+            "ledger_errors": p.n_errors, "audited_decrypt_failures": dec_fail,
+            "max_gap_secs": gap, "max_gap_allowed_secs": s.max_audit_gap_secs
+        }),
+        reason: if !counts_ok {
+            Some(format!(
+                "audit counts {enc} encrypts / {dec_fail} failed decrypts, ledger {} / {}",
+                p.n_rotated, p.n_errors
+            ))
+        } else {
+            (!gap_ok).then(|| {
+                format!(
+                    "a gap of {gap:.0} s between audit entries (over {:.0} s)",
+                    s.max_audit_gap_secs
+                )
+            })
+        },
+    });
+    checks.push(GateCheck {
+        name: "performance_impact",
+        passed: !perf.breached,
+        figures: serde_json::to_value(perf)?,
+        reason: perf.breached.then(|| {
+            format!(
+                "probe latency over {:.0}% above the baseline for {} samples in a row",
+                s.breach_pct, perf.max_consecutive_over_breach
+            )
+        }),
+    });
+    Ok(GateDecision {
+        passed: checks.iter().all(|c| c.passed),
+        checks,
+        sweeps,
+    })
+}
+
+/// What one observation check found.
+#[derive(Debug, Clone, Copy, Default, Serialize, serde::Deserialize)]
+pub struct ObservationFigures {
+    pub checks: u64,
+    pub values_read: u64,
+    pub failures: u64,
+}
+
+/// Re-reads a random sample of rotated rows of stages up to `stage_no` and decrypts every
+/// value that is not quarantined. Returns (values read, failures with where).
+pub async fn observe_sample<C: GenericClient>(
+    c: &C,
+    run: &Run,
+    ring: &KeyRing,
+    stage_no: i32,
+) -> anyhow::Result<(u64, Vec<String>)> {
+    let (_, hi) = stages::bucket_range(&run.stages, stage_no).context("stage out of range")?;
+    let mut read = 0;
+    let mut failures = Vec::new();
+    for t in &run.targets {
+        let id = quote_ident(&t.id_column);
+        let bounds = c
+            .query_one(
+                &format!("SELECT min({id}), max({id}) FROM {}", t.quoted_table()),
+                &[],
+            )
+            .await?;
+        let (Some(lo), Some(hi_id)) = (
+            bounds.get::<_, Option<i64>>(0),
+            bounds.get::<_, Option<i64>>(1),
+        ) else {
+            continue;
+        };
+        let start = rand::rng().random_range(lo..=hi_id);
+        let cols: Vec<String> = t.columns.iter().map(|c| quote_ident(c)).collect();
+        let sql = format!(
+            "SELECT {id}, {} FROM {} WHERE {id} >= $1 AND {} < $2::int4 ORDER BY {id} LIMIT $3",
+            cols.join(", "),
+            t.quoted_table(),
+            stages::bucket_sql(&id, "$4")
+        );
+        let rows = c
+            .query(
+                &sql,
+                &[&start, &hi, &run.settings.observe_sample, &run.seed],
+            )
+            .await?;
+        for r in &rows {
+            let row_id: i64 = r.get(0);
+            for (i, col) in t.columns.iter().enumerate() {
+                let Some(v) = r.get::<_, Option<Vec<u8>>>(i + 1) else {
+                    continue;
+                };
+                read += 1;
+                let loc = FieldLocation {
+                    table: &t.table,
+                    column: col,
+                    row_id,
+                };
+                if let Err(e) = envelope::open(ring, &loc, &v) {
+                    let quarantined: bool = c
+                        .query_one(
+                            "SELECT EXISTS (SELECT 1 FROM rekey.decrypt_errors WHERE run_id = $1 AND table_name = $2
+                               AND column_name = $3 AND row_id = $4)",
+                            &[&run.id, &t.table, col, &row_id.to_string()],
+                        )
+                        .await?
+                        .get(0);
+                    if !quarantined {
+                        failures.push(format!("{}.{col} row {row_id}: {e}", t.table));
+                    }
+                }
+            }
+        }
+    }
+    Ok((read, failures))
+}
+
+/// Why a stage cannot be promoted now, or `None` when it can.
+pub fn promotion_refusal(
+    stage: &ledger::Stage,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Option<String> {
+    match stage.state.as_str() {
+        "observing" => match stage.observe_until {
+            Some(until) if now < until => Some(format!(
+                "stage {} ({}%) is under observation until {} ({} s from now)",
+                stage.stage_no,
+                stage.percent,
+                until.format("%Y-%m-%d %H:%M:%S UTC"),
+                (until - now).num_seconds()
+            )),
+            _ => None,
+        },
+        "passed" => Some(format!("stage {} has already passed", stage.stage_no)),
+        "breached" => Some(format!(
+            "stage {} breached its gates; resume or roll back the run",
+            stage.stage_no
+        )),
+        other => Some(format!(
+            "stage {} ({}%) is {other}: its gates have not passed yet",
+            stage.stage_no, stage.percent
+        )),
+    }
+}
+
+/// Passes the observed stage and moves the run on (or completes it after the last stage),
+/// in one transaction. Returns false when the stage cannot be promoted (yet).
+pub async fn advance(
+    pool: &Pool,
+    run: &Run,
+    stage_no: i32,
+    actor: &str,
+    how: &str,
+) -> anyhow::Result<bool> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let n = tx
+        .execute(
+            "UPDATE rekey.stages SET state = 'passed', finished_at = now()
+              WHERE run_id = $1 AND stage_no = $2 AND state = 'observing' AND observe_until <= now()",
+            &[&run.id, &stage_no],
+        )
+        .await?;
+    if n == 0 {
+        return Ok(false);
+    }
+    let last = stage_no as usize + 1 >= run.stages.len();
+    if last {
+        ledger::set_run_state(&*tx, run.id, RunState::Completed, None).await?;
+    } else {
+        tx.execute(
+            "UPDATE rekey.runs SET current_stage = $2 WHERE id = $1 AND current_stage = $3",
+            &[&run.id, &(stage_no + 1), &stage_no],
+        )
+        .await?;
+    }
+    audit::record(
+        &*tx,
+        &[AuditEntry {
+            key_id: Some(run.target_key_id),
+            operation: how.to_owned(),
+            success: true,
+            n_ops: 1,
+            run_id: Some(run.id),
+            batch_no: None,
+            actor: actor.to_owned(),
+            detail: json!({"stage_no": stage_no, "percent": run.stages[stage_no as usize], "last": last}),
+        }],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(true)
+}

@@ -1,0 +1,175 @@
+//! Evidence reports: everything the playbook's evidence list names, as JSON, written to
+//! `exports/rotation_reports/<database>-run-<id>.json` at every stage end and at the end of a run, and
+//! kept in `rekey.reports` as well (one row per writing). The schema is
+//! `docs/report.schema.json`; tests validate every report against it.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use deadpool_postgres::Pool;
+use rekey_common::Settings;
+use rekey_common::ledger;
+use serde_json::{Value, json};
+
+/// The report's schema version.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// Builds the report of run `run_id` from the ledger and the audit log.
+pub async fn build(pool: &Pool, run_id: i64, reason: &str) -> anyhow::Result<Value> {
+    let c = pool.get().await?;
+    let run = ledger::get_run(&**c, run_id)
+        .await?
+        .with_context(|| format!("no run {run_id}"))?;
+    let total = ledger::progress(&**c, run_id).await?;
+    let mut stages = Vec::new();
+    let mut audit_complete = true;
+    for s in ledger::stages(&**c, run_id).await? {
+        let p = ledger::progress_of(&**c, run_id, Some(s.stage_no)).await?;
+        let duration = match (s.started_at, s.finished_at.or(s.gated_at)) {
+            (Some(a), Some(b)) => Some((b - a).num_milliseconds() as f64 / 1000.0),
+            _ => None,
+        };
+        let audit_check = s
+            .gate
+            .as_ref()
+            .and_then(|g| g.get("checks"))
+            .and_then(|c| c.as_array())
+            .and_then(|cs| cs.iter().find(|c| c["name"] == "audit_completeness"))
+            .map(|c| c["passed"].as_bool().unwrap_or(false));
+        if audit_check == Some(false) {
+            audit_complete = false;
+        }
+        stages.push(json!({
+            "stage_no": s.stage_no,
+            "percent": s.percent,
+            "state": s.state,
+            "started_at": s.started_at,
+            "gated_at": s.gated_at,
+            "observe_until": s.observe_until,
+            "finished_at": s.finished_at,
+            "duration_secs": duration,
+            "counts": counts(&p),
+            "decrypt_error_rate": p.error_rate(),
+            "gate": s.gate,
+        }));
+    }
+    let decrypt_errors: Vec<Value> = c
+        .query(
+            "SELECT table_name, column_name, error_kind, count(*) FROM rekey.decrypt_errors WHERE run_id = $1 GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+            &[&run_id],
+        )
+        .await?
+        .iter()
+        .map(|r| json!({"table": r.get::<_, String>(0), "column": r.get::<_, String>(1), "error_kind": r.get::<_, String>(2), "values": r.get::<_, i64>(3)}))
+        .collect();
+    let actions: Vec<Value> = c
+        .query(
+            "SELECT at, operation, success, actor, detail FROM rekey.audit_log WHERE run_id = $1 AND batch_no IS NULL ORDER BY id",
+            &[&run_id],
+        )
+        .await?
+        .iter()
+        .map(|r| {
+            json!({"at": r.get::<_, chrono::DateTime<chrono::Utc>>(0), "operation": r.get::<_, String>(1),
+                   "success": r.get::<_, bool>(2), "actor": r.get::<_, String>(3), "detail": r.get::<_, Value>(4)})
+        })
+        .collect();
+    let audit_entries: i64 = c
+        .query_one(
+            "SELECT count(*) FROM rekey.audit_log WHERE run_id = $1",
+            &[&run_id],
+        )
+        .await?
+        .get(0);
+    let duration = run.started_at.map(|s| {
+        (run.finished_at.unwrap_or_else(chrono::Utc::now) - s).num_milliseconds() as f64 / 1000.0
+    });
+    Ok(json!({
+        "schema_version": SCHEMA_VERSION,
+        "generated_at": chrono::Utc::now(),
+        "reason": reason,
+        "run": {
+            "id": run.id,
+            "kind": run.kind,
+            "state": run.state,
+            "halt_reason": run.halt_reason,
+            "operator": c.query_one("SELECT operator FROM rekey.runs WHERE id = $1", &[&run_id]).await?.get::<_, String>(0),
+            "parent_run_id": run.parent_run_id,
+            "created_at": run.created_at,
+            "started_at": run.started_at,
+            "finished_at": run.finished_at,
+            "duration_secs": duration,
+        },
+        "keys": {
+            "before": run.previous_key_id,
+            "after": run.target_key_id,
+            "rotated_from": run.source_key_ids,
+        },
+        "targets": run.targets,
+        "settings": {
+            "stages": run.stages,
+            "batch_size": run.batch_size,
+            "seed": run.seed,
+            "gating": run.settings,
+        },
+        "totals": {
+            "counts": counts(&total),
+            "decrypt_error_rate": total.error_rate(),
+        },
+        "stages": stages,
+        "audit": {
+            "entries": audit_entries,
+            "complete": audit_complete,
+        },
+        "decrypt_errors": decrypt_errors,
+        "operator_actions": actions,
+    }))
+}
+
+fn counts(p: &ledger::Progress) -> Value {
+    json!({
+        "batches": p.n_batches, "batches_done": p.done, "batches_failed": p.failed,
+        "rows": p.n_rows, "values": p.n_values, "rotated": p.n_rotated,
+        "already_on_target": p.n_skipped, "null": p.n_null, "decrypt_errors": p.n_errors,
+    })
+}
+
+/// Builds the report, writes it to the reports directory and to `rekey.reports`, and
+/// returns the file's path.
+pub async fn write(
+    pool: &Pool,
+    settings: &Settings,
+    run_id: i64,
+    reason: &str,
+) -> anyhow::Result<PathBuf> {
+    let report = build(pool, run_id, reason).await?;
+    pool.get()
+        .await?
+        .execute(
+            "INSERT INTO rekey.reports (run_id, reason, report) VALUES ($1, $2, $3)",
+            &[&run_id, &reason, &report],
+        )
+        .await?;
+    std::fs::create_dir_all(&settings.reports_dir).with_context(|| {
+        format!(
+            "create the reports directory {}",
+            settings.reports_dir.display()
+        )
+    })?;
+    // Run ids restart in every database: the database's name keeps reports apart.
+    let dbname: String = pool
+        .get()
+        .await?
+        .query_one("SELECT current_database()", &[])
+        .await?
+        .get(0);
+    let path = settings
+        .reports_dir
+        .join(format!("{dbname}-run-{run_id}.json"));
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&report)?)
+        .with_context(|| format!("write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("write {}", path.display()))?;
+    tracing::info!(run_id, path = %path.display(), reason, "report written");
+    Ok(path)
+}
