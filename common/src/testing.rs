@@ -66,6 +66,15 @@ impl TestDb {
         env.insert("REKEY_DATABASE_URL".to_owned(), self.url.clone());
         env.insert("REKEY_ACTOR".to_owned(), "test".to_owned());
         env.insert("REKEY_QUEUE_PREFIX".to_owned(), self.name.clone());
+        env.insert(
+            "REKEY_REPORTS_DIR".to_owned(),
+            std::env::temp_dir()
+                .join(format!("{}-reports", self.name))
+                .display()
+                .to_string(),
+        );
+        // A test machine has no WAL archive; the backup check is tested on its own.
+        env.insert("REKEY_BACKUP_CHECK".to_owned(), "none".to_owned());
         if let Some(k) = master_key_b64 {
             env.insert("REKEY_MASTER_KEY".to_owned(), k.to_owned());
         }

@@ -18,7 +18,7 @@ use rekey_common::audit::{self, AuditEntry};
 use rekey_common::broker::{self, Topology};
 use rekey_common::keys::master::MasterKey;
 use rekey_common::keys::store;
-use rekey_common::ledger::{self, Progress, Run, RunState};
+use rekey_common::ledger::{self, Progress, Run, RunKind, RunState};
 
 use crate::{gate, plan, probe, report};
 use rekey_common::messages::{BatchMessage, BatchReport, FORMAT_VERSION};
@@ -497,36 +497,49 @@ async fn start_stage(
 ) -> anyhow::Result<()> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
+    start_stage_in(&tx, run, stage_no, &settings.actor).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Plans a stage's batches into the ledger and marks the stage running, in `tx`. A stage
+/// is planned when it starts, so that rows inserted since the run began are in it.
+pub async fn start_stage_in(
+    tx: &tokio_postgres::Transaction<'_>,
+    run: &Run,
+    stage_no: i32,
+    actor: &str,
+) -> anyhow::Result<usize> {
     let (lo, hi) =
         rekey_common::stages::bucket_range(&run.stages, stage_no).context("stage out of range")?;
     let fraction = f64::from(hi - lo) / f64::from(rekey_common::stages::BUCKETS);
     // A range holds about batch_size rows of this stage's slice.
     let range_rows = ((f64::from(run.batch_size) / fraction).ceil() as i64).max(1);
-    let plans = plan::plan_stage(&*tx, &run.targets, stage_no, range_rows).await?;
     let n = tx
         .execute(
             "UPDATE rekey.stages SET state = 'running', started_at = now() WHERE run_id = $1 AND stage_no = $2 AND state = 'pending'",
             &[&run.id, &stage_no],
         )
         .await?;
-    if n == 1 {
-        ledger::insert_batches(&*tx, run.id, &plans).await?;
-        audit::record(
-            &*tx,
-            &[AuditEntry {
-                key_id: Some(run.target_key_id),
-                operation: "stage_start".into(),
-                success: true,
-                n_ops: 1,
-                run_id: Some(run.id),
-                batch_no: None,
-                actor: settings.actor.clone(),
-                detail: serde_json::json!({"stage_no": stage_no, "percent": run.stages[stage_no as usize], "batches": plans.len()}),
-            }],
-        )
-        .await?;
+    if n == 0 {
+        return Ok(0);
     }
-    tx.commit().await?;
+    let plans = plan::plan_stage(tx, &run.targets, stage_no, range_rows).await?;
+    ledger::insert_batches(tx, run.id, &plans).await?;
+    audit::record(
+        tx,
+        &[AuditEntry {
+            key_id: Some(run.target_key_id),
+            operation: "stage_start".into(),
+            success: true,
+            n_ops: 1,
+            run_id: Some(run.id),
+            batch_no: None,
+            actor: actor.to_owned(),
+            detail: serde_json::json!({"stage_no": stage_no, "percent": run.stages[stage_no as usize], "batches": plans.len()}),
+        }],
+    )
+    .await?;
     tracing::info!(
         run_id = run.id,
         stage_no,
@@ -534,7 +547,7 @@ async fn start_stage(
         n_batches = plans.len(),
         "stage started"
     );
-    Ok(())
+    Ok(plans.len())
 }
 
 /// Sweeps stragglers (re-batching them) or decides the stage's gates.
@@ -555,7 +568,13 @@ async fn gate_stage(
     let client = pool.get().await?;
     let mut plans = Vec::new();
     let mut left = 0i64;
-    for t in &run.targets {
+    // A dry run writes nothing, so every record is "left": coverage has no meaning there.
+    let sweep_targets: &[rekey_common::config::Target] = if run.kind == RunKind::DryRun {
+        &[]
+    } else {
+        &run.targets
+    };
+    for t in sweep_targets {
         let ids = gate::stragglers(&**client, run, t, stage_no).await?;
         left += ids.len() as i64;
         plans.extend(gate::sweep_batches(

@@ -104,8 +104,55 @@ async fn seed_rotate_with_two_worker_processes_verify_and_stop_them_with_sigterm
     assert!(ok, "{out}{err}");
     let mut w1 = env.worker("p1");
     let mut w2 = env.worker("p2");
+    // Preflight requires live workers: wait until both consume.
+    let conn = broker::connect(
+        &secrecy::SecretString::from("amqp://guest:guest@127.0.0.1:5672/%2f"),
+        "t",
+    )
+    .await
+    .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let topo = Topology::new(&db.name);
+    broker::declare(&ch, &topo).await.unwrap();
+    let start = Instant::now();
+    loop {
+        let q = ch
+            .queue_declare(
+                topo.batches.as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                Default::default(),
+            )
+            .await
+            .unwrap();
+        if q.consumer_count() == 2 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "workers did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
-    let (ok, out, err) = env.run("rekey", &["rotate", "--batch-size", "400", "--json"]);
+    let (ok, out, err) = env.run(
+        "rekey",
+        &[
+            "rotate",
+            "--batch-size",
+            "400",
+            "--stages",
+            "1,100",
+            "--observe",
+            "0",
+            "--auto-advance",
+            "--max-error-rate",
+            "0.01",
+            "--json",
+        ],
+    );
     assert!(ok, "{out}\n{err}");
     let status: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(status["run"]["state"], "completed");
@@ -151,4 +198,47 @@ async fn seed_rotate_with_two_worker_processes_verify_and_stop_them_with_sigterm
     .unwrap();
     let ch = conn.create_channel().await.unwrap();
     broker::delete(&ch, &Topology::new(&db.name)).await.unwrap();
+}
+
+#[test]
+fn rekey_demo_completes_five_passed_stages_and_its_report_follows_the_schema() {
+    let dir =
+        std::env::temp_dir().join(format!("rekey-demo-test-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = Command::new(bin("rekey"))
+        .args(["demo", "--rows", "5000", "--observe", "0"])
+        .env_remove("REKEY_CONFIG")
+        .env_remove("REKEY_MASTER_KEY")
+        .env_remove("REKEY_MASTER_KEY_FILE")
+        .env("REKEY_BACKUP_CHECK", "none")
+        .env("REKEY_DATABASE_URL", rekey_common::testing::admin_url())
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let path = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("report: "))
+        .unwrap_or_else(|| panic!("no report path in {stdout}"));
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join(path)).unwrap()).unwrap();
+    let schema: serde_json::Value =
+        serde_json::from_str(include_str!("../../../docs/report.schema.json")).unwrap();
+    let validator = jsonschema::validator_for(&schema).unwrap();
+    let errors: Vec<String> = validator
+        .iter_errors(&report)
+        .map(|e| e.to_string())
+        .collect();
+    assert!(errors.is_empty(), "{errors:#?}");
+    let stages = report["stages"].as_array().unwrap();
+    assert_eq!(stages.len(), 5);
+    assert!(stages.iter().all(|s| s["state"] == "passed"), "{stages:#?}");
+    assert_eq!(report["run"]["state"], "completed");
+    assert!(
+        stdout.contains("mismatched 0, undecryptable 0, missing 0"),
+        "{stdout}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 }
