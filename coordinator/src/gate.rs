@@ -296,8 +296,9 @@ pub struct ObservationFigures {
     pub failures: u64,
 }
 
-/// Re-reads a random sample of rotated rows of stages up to `stage_no` and decrypts every
-/// value that is not quarantined. Returns (values read, failures with where).
+/// Re-reads a random sample of rows of stages up to `stage_no` and decrypts every value
+/// under the run's target key (what the run wrote, or for a rollback what it restored),
+/// apart from values a run already quarantined. Returns (values read, failures with where).
 pub async fn observe_sample<C: GenericClient>(
     c: &C,
     run: &Run,
@@ -341,6 +342,11 @@ pub async fn observe_sample<C: GenericClient>(
                 let Some(v) = r.get::<_, Option<Vec<u8>>>(i + 1) else {
                     continue;
                 };
+                // Only what this run wrote is under observation: values under other keys
+                // (quarantined ones, or the values a rollback leaves alone) are not its doing.
+                if envelope::key_id(&v).ok() != Some(run.target_key_id) {
+                    continue;
+                }
                 read += 1;
                 let loc = FieldLocation {
                     table: &t.table,
@@ -348,15 +354,17 @@ pub async fn observe_sample<C: GenericClient>(
                     row_id,
                 };
                 if let Err(e) = envelope::open(ring, &loc, &v) {
-                    let quarantined: bool = c
+                    // A value some run already found undecryptable and left alone (a
+                    // rollback's target key holds the originals of those) is known, not new.
+                    let known: bool = c
                         .query_one(
-                            "SELECT EXISTS (SELECT 1 FROM rekey.decrypt_errors WHERE run_id = $1 AND table_name = $2
-                               AND column_name = $3 AND row_id = $4)",
-                            &[&run.id, &t.table, col, &row_id.to_string()],
+                            "SELECT EXISTS (SELECT 1 FROM rekey.decrypt_errors WHERE table_name = $1
+                               AND column_name = $2 AND row_id = $3)",
+                            &[&t.table, col, &row_id.to_string()],
                         )
                         .await?
                         .get(0);
-                    if !quarantined {
+                    if !known {
                         failures.push(format!("{}.{col} row {row_id}: {e}", t.table));
                     }
                 }
@@ -441,4 +449,89 @@ pub async fn advance(
     .await?;
     tx.commit().await?;
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> ledger::RunSettings {
+        ledger::RunSettings {
+            probe_baseline_ms: Some(10.0),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn latency_over_15_percent_throttles_and_over_20_percent_sustained_breaches() {
+        let s = settings();
+        let mut t = PerfTracker::default();
+        assert!(
+            !t.record(&s, 11.0),
+            "+10% (1 ms, under the noise floor) is fine"
+        );
+        assert!(t.record(&s, 11.8 + 2.0), "+38% throttles");
+        assert!(!t.figures.breached);
+        assert!(!t.record(&s, 10.5), "back to normal stops throttling");
+        // Over 20% twice, a normal sample, then three in a row: only the last is a breach.
+        t.record(&s, 13.0);
+        t.record(&s, 13.0);
+        t.record(&s, 10.0);
+        assert!(!t.figures.breached);
+        t.record(&s, 13.0);
+        t.record(&s, 13.0);
+        assert!(!t.figures.breached);
+        t.record(&s, 13.0);
+        assert!(t.figures.breached);
+        assert_eq!(t.figures.max_consecutive_over_breach, SUSTAINED_SAMPLES);
+        assert!(t.figures.throttled_samples >= 5);
+    }
+
+    #[test]
+    fn without_a_baseline_nothing_throttles() {
+        let s = ledger::RunSettings::default();
+        let mut t = PerfTracker::default();
+        assert!(!t.record(&s, 1000.0));
+        assert!(!t.figures.breached);
+    }
+
+    #[test]
+    fn promotion_is_refused_until_the_observation_ends() {
+        let now = chrono::Utc::now();
+        let mut st = ledger::Stage {
+            run_id: 1,
+            stage_no: 0,
+            percent: 1,
+            state: "running".into(),
+            started_at: None,
+            gated_at: None,
+            observe_until: None,
+            finished_at: None,
+            gate: None,
+        };
+        assert!(
+            promotion_refusal(&st, now)
+                .unwrap()
+                .contains("gates have not passed")
+        );
+        st.state = "observing".into();
+        st.observe_until = Some(now + chrono::Duration::hours(24));
+        assert!(
+            promotion_refusal(&st, now)
+                .unwrap()
+                .contains("under observation until")
+        );
+        st.observe_until = Some(now - chrono::Duration::seconds(1));
+        assert!(promotion_refusal(&st, now).is_none());
+    }
+
+    #[test]
+    fn sweep_batches_cover_every_straggler_in_ranges_of_at_most_batch_size_ids() {
+        let ids: Vec<i64> = (0..25).map(|i| i * 7).collect();
+        let b = sweep_batches("demo.users", 2, &ids, 10);
+        assert_eq!(b.len(), 3);
+        assert!(b.iter().all(|p| p.cumulative && p.stage_no == 2));
+        assert_eq!((b[0].id_lo, b[0].id_hi), (0, 63));
+        assert_eq!((b[2].id_lo, b[2].id_hi), (140, 168));
+    }
 }

@@ -242,3 +242,89 @@ fn rekey_demo_completes_five_passed_stages_and_its_report_follows_the_schema() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_breach_with_auto_rollback_rolls_the_run_back_by_itself() {
+    let db = TestDb::new().await;
+    let env = Env {
+        vars: vec![
+            ("REKEY_DATABASE_URL", db.url.clone()),
+            (
+                "REKEY_MASTER_KEY",
+                generate_base64().expose_secret().to_owned(),
+            ),
+            ("REKEY_QUEUE_PREFIX", db.name.clone()),
+            ("REKEY_BACKUP_CHECK", "none".into()),
+            (
+                "REKEY_REPORTS_DIR",
+                std::env::temp_dir()
+                    .join(format!("{}-reports", db.name))
+                    .display()
+                    .to_string(),
+            ),
+        ],
+    };
+    // 1% of the values cannot decrypt: the first gate (0.1%) is breached.
+    let (ok, out, err) = env.run(
+        "rekey-loadtest",
+        &["seed", "--rows", "4000", "--corrupt-fraction", "0.01"],
+    );
+    assert!(ok, "{out}{err}");
+    let (_, before, _) = env.run("rekey", &["keys", "list", "--json"]);
+    let before: serde_json::Value = serde_json::from_str(&before).unwrap();
+    let previous = before
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["kind"] == "field" && k["state"] == "active")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut w = env.worker("p1");
+    let (ok, out, err) = env.run(
+        "rekey",
+        &[
+            "rotate",
+            "--stages",
+            "50,100",
+            "--observe",
+            "0",
+            "--auto-advance",
+            "--auto-rollback",
+            "--skip-preflight",
+            "--json",
+        ],
+    );
+    assert!(ok, "the rollback run completed: {out}\n{err}");
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(status["run"]["kind"], "rollback");
+    assert_eq!(status["run"]["state"], "completed");
+    assert_eq!(status["run"]["target_key_id"], previous.as_str());
+    let (_, parent, _) = env.run(
+        "rekey",
+        &[
+            "status",
+            &status["run"]["parent_run_id"].to_string(),
+            "--json",
+        ],
+    );
+    let parent: serde_json::Value = serde_json::from_str(&parent).unwrap();
+    assert_eq!(parent["run"]["state"], "rolled_back");
+    assert!(parent["stages"][0]["state"] == "breached");
+    let (ok, out, err) = env.run(
+        "rekey-loadtest",
+        &["verify", "--expect-key", &previous, "--json"],
+    );
+    assert!(ok, "every value back under the previous key: {out}\n{err}");
+    sigterm(&w);
+    assert!(wait_exit(&mut w, Duration::from_secs(30)).success());
+    let conn = broker::connect(
+        &secrecy::SecretString::from("amqp://guest:guest@127.0.0.1:5672/%2f"),
+        "t",
+    )
+    .await
+    .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    broker::delete(&ch, &Topology::new(&db.name)).await.unwrap();
+}
