@@ -42,6 +42,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Simulated application traffic: reads that decrypt and writes that encrypt, at a fixed
+    /// rate, with latency percentiles and errors. Runs alone or alongside a rotation.
+    Traffic {
+        /// Operations started per second.
+        #[arg(long, default_value_t = 200)]
+        rate: u32,
+        /// How long, e.g. 30s, 5m.
+        #[arg(long, default_value = "30s")]
+        duration: String,
+        /// Share of reads (the rest are writes).
+        #[arg(long, default_value_t = 0.8)]
+        read_fraction: f64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Check that every value decrypts to its recorded plaintext; counts by key and outcome.
     Verify {
         /// Also require every decryptable value to be under this key.
@@ -123,6 +138,48 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Traffic {
+            rate,
+            duration,
+            read_fraction,
+            json,
+        } => {
+            let duration = parse_secs(&duration)?;
+            let report = rekey_loadtest::traffic::run(
+                &pool,
+                Arc::new(master),
+                &rekey_loadtest::traffic::TrafficOptions {
+                    rate,
+                    duration,
+                    read_fraction,
+                    ..Default::default()
+                },
+            )
+            .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                for (name, p) in [
+                    ("reads", report.reads),
+                    ("writes", report.writes),
+                    ("all", report.all),
+                ] {
+                    println!(
+                        "{name:<6} {:>7} ops  p50 {:>7.2} ms  p95 {:>7.2} ms  p99 {:>7.2} ms  max {:>7.2} ms",
+                        p.count, p.p50_ms, p.p95_ms, p.p99_ms, p.max_ms
+                    );
+                }
+                println!(
+                    "{:.0} ops/s over {:.1} s; {} errors; {} values failed to decrypt",
+                    report.achieved_rate, report.seconds, report.errors, report.decrypt_errors
+                );
+            }
+            Ok(if report.errors == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
         Command::Verify { expect_key, json } => {
             let ring = store::load_ring(&**pool.get().await?, &master).await?;
             let report = verify::verify(&pool, &ring, expect_key, 10_000).await?;
@@ -153,4 +210,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
     }
+}
+
+/// Parses `30s`, `5m`, `1h` or a number of seconds.
+fn parse_secs(s: &str) -> anyhow::Result<std::time::Duration> {
+    let (num, mult) = match s.chars().last() {
+        Some('s') => (&s[..s.len() - 1], 1.0),
+        Some('m') => (&s[..s.len() - 1], 60.0),
+        Some('h') => (&s[..s.len() - 1], 3600.0),
+        _ => (s, 1.0),
+    };
+    let n: f64 = num
+        .parse()
+        .with_context(|| format!("{s:?} is not a duration like 30s, 5m"))?;
+    Ok(std::time::Duration::from_secs_f64(n * mult))
 }

@@ -1,9 +1,14 @@
-//! Application traffic on the demo schema: writes that encrypt with the active key and
-//! record the new plaintext's digest in the same transaction, as an application that owns
-//! the data would. The application refreshes its key ring periodically, so it may write
-//! under the previous key for a while after a rotation starts; the sweep catches those.
+//! Application traffic on the demo schema, as an application that owns the data would do
+//! it: reads that decrypt every encrypted column of a row, and writes that encrypt with the
+//! active key and record the new plaintext's digest in the same transaction. The
+//! application refreshes its key ring periodically, so it may write under the previous key
+//! for a while after a rotation starts; the coverage sweep catches those.
+//!
+//! [`run`] is open-loop: operations start at a fixed rate whatever the latency, so that a
+//! slow database shows as latency, not as fewer requests (no coordinated omission).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
@@ -94,4 +99,256 @@ async fn write_one(pool: &Pool, ring: &KeyRing, id: i64, plaintext: &[u8]) -> an
     .await?;
     tx.commit().await?;
     Ok(true)
+}
+
+/// How to load the application's side.
+#[derive(Debug, Clone)]
+pub struct TrafficOptions {
+    /// Operations started per second.
+    pub rate: u32,
+    pub duration: Duration,
+    /// Share of reads; the rest are writes.
+    pub read_fraction: f64,
+    /// Operations in flight at most (further ones wait, and their wait counts as latency).
+    pub max_in_flight: usize,
+    /// How often the application reloads its key ring.
+    pub refresh: Duration,
+    pub seed: u64,
+}
+
+impl Default for TrafficOptions {
+    fn default() -> Self {
+        Self {
+            rate: 200,
+            duration: Duration::from_secs(30),
+            read_fraction: 0.8,
+            max_in_flight: 32,
+            refresh: Duration::from_secs(2),
+            seed: 1,
+        }
+    }
+}
+
+/// Latency percentiles in milliseconds.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Percentiles {
+    pub count: u64,
+    pub p50_ms: f64,
+    pub p95_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+impl Percentiles {
+    pub fn of(samples_us: &mut [u64]) -> Self {
+        if samples_us.is_empty() {
+            return Self::default();
+        }
+        samples_us.sort_unstable();
+        let at = |q: f64| {
+            samples_us[((samples_us.len() - 1) as f64 * q).round() as usize] as f64 / 1000.0
+        };
+        Self {
+            count: samples_us.len() as u64,
+            p50_ms: at(0.50),
+            p95_ms: at(0.95),
+            p99_ms: at(0.99),
+            max_ms: at(1.0),
+        }
+    }
+}
+
+/// What the traffic saw.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct TrafficReport {
+    pub seconds: f64,
+    pub started_ops: u64,
+    pub reads: Percentiles,
+    pub writes: Percentiles,
+    pub all: Percentiles,
+    /// Values read that failed to decrypt (planted corrupt values count here too).
+    pub decrypt_errors: u64,
+    /// Operations that failed outright (database errors, timeouts).
+    pub errors: u64,
+    /// Operations per second achieved.
+    pub achieved_rate: f64,
+    /// Per second of the run: (second, operations completed, p99 latency in ms).
+    pub timeline: Vec<(u64, u64, f64)>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Read(usize),
+    Write,
+}
+
+/// Runs open-loop traffic for `opts.duration`.
+pub async fn run(
+    pool: &Pool,
+    master: Arc<MasterKey>,
+    opts: &TrafficOptions,
+) -> anyhow::Result<TrafficReport> {
+    let client = pool.get().await?;
+    let mut bounds = Vec::new();
+    for (table, cols) in [
+        ("demo.users", &["email", "phone"][..]),
+        ("demo.agents", &["api_key", "system_prompt"][..]),
+        ("demo.conversations", &["body", "summary"][..]),
+    ] {
+        let r = client
+            .query_one(&format!("SELECT min(id), max(id) FROM {table}"), &[])
+            .await?;
+        if let (Some(lo), Some(hi)) = (r.get::<_, Option<i64>>(0), r.get::<_, Option<i64>>(1)) {
+            bounds.push((table, cols, lo, hi));
+        }
+    }
+    anyhow::ensure!(
+        !bounds.is_empty(),
+        "the demo tables are empty: run `rekey-loadtest seed` first"
+    );
+    let max_user = client
+        .query_one("SELECT COALESCE(max(id), 0) FROM demo.users", &[])
+        .await?
+        .get::<_, i64>(0);
+    drop(client);
+    let bounds = Arc::new(bounds);
+    let ring = Arc::new(std::sync::RwLock::new(Arc::new(
+        store::load_ring(&**pool.get().await?, &master).await?,
+    )));
+    let decrypt_errors = Arc::new(AtomicU64::new(0));
+    let permits = Arc::new(tokio::sync::Semaphore::new(opts.max_in_flight.max(1)));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Op, Instant, Instant, bool)>();
+    let started = Instant::now();
+    let mut rng = StdRng::seed_from_u64(opts.seed);
+    let period = Duration::from_secs_f64(1.0 / f64::from(opts.rate.max(1)));
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut last_refresh = Instant::now();
+    let mut started_ops = 0u64;
+    while started.elapsed() < opts.duration {
+        let due = ticker.tick().await;
+        if last_refresh.elapsed() > opts.refresh {
+            last_refresh = Instant::now();
+            if let Ok(c) = pool.get().await
+                && let Ok(r) = store::load_ring(&**c, &master).await
+            {
+                *ring.write().expect("ring lock") = Arc::new(r);
+            }
+        }
+        let op = if rng.random_bool(opts.read_fraction.clamp(0.0, 1.0)) || max_user == 0 {
+            Op::Read(rng.random_range(0..bounds.len()))
+        } else {
+            Op::Write
+        };
+        let pick = rng.random::<u64>();
+        let email = format!("traffic{}@example.org", rng.random_range(0..1_000_000u32));
+        let (pool, ring, bounds, tx, permits, decrypt_errors) = (
+            pool.clone(),
+            ring.clone(),
+            bounds.clone(),
+            tx.clone(),
+            permits.clone(),
+            decrypt_errors.clone(),
+        );
+        let scheduled = due.into_std();
+        started_ops += 1;
+        tokio::spawn(async move {
+            let _permit = permits.acquire_owned().await.expect("semaphore open");
+            let ring = ring.read().expect("ring lock").clone();
+            let ok = match op {
+                Op::Read(t) => {
+                    let (table, cols, lo, hi) = bounds[t];
+                    let id = lo + (pick % ((hi - lo + 1) as u64)) as i64;
+                    read_one(&pool, &ring, table, cols, id, &decrypt_errors)
+                        .await
+                        .is_ok()
+                }
+                Op::Write => {
+                    let id = 1 + (pick % max_user as u64) as i64;
+                    write_one(&pool, &ring, id, email.as_bytes()).await.is_ok()
+                }
+            };
+            let _ = tx.send((op, scheduled, Instant::now(), ok));
+        });
+    }
+    drop(tx);
+    let mut reads = Vec::new();
+    let mut writes = Vec::new();
+    let mut errors = 0;
+    let mut per_second: std::collections::BTreeMap<u64, Vec<u64>> = Default::default();
+    while let Some((op, scheduled, done, ok)) = rx.recv().await {
+        // Latency from when the operation was due, so queueing behind a slow database counts.
+        let us = done.saturating_duration_since(scheduled).as_micros() as u64;
+        if !ok {
+            errors += 1;
+        }
+        per_second
+            .entry(done.saturating_duration_since(started).as_secs())
+            .or_default()
+            .push(us);
+        match op {
+            Op::Read(_) => reads.push(us),
+            Op::Write => writes.push(us),
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let mut all: Vec<u64> = reads.iter().chain(writes.iter()).copied().collect();
+    let timeline = per_second
+        .into_iter()
+        .map(|(s, mut v)| {
+            let p = Percentiles::of(&mut v);
+            (s, p.count, p.p99_ms)
+        })
+        .collect();
+    let c = pool.get().await?;
+    let ring = ring.read().expect("ring lock").clone();
+    store::add_encryptions(&**c, &ring.take_encryption_counts()).await?;
+    Ok(TrafficReport {
+        seconds,
+        started_ops,
+        reads: Percentiles::of(&mut reads),
+        writes: Percentiles::of(&mut writes),
+        achieved_rate: all.len() as f64 / seconds,
+        all: Percentiles::of(&mut all),
+        decrypt_errors: decrypt_errors.load(Ordering::Relaxed),
+        errors,
+        timeline,
+    })
+}
+
+/// Reads one row and decrypts its encrypted columns, as the application does.
+async fn read_one(
+    pool: &Pool,
+    ring: &KeyRing,
+    table: &str,
+    cols: &[&str],
+    id: i64,
+    decrypt_errors: &AtomicU64,
+) -> anyhow::Result<()> {
+    let c = pool.get().await?;
+    let row = c
+        .query_opt(
+            &format!(
+                "SELECT id, {} FROM {table} WHERE id >= $1 ORDER BY id LIMIT 1",
+                cols.join(", ")
+            ),
+            &[&id],
+        )
+        .await?;
+    if let Some(row) = row {
+        let row_id: i64 = row.get(0);
+        for (i, col) in cols.iter().enumerate() {
+            if let Some(v) = row.get::<_, Option<Vec<u8>>>(i + 1) {
+                let loc = FieldLocation {
+                    table,
+                    column: col,
+                    row_id,
+                };
+                if envelope::open(ring, &loc, &v).is_err() {
+                    decrypt_errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+    Ok(())
 }

@@ -651,3 +651,45 @@ async fn a_paused_run_publishes_nothing_more_and_resume_finishes_it() {
     assert!(env.verify(Some(run.target_key_id)).await.passed());
     env.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn application_traffic_alongside_a_rotation_sees_no_error_and_reports_its_latency() {
+    let env = Env::seeded(4_000, 0.0).await;
+    let w = env.worker("w", 2);
+    let (pool, master) = (env.db.pool.clone(), env.master.clone());
+    let traffic = tokio::spawn(async move {
+        rekey_loadtest::traffic::run(
+            &pool,
+            master,
+            &rekey_loadtest::traffic::TrafficOptions {
+                rate: 100,
+                duration: Duration::from_secs(3),
+                refresh: Duration::from_millis(300),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap()
+    });
+    let run = run_cmd::start_rotation(&env.db.pool, &env.settings, &env.master, &opts(200))
+        .await
+        .unwrap();
+    assert_eq!(env.drive(run.id).await, RunState::Completed);
+    let t = traffic.await.unwrap();
+    w.stop().await;
+    assert_eq!((t.errors, t.decrypt_errors), (0, 0), "{t:?}");
+    assert!(
+        (250..=350).contains(&t.all.count),
+        "about 100 ops/s for 3 s: {t:?}"
+    );
+    assert!(t.reads.count > t.writes.count && t.writes.count > 0);
+    assert!(
+        t.all.p50_ms <= t.all.p95_ms
+            && t.all.p95_ms <= t.all.p99_ms
+            && t.all.p99_ms <= t.all.max_ms
+    );
+    assert!(t.timeline.len() >= 3);
+    // Every value, including the application's writes, decrypts to what was written last.
+    assert!(env.verify(None).await.passed());
+    env.finish().await;
+}
