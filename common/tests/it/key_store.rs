@@ -325,7 +325,7 @@ async fn a_tampered_wrapped_key_is_reported_by_id() {
     let init = init(&db, &master).await;
     let c = db.pool.get().await.unwrap();
     c.execute(
-        "UPDATE rekey.keys SET wrapped_key = overlay(wrapped_key placing '\\x00'::bytea from 20 for 1) WHERE id = $1",
+        "UPDATE rekey.keys SET wrapped_key = set_byte(wrapped_key, 19, get_byte(wrapped_key, 19) # 1) WHERE id = $1",
         &[&init.field_key.id],
     )
     .await

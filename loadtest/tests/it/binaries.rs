@@ -88,6 +88,14 @@ async fn seed_rotate_with_two_worker_processes_verify_and_stop_them_with_sigterm
             ),
             ("REKEY_QUEUE_PREFIX", db.name.clone()),
             ("RUST_LOG", "info".into()),
+            (
+                "REKEY_REPORTS_DIR",
+                std::env::temp_dir()
+                    .join(format!("{}-reports", db.name))
+                    .display()
+                    .to_string(),
+            ),
+            ("REKEY_BACKUP_CHECK", "none".into()),
         ],
     };
     let (ok, out, err) = env.run(

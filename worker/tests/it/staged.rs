@@ -516,7 +516,7 @@ async fn preflight_fails_naming_the_item_without_a_master_key_a_broker_or_an_unw
         .await
         .unwrap()
         .execute(
-            "UPDATE rekey.keys SET wrapped_key = overlay(wrapped_key placing '\\xff'::bytea from 30 for 1) WHERE kind = 'field' AND state = 'active'",
+            "UPDATE rekey.keys SET wrapped_key = set_byte(wrapped_key, 29, get_byte(wrapped_key, 29) # 1) WHERE kind = 'field' AND state = 'active'",
             &[],
         )
         .await
