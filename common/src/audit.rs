@@ -36,6 +36,30 @@ impl AuditEntry {
     }
 }
 
+impl AuditEntry {
+    /// A successful or failed event of run `run_id` that no batch owns (a stage start, a
+    /// gate decision, an operator action), about the run's target key.
+    pub fn run_event(
+        run_id: i64,
+        key_id: Uuid,
+        operation: &str,
+        success: bool,
+        actor: &str,
+        detail: Value,
+    ) -> Self {
+        Self {
+            key_id: Some(key_id),
+            operation: operation.to_owned(),
+            success,
+            n_ops: 1,
+            run_id: Some(run_id),
+            batch_no: None,
+            actor: actor.to_owned(),
+            detail,
+        }
+    }
+}
+
 /// Appends entries in one statement.
 pub async fn record<C: GenericClient>(
     client: &C,

@@ -206,6 +206,22 @@ pub async fn queue_depth(channel: &Channel, queue: &str) -> anyhow::Result<u32> 
     Ok(q.message_count())
 }
 
+/// Consumers attached to a queue (a passive declare): how many workers are listening.
+pub async fn consumer_count(channel: &Channel, queue: &str) -> anyhow::Result<u32> {
+    let q = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .with_context(|| format!("inspect queue {queue}"))?;
+    Ok(q.consumer_count())
+}
+
 /// Deletes the queues of a topology (tests and `rekey` clean-up).
 pub async fn delete(channel: &Channel, topo: &Topology) -> anyhow::Result<()> {
     for q in [&topo.batches, &topo.dead_letters, &topo.reports] {

@@ -215,17 +215,7 @@ async fn wait_for_workers(settings: &Settings, n: u32) -> anyhow::Result<()> {
     let ch = conn.create_channel().await?;
     broker::declare(&ch, &topo).await?;
     for _ in 0..300 {
-        let q = ch
-            .queue_declare(
-                topo.batches.as_str().into(),
-                lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                Default::default(),
-            )
-            .await?;
-        if q.consumer_count() >= n {
+        if broker::consumer_count(&ch, &topo.batches).await? >= n {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -532,16 +532,7 @@ pub async fn start_stage_in(
     ledger::insert_batches(tx, run.id, &plans).await?;
     audit::record(
         tx,
-        &[AuditEntry {
-            key_id: Some(run.target_key_id),
-            operation: "stage_start".into(),
-            success: true,
-            n_ops: 1,
-            run_id: Some(run.id),
-            batch_no: None,
-            actor: actor.to_owned(),
-            detail: serde_json::json!({"stage_no": stage_no, "percent": run.stages[stage_no as usize], "batches": plans.len()}),
-        }],
+        &[AuditEntry::run_event(run.id, run.target_key_id, "stage_start", true, actor, serde_json::json!({"stage_no": stage_no, "percent": run.stages[stage_no as usize], "batches": plans.len()}))],
     )
     .await?;
     tracing::info!(
@@ -626,16 +617,14 @@ async fn gate_stage(
     .await?;
     audit::record(
         &*tx,
-        &[AuditEntry {
-            key_id: Some(run.target_key_id),
-            operation: "gate".into(),
-            success: true,
-            n_ops: 1,
-            run_id: Some(run.id),
-            batch_no: None,
-            actor: settings.actor.clone(),
-            detail: serde_json::json!({"stage_no": stage_no, "passed": true, "observe_secs": observe}),
-        }],
+        &[AuditEntry::run_event(
+            run.id,
+            run.target_key_id,
+            "gate",
+            true,
+            &settings.actor,
+            serde_json::json!({"stage_no": stage_no, "passed": true, "observe_secs": observe}),
+        )],
     )
     .await?;
     tx.commit().await?;
@@ -705,16 +694,14 @@ async fn mark_breach(
     .await?;
     audit::record(
         &*tx,
-        &[AuditEntry {
-            key_id: Some(run.target_key_id),
-            operation: "gate".into(),
-            success: false,
-            n_ops: 1,
-            run_id: Some(run.id),
-            batch_no: None,
-            actor: settings.actor.clone(),
-            detail: serde_json::json!({"stage_no": stage_no, "passed": false, "reason": reason}),
-        }],
+        &[AuditEntry::run_event(
+            run.id,
+            run.target_key_id,
+            "gate",
+            false,
+            &settings.actor,
+            serde_json::json!({"stage_no": stage_no, "passed": false, "reason": reason}),
+        )],
     )
     .await?;
     tx.commit().await?;

@@ -435,16 +435,14 @@ pub async fn advance(
     }
     audit::record(
         &*tx,
-        &[AuditEntry {
-            key_id: Some(run.target_key_id),
-            operation: how.to_owned(),
-            success: true,
-            n_ops: 1,
-            run_id: Some(run.id),
-            batch_no: None,
-            actor: actor.to_owned(),
-            detail: json!({"stage_no": stage_no, "percent": run.stages[stage_no as usize], "last": last}),
-        }],
+        &[AuditEntry::run_event(
+            run.id,
+            run.target_key_id,
+            how,
+            true,
+            actor,
+            json!({"stage_no": stage_no, "percent": run.stages[stage_no as usize], "last": last}),
+        )],
     )
     .await?;
     tx.commit().await?;

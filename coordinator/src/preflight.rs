@@ -123,18 +123,9 @@ async fn broker_check(settings: &Settings) -> Check {
         .map_err(|_| anyhow::anyhow!("no answer from RabbitMQ within 10 s (REKEY_AMQP_URL)"))??;
         let ch = conn.create_channel().await?;
         broker::declare(&ch, &topo).await?;
-        let q = ch
-            .queue_declare(
-                topo.batches.as_str().into(),
-                lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                Default::default(),
-            )
-            .await?;
+        let n = broker::consumer_count(&ch, &topo.batches).await?;
         let _ = conn.close(200, "bye".into()).await;
-        anyhow::Ok(q.consumer_count())
+        anyhow::Ok(n)
     }
     .await;
     match result {

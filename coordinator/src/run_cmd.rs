@@ -185,16 +185,14 @@ async fn record_action<C: tokio_postgres::GenericClient>(
 ) -> anyhow::Result<()> {
     rekey_common::audit::record(
         c,
-        &[rekey_common::audit::AuditEntry {
-            key_id: Some(run.target_key_id),
-            operation: operation.to_owned(),
-            success: true,
-            n_ops: 1,
-            run_id: Some(run.id),
-            batch_no: None,
-            actor: actor.to_owned(),
+        &[rekey_common::audit::AuditEntry::run_event(
+            run.id,
+            run.target_key_id,
+            operation,
+            true,
+            actor,
             detail,
-        }],
+        )],
     )
     .await?;
     Ok(())

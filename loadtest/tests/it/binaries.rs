@@ -124,18 +124,7 @@ async fn seed_rotate_with_two_worker_processes_verify_and_stop_them_with_sigterm
     broker::declare(&ch, &topo).await.unwrap();
     let start = Instant::now();
     loop {
-        let q = ch
-            .queue_declare(
-                topo.batches.as_str().into(),
-                lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                Default::default(),
-            )
-            .await
-            .unwrap();
-        if q.consumer_count() == 2 {
+        if broker::consumer_count(&ch, &topo.batches).await.unwrap() == 2 {
             break;
         }
         assert!(
