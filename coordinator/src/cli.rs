@@ -80,6 +80,10 @@ pub enum Command {
         /// Rotate to this field key (default: the newest pending field key, or a new one).
         #[arg(long)]
         target_key: Option<uuid::Uuid>,
+        /// How long a new key stays pending (readable by everyone, used by no one) before
+        /// it becomes active: at least the interval at which applications reload their keys.
+        #[arg(long, default_value = "30s")]
+        key_propagation: String,
         /// Start even when preflight fails.
         #[arg(long)]
         skip_preflight: bool,
@@ -302,12 +306,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             max_error_rate,
             dry_run,
             target_key,
+            key_propagation,
             skip_preflight,
             detach,
             drive,
             json,
         } => {
             let (first, rest) = parse_observe(&observe)?;
+            let key_propagation = parse_duration(&key_propagation).context("--key-propagation")?;
             let ctx = Context::connect(config).await?;
             if !skip_preflight {
                 let p = crate::preflight::run(&ctx.settings).await;
@@ -332,6 +338,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 dry_run,
                 target_key,
                 seed: None,
+                key_propagation,
                 stages: if dry_run { vec![100] } else { stages },
                 gating: RunSettings {
                     observe_first_secs: first.as_secs(),

@@ -142,6 +142,7 @@ pub async fn run(
     let opts = RotateOptions {
         batch_size: 1000,
         stages: vec![1, 25, 50, 75, 100],
+        key_propagation: Duration::from_secs(2),
         gating: RunSettings {
             observe_first_secs: observe.as_secs(),
             observe_secs: observe.as_secs(),

@@ -25,6 +25,9 @@ pub struct RotateOptions {
     pub stages: Vec<i32>,
     /// Gating and observation settings.
     pub gating: RunSettings,
+    /// How long a new key stays pending before it becomes active: at least the interval
+    /// at which applications reload their key ring.
+    pub key_propagation: std::time::Duration,
 }
 
 impl Default for RotateOptions {
@@ -35,6 +38,7 @@ impl Default for RotateOptions {
             target_key: None,
             seed: None,
             stages: vec![100],
+            key_propagation: std::time::Duration::ZERO,
             gating: RunSettings {
                 observe_first_secs: 0,
                 observe_secs: 0,
@@ -65,6 +69,48 @@ pub async fn start_rotation(
     store::load_ring(&**client, master)
         .await
         .context("load the key ring")?;
+    // A new key is first published as pending, which every reader can already decrypt
+    // with, and made active only once readers have had `key_propagation` to load it, so
+    // that no reader meets a value under a key it does not know.
+    if opts.target_key.is_none() {
+        let tx = client.transaction().await?;
+        tx.execute("SELECT pg_advisory_xact_lock(hashtext('rekey keys'))", &[])
+            .await?;
+        let has_pending = store::list(&*tx)
+            .await?
+            .iter()
+            .any(|k| k.kind == KeyKind::Field && k.state == KeyState::Pending);
+        if !has_pending {
+            let k = store::generate(
+                &tx,
+                master,
+                KeyKind::Field,
+                "rotation target",
+                &settings.key_policy,
+                &settings.actor,
+            )
+            .await?;
+            tracing::info!(key_id = %k.id, "new field key published as pending");
+        }
+        tx.commit().await?;
+    }
+    if !opts.dry_run {
+        let wait: f64 = client
+            .query_one(
+                "SELECT COALESCE(max(EXTRACT(EPOCH FROM (created_at + make_interval(secs => $2) - now()))), 0)::float8
+                   FROM rekey.keys WHERE kind = 'field' AND state = 'pending' AND ($1::uuid IS NULL OR id = $1)",
+                &[&opts.target_key, &opts.key_propagation.as_secs_f64()],
+            )
+            .await?
+            .get(0);
+        if wait > 0.0 {
+            tracing::info!(
+                wait_secs = wait,
+                "waiting for readers to load the pending key before it becomes active"
+            );
+            tokio::time::sleep(std::time::Duration::from_secs_f64(wait)).await;
+        }
+    }
     let tx = client.transaction().await?;
     tx.execute("SELECT pg_advisory_xact_lock(hashtext('rekey keys'))", &[])
         .await?;

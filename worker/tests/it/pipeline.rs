@@ -671,7 +671,11 @@ async fn application_traffic_alongside_a_rotation_sees_no_error_and_reports_its_
         .await
         .unwrap()
     });
-    let run = run_cmd::start_rotation(&env.db.pool, &env.settings, &env.master, &opts(200))
+    // The application reloads its keys every 300 ms; the new key stays pending for 1 s,
+    // so no read ever meets a value under a key the application does not know.
+    let mut o = opts(200);
+    o.key_propagation = Duration::from_secs(1);
+    let run = run_cmd::start_rotation(&env.db.pool, &env.settings, &env.master, &o)
         .await
         .unwrap();
     assert_eq!(env.drive(run.id).await, RunState::Completed);
