@@ -190,8 +190,8 @@ pub fn reason_headers(reason: &str) -> FieldTable {
     t
 }
 
-/// Messages ready in a queue (a passive declare).
-pub async fn queue_depth(channel: &Channel, queue: &str) -> anyhow::Result<u32> {
+/// A queue's state from a passive declare: (messages ready, consumers attached).
+async fn inspect(channel: &Channel, queue: &str) -> anyhow::Result<(u32, u32)> {
     let q = channel
         .queue_declare(
             queue.into(),
@@ -203,23 +203,17 @@ pub async fn queue_depth(channel: &Channel, queue: &str) -> anyhow::Result<u32> 
         )
         .await
         .with_context(|| format!("inspect queue {queue}"))?;
-    Ok(q.message_count())
+    Ok((q.message_count(), q.consumer_count()))
 }
 
-/// Consumers attached to a queue (a passive declare): how many workers are listening.
+/// Messages ready in a queue.
+pub async fn queue_depth(channel: &Channel, queue: &str) -> anyhow::Result<u32> {
+    Ok(inspect(channel, queue).await?.0)
+}
+
+/// Consumers attached to a queue: how many workers are listening.
 pub async fn consumer_count(channel: &Channel, queue: &str) -> anyhow::Result<u32> {
-    let q = channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .with_context(|| format!("inspect queue {queue}"))?;
-    Ok(q.consumer_count())
+    Ok(inspect(channel, queue).await?.1)
 }
 
 /// Deletes the queues of a topology (tests and `rekey` clean-up).
