@@ -160,10 +160,15 @@ pub struct RunSettings {
     pub min_impact_ms: f64,
     /// The probe query's latency before the run (median, milliseconds).
     pub probe_baseline_ms: Option<f64>,
+    /// The probe's 95th percentile before the run (milliseconds): the throttle's baseline.
+    pub probe_baseline_p95_ms: Option<f64>,
     /// Longest allowed gap between audit entries while a stage runs (the playbook: 5 min).
     pub max_audit_gap_secs: f64,
     /// Rows read back and decrypted per table at each observation check.
     pub observe_sample: i64,
+    /// A batch holds about this many bytes of values (the run's `batch_size` is then the
+    /// most rows a batch holds); 0: every batch holds `batch_size` rows.
+    pub batch_bytes: i64,
 }
 
 impl Default for RunSettings {
@@ -179,8 +184,10 @@ impl Default for RunSettings {
             breach_pct: 20.0,
             min_impact_ms: 2.0,
             probe_baseline_ms: None,
+            probe_baseline_p95_ms: None,
             max_audit_gap_secs: 300.0,
             observe_sample: 50,
+            batch_bytes: 0,
         }
     }
 }

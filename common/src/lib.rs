@@ -10,6 +10,7 @@
 //! - [`broker`]: RabbitMQ connection, topology, confirmed publishing.
 //! - [`config`]: settings from `rekey.toml` and `REKEY_*` variables.
 //! - [`db`]: the connection pool and the embedded migrations.
+//! - [`sizing`]: rows per batch from the bytes a batch should hold.
 //! - [`telemetry`]: logging setup for the binaries.
 //! - [`testing`]: test support (a fresh database per test), used by every crate's tests.
 //!
@@ -26,6 +27,7 @@ pub mod keys;
 pub mod ledger;
 pub mod messages;
 pub mod secret;
+pub mod sizing;
 pub mod stages;
 pub mod telemetry;
 pub mod testing;

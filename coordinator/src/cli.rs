@@ -55,9 +55,13 @@ pub enum Command {
     /// Rotate the field key in stages: make a new key active for new writes, then rotate a
     /// 1% canary and 25/50/75/100% of records, each stage gated and observed.
     Rotate {
-        /// Rows per batch.
-        #[arg(long, default_value_t = 1000)]
+        /// Rows per batch at most.
+        #[arg(long, default_value_t = 10_000)]
         batch_size: i64,
+        /// Bytes of encrypted values a batch holds, about (sampled per table): small values
+        /// get long batches, large ones short batches; 0: every batch holds --batch-size rows.
+        #[arg(long, default_value_t = 1 << 20)]
+        batch_bytes: i64,
         /// Cumulative percentages of records per stage, ending at 100.
         #[arg(long, value_delimiter = ',', default_value = "1,25,50,75,100")]
         stages: Vec<i32>,
@@ -299,6 +303,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Rotate {
             batch_size,
+            batch_bytes,
             stages,
             observe,
             auto_advance,
@@ -346,6 +351,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     auto_advance: auto_advance || dry_run,
                     auto_rollback,
                     max_error_rate,
+                    batch_bytes: batch_bytes.max(0),
                     ..Default::default()
                 },
             };

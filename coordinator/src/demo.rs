@@ -140,13 +140,14 @@ pub async fn run(
     eprintln!("2 workers up; rotating in stages 1,25,50,75,100 with {observe:?} observation");
 
     let opts = RotateOptions {
-        batch_size: 1000,
+        batch_size: 10_000,
         stages: vec![1, 25, 50, 75, 100],
         key_propagation: Duration::from_secs(2),
         gating: RunSettings {
             observe_first_secs: observe.as_secs(),
             observe_secs: observe.as_secs(),
             auto_advance: true,
+            batch_bytes: 1 << 20,
             ..Default::default()
         },
         ..Default::default()

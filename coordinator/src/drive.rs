@@ -366,10 +366,13 @@ async fn step(
             {
                 rt.last_probe = Some(Instant::now());
                 let lat =
-                    probe::measure(pool, &run.targets, settings.probe_query.as_deref(), 5).await?;
-                let throttle = rt.perf.record(&run.settings, lat.median_ms);
+                    probe::measure(pool, &run.targets, settings.probe_query.as_deref(), 10).await?;
+                let throttle = rt.perf.record(&run.settings, lat.median_ms, lat.p95_ms);
+                // Each throttled sample quarters the window, down to one batch in flight;
+                // each good one doubles it again.
+                let max_level = 63 - opts.max_in_flight.max(1).leading_zeros();
                 rt.throttle_level = if throttle {
-                    (rt.throttle_level + 1).min(4)
+                    (rt.throttle_level + 2).min(max_level)
                 } else {
                     rt.throttle_level.saturating_sub(1)
                 };
@@ -378,6 +381,7 @@ async fn step(
                         run_id,
                         stage_no,
                         latency_ms = lat.median_ms,
+                        p95_ms = lat.p95_ms,
                         throttle_level = rt.throttle_level,
                         "application latency up: throttling"
                     );
@@ -517,8 +521,23 @@ pub async fn start_stage_in(
     let (lo, hi) =
         rekey_common::stages::bucket_range(&run.stages, stage_no).context("stage out of range")?;
     let fraction = f64::from(hi - lo) / f64::from(rekey_common::stages::BUCKETS);
-    // A range holds about batch_size rows of this stage's slice.
-    let range_rows = ((f64::from(run.batch_size) / fraction).ceil() as i64).max(1);
+    // A batch holds about `batch_bytes` of values (at most `batch_size` rows) of this
+    // stage's slice; its id range spans that many rows divided by the slice's fraction.
+    let mut range_rows = std::collections::HashMap::new();
+    for t in &run.targets {
+        let rows = rekey_common::sizing::rows_for(
+            tx,
+            t,
+            i64::from(run.batch_size),
+            run.settings.batch_bytes,
+        )
+        .await
+        .with_context(|| format!("size the batches of {}", t.table))?;
+        range_rows.insert(
+            t.table.clone(),
+            ((rows as f64 / fraction).ceil() as i64).max(1),
+        );
+    }
     let n = tx
         .execute(
             "UPDATE rekey.stages SET state = 'running', started_at = now() WHERE run_id = $1 AND stage_no = $2 AND state = 'pending'",
@@ -528,7 +547,7 @@ pub async fn start_stage_in(
     if n == 0 {
         return Ok(0);
     }
-    let plans = plan::plan_stage(tx, &run.targets, stage_no, range_rows).await?;
+    let plans = plan::plan_stage(tx, &run.targets, stage_no, &range_rows).await?;
     ledger::insert_batches(tx, run.id, &plans).await?;
     audit::record(
         tx,

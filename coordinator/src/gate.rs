@@ -117,15 +117,22 @@ pub struct PerfTracker {
 pub const SUSTAINED_SAMPLES: usize = 3;
 
 impl PerfTracker {
-    /// Records a sample; returns whether the coordinator should throttle now.
-    pub fn record(&mut self, settings: &ledger::RunSettings, ms: f64) -> bool {
+    /// Records a sample (the median and the 95th percentile of its probes); returns whether
+    /// the coordinator should throttle now. The throttle answers the tail as well as the
+    /// median (the application's p99 suffers first), a breach only the median, which noise
+    /// on a busy machine does not move.
+    pub fn record(&mut self, settings: &ledger::RunSettings, ms: f64, p95_ms: f64) -> bool {
         let baseline = settings.probe_baseline_ms;
         let impact = baseline
             .map(|b| crate::probe::impact_pct(b, ms, settings.min_impact_ms))
             .unwrap_or(0.0);
+        let tail_impact = settings
+            .probe_baseline_p95_ms
+            .map(|b| crate::probe::impact_pct(b, p95_ms, settings.min_impact_ms))
+            .unwrap_or(0.0);
         self.samples_ms.push(ms);
         self.impacts.push(impact);
-        let throttle = impact > settings.throttle_pct;
+        let throttle = impact > settings.throttle_pct || tail_impact > settings.throttle_pct;
         if impact > settings.breach_pct {
             self.consecutive_over_breach += 1;
         } else {
@@ -465,31 +472,45 @@ mod tests {
         let s = settings();
         let mut t = PerfTracker::default();
         assert!(
-            !t.record(&s, 11.0),
+            !t.record(&s, 11.0, 11.0),
             "+10% (1 ms, under the noise floor) is fine"
         );
-        assert!(t.record(&s, 11.8 + 2.0), "+38% throttles");
+        assert!(t.record(&s, 11.8 + 2.0, 11.8 + 2.0), "+38% throttles");
         assert!(!t.figures.breached);
-        assert!(!t.record(&s, 10.5), "back to normal stops throttling");
+        assert!(!t.record(&s, 10.5, 10.5), "back to normal stops throttling");
         // Over 20% twice, a normal sample, then three in a row: only the last is a breach.
-        t.record(&s, 13.0);
-        t.record(&s, 13.0);
-        t.record(&s, 10.0);
+        t.record(&s, 13.0, 13.0);
+        t.record(&s, 13.0, 13.0);
+        t.record(&s, 10.0, 10.0);
         assert!(!t.figures.breached);
-        t.record(&s, 13.0);
-        t.record(&s, 13.0);
+        t.record(&s, 13.0, 13.0);
+        t.record(&s, 13.0, 13.0);
         assert!(!t.figures.breached);
-        t.record(&s, 13.0);
+        t.record(&s, 13.0, 13.0);
         assert!(t.figures.breached);
         assert_eq!(t.figures.max_consecutive_over_breach, SUSTAINED_SAMPLES);
         assert!(t.figures.throttled_samples >= 5);
     }
 
     #[test]
+    fn a_slow_tail_throttles_but_never_breaches() {
+        let s = ledger::RunSettings {
+            probe_baseline_p95_ms: Some(10.0),
+            ..settings()
+        };
+        let mut t = PerfTracker::default();
+        for _ in 0..10 {
+            assert!(t.record(&s, 10.0, 30.0), "p95 +200% throttles");
+        }
+        assert!(!t.figures.breached, "the median did not move");
+        assert!(!t.record(&s, 10.0, 11.0), "p95 back to normal");
+    }
+
+    #[test]
     fn without_a_baseline_nothing_throttles() {
         let s = ledger::RunSettings::default();
         let mut t = PerfTracker::default();
-        assert!(!t.record(&s, 1000.0));
+        assert!(!t.record(&s, 1000.0, 1000.0));
         assert!(!t.figures.breached);
     }
 

@@ -51,14 +51,16 @@ pub async fn ranges<C: GenericClient>(
 }
 
 /// The batches of every target for one stage.
+/// `rows_of(target)` is how many rows of the table one range spans.
 pub async fn plan_stage<C: GenericClient>(
     c: &C,
     targets: &[Target],
     stage_no: i32,
-    batch_size: i64,
+    rows_of: &std::collections::HashMap<String, i64>,
 ) -> anyhow::Result<Vec<BatchPlan>> {
     let mut out = Vec::new();
     for t in targets {
+        let batch_size = rows_of.get(&t.table).copied().unwrap_or(1000);
         for (lo, hi) in ranges(c, t, batch_size).await? {
             out.push(BatchPlan {
                 stage_no,

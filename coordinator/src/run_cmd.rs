@@ -159,9 +159,10 @@ pub async fn start_rotation(
     if gating.probe_baseline_ms.is_none() {
         // The application's latency before the run: the baseline of the performance gate.
         let lat =
-            crate::probe::measure(pool, &settings.targets, settings.probe_query.as_deref(), 20)
+            crate::probe::measure(pool, &settings.targets, settings.probe_query.as_deref(), 40)
                 .await?;
         gating.probe_baseline_ms = Some(lat.median_ms);
+        gating.probe_baseline_p95_ms = Some(lat.p95_ms);
     }
     let run = ledger::create_run(
         &*tx,
@@ -194,7 +195,7 @@ pub async fn start_rotation(
         &run,
         &settings.actor,
         action,
-        serde_json::json!({"stages": opts.stages, "batch_size": opts.batch_size}),
+        serde_json::json!({"stages": opts.stages, "batch_size": opts.batch_size, "batch_bytes": opts.gating.batch_bytes}),
     )
     .await?;
     tx.commit().await?;

@@ -560,7 +560,6 @@ async fn record(
         (&a.operation, a.success, a.key_id).cmp(&(&b.operation, b.success, b.key_id))
     });
     audit::record(tx, &entries).await?;
-    flush_counts(tx, ring).await?;
     let c = computed.counts;
     tx.execute(
         "UPDATE rekey.batches SET state = 'done', done_at = now(), lease_until = NULL, worker = $3,
@@ -579,5 +578,8 @@ async fn record(
         ],
     )
     .await?;
+    // Last before the commit: every batch updates the key's counter row, so the row lock
+    // it takes is held only for the commit, not across the ledger write.
+    flush_counts(tx, ring).await?;
     Ok(())
 }
