@@ -6,6 +6,7 @@
 //! - [`verify`]: every value decrypts to its recorded digest; counts by key and outcome.
 //! - [`traffic`]: application writes that encrypt with the active key.
 
+pub mod bench;
 pub mod seed;
 pub mod traffic;
 pub mod verify;

@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use rekey_common::keys::store;
 use rekey_common::telemetry::LogFormat;
 use rekey_common::{Settings, db};
-use rekey_loadtest::{seed, verify};
+use rekey_loadtest::{bench, seed, verify};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -54,6 +54,56 @@ enum Command {
         /// Share of reads (the rest are writes).
         #[arg(long, default_value_t = 0.8)]
         read_fraction: f64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// On freshly seeded data (the demo tables are emptied first): (a) the in-database
+    /// rewrite ceiling, (b) a bare client rotation, (c) the full rekey rotation with W worker
+    /// processes under application traffic; prints rows/s, ratios, latency impact and peak
+    /// memory, and writes JSON and a PNG chart.
+    Bench {
+        #[arg(long, default_value_t = 1_000_000)]
+        rows: i64,
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        /// Batches per worker at once; (a) and (b) use workers × this many connections.
+        #[arg(long, default_value_t = 2)]
+        worker_concurrency: usize,
+        #[arg(long, default_value_t = 4)]
+        prefetch: u16,
+        /// Rows per batch at most.
+        #[arg(long, default_value_t = 10_000)]
+        batch_size: i64,
+        /// Bytes of values per batch (0: --batch-size rows each), in all three phases.
+        #[arg(long, default_value_t = 1 << 20)]
+        batch_bytes: i64,
+        /// Stages of the rotation in (c).
+        #[arg(long, value_delimiter = ',', default_value = "100")]
+        stages: Vec<i32>,
+        /// Application operations per second before and during (c); 0 for none.
+        #[arg(long, default_value_t = 100)]
+        traffic_rate: u32,
+        /// Traffic alone before (c), for the baseline latency.
+        #[arg(long, default_value = "20s")]
+        baseline: String,
+        /// Where `rekey` and `rekey-worker` are (default: beside this program).
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
+        /// Skip checking every value after (c).
+        #[arg(long)]
+        no_verify: bool,
+        /// The JSON report (default: bench-<rows>.json).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// The PNG chart (default: bench-<rows>.png).
+        #[arg(long)]
+        chart: Option<PathBuf>,
+        /// A TrueType font for the chart's text.
+        #[arg(
+            long,
+            default_value = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
+        )]
+        font: PathBuf,
         #[arg(long)]
         json: bool,
     },
@@ -178,6 +228,69 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
+            })
+        }
+        Command::Bench {
+            rows,
+            workers,
+            worker_concurrency,
+            prefetch,
+            batch_size,
+            batch_bytes,
+            stages,
+            traffic_rate,
+            baseline,
+            bin_dir,
+            no_verify,
+            out,
+            chart,
+            font,
+            json,
+        } => {
+            anyhow::ensure!(
+                rows > 0 && workers > 0 && batch_size > 0,
+                "--rows, --workers and --batch-size must be positive"
+            );
+            let bin_dir = match bin_dir {
+                Some(d) => d,
+                None => std::env::current_exe()?
+                    .parent()
+                    .map(PathBuf::from)
+                    .context("locate this program's directory")?,
+            };
+            let opts = bench::BenchOptions {
+                rows,
+                workers,
+                worker_concurrency,
+                prefetch,
+                batch_size,
+                batch_bytes,
+                stages,
+                traffic_rate,
+                baseline: parse_secs(&baseline)?,
+                bin_dir,
+                config: cli.config.clone(),
+                verify: !no_verify,
+                seed: 1,
+            };
+            let report = bench::run(&settings, Arc::new(master), &opts, &|m| {
+                eprintln!("bench: {m}")
+            })
+            .await?;
+            let out = out.unwrap_or_else(|| PathBuf::from(format!("bench-{rows}.json")));
+            std::fs::write(&out, serde_json::to_vec_pretty(&report)?)
+                .with_context(|| format!("write {}", out.display()))?;
+            let chart = chart.unwrap_or_else(|| PathBuf::from(format!("bench-{rows}.png")));
+            bench::chart(&report, &chart, &font)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                bench::print(&report);
+                println!("  wrote {} and {}", out.display(), chart.display());
+            }
+            Ok(match &report.verify {
+                Some(v) if !v.passed() => ExitCode::FAILURE,
+                _ => ExitCode::SUCCESS,
             })
         }
         Command::Verify { expect_key, json } => {

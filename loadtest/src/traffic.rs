@@ -114,6 +114,8 @@ pub struct TrafficOptions {
     /// How often the application reloads its key ring.
     pub refresh: Duration,
     pub seed: u64,
+    /// Ends the traffic early when it turns true (the bench stops it when a rotation ends).
+    pub stop: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl Default for TrafficOptions {
@@ -125,6 +127,7 @@ impl Default for TrafficOptions {
             max_in_flight: 32,
             refresh: Duration::from_secs(2),
             seed: 1,
+            stop: None,
         }
     }
 }
@@ -225,7 +228,8 @@ pub async fn run(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut last_refresh = Instant::now();
     let mut started_ops = 0u64;
-    while started.elapsed() < opts.duration {
+    let stopped = || opts.stop.as_ref().is_some_and(|s| *s.borrow());
+    while started.elapsed() < opts.duration && !stopped() {
         let due = ticker.tick().await;
         if last_refresh.elapsed() > opts.refresh {
             last_refresh = Instant::now();

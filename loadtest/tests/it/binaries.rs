@@ -329,3 +329,113 @@ async fn a_breach_with_auto_rollback_rolls_the_run_back_by_itself() {
     let ch = conn.create_channel().await.unwrap();
     broker::delete(&ch, &Topology::new(&db.name)).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bench_measures_three_phases_on_the_same_data_and_leaves_every_value_verified() {
+    let db = TestDb::new().await;
+    let dir = std::env::temp_dir().join(format!("{}-bench", db.name));
+    std::fs::create_dir_all(&dir).unwrap();
+    let env = Env {
+        vars: vec![
+            ("REKEY_DATABASE_URL", db.url.clone()),
+            (
+                "REKEY_MASTER_KEY",
+                generate_base64().expose_secret().to_owned(),
+            ),
+            ("REKEY_QUEUE_PREFIX", db.name.clone()),
+            (
+                "REKEY_REPORTS_DIR",
+                dir.join("reports").display().to_string(),
+            ),
+            ("REKEY_BACKUP_CHECK", "none".into()),
+        ],
+    };
+    let (json, png) = (dir.join("bench.json"), dir.join("bench.png"));
+    let (ok, out, err) = env.run(
+        "rekey-loadtest",
+        &[
+            "bench",
+            "--rows",
+            "3000",
+            "--workers",
+            "1",
+            "--traffic-rate",
+            "20",
+            "--baseline",
+            "2s",
+            "--out",
+            json.to_str().unwrap(),
+            "--chart",
+            png.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{out}{err}");
+    for line in [
+        "(a) ceiling",
+        "(b) bare",
+        "(c) full",
+        "(c)/(a)",
+        "peak RSS",
+        "verify: ok",
+    ] {
+        assert!(out.contains(line), "{line:?} missing from:\n{out}");
+    }
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let values = r["values"].as_i64().unwrap();
+    assert!(values > 3000, "two columns per record, some NULL: {values}");
+    for phase in ["ceiling", "bare", "full"] {
+        assert_eq!(r[phase]["rows"], 3000, "{phase}: {r}");
+        assert!(r[phase]["rows_per_sec"].as_f64().unwrap() > 0.0, "{phase}");
+        assert!(
+            r["throughput"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p[1] == phase),
+            "{phase} has no timeline"
+        );
+    }
+    // (b) re-encrypted every value; (c) every value too, and again those the application
+    // wrote under the old key meanwhile (the coverage sweep's stragglers).
+    assert_eq!(r["bare"]["values"], values);
+    assert!(r["full"]["values"].as_i64().unwrap() >= values, "{r}");
+    assert!(r["full_vs_bare"].as_f64().unwrap() > 0.0);
+    assert!(r["full_vs_ceiling"].as_f64().unwrap() > 0.0);
+    assert_eq!(r["rows_per_batch"].as_array().unwrap().len(), 3);
+    // Every value decrypts to its original plaintext, under the run's target key.
+    let v = &r["verify"];
+    // The application's writes may have filled NULL e-mails: more values, never fewer.
+    assert!(v["ok"].as_i64().unwrap() >= values, "{v}");
+    for bad in [
+        "mismatched",
+        "undecryptable",
+        "missing",
+        "not_on_expected_key",
+    ] {
+        assert_eq!(v[bad], 0, "{bad}: {v}");
+    }
+    // Traffic ran before and during (c), and every process's memory was read.
+    let l = &r["latency"];
+    assert!(l["before"]["count"].as_u64().unwrap() > 0, "{l}");
+    assert!(l["during"]["count"].as_u64().unwrap() > 0, "{l}");
+    assert_eq!(l["before_errors"], 0);
+    assert_eq!(l["during_errors"], 0);
+    assert!(r["coordinator"]["peak_rss_mib"].as_f64().unwrap() > 1.0);
+    let workers = r["workers_memory"].as_array().unwrap();
+    assert_eq!(workers.len(), 1);
+    assert!(workers[0]["peak_rss_mib"].as_f64().unwrap() > 1.0);
+    // The chart is a PNG.
+    let bytes = std::fs::read(&png).unwrap();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+    // The bench's queues are gone: a passive declare of them fails.
+    let conn = broker::connect(
+        &secrecy::SecretString::from("amqp://guest:guest@127.0.0.1:5672/%2f"),
+        "t",
+    )
+    .await
+    .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let topo = Topology::new(r["queue_prefix"].as_str().unwrap());
+    assert!(broker::queue_depth(&ch, &topo.batches).await.is_err());
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,1031 @@
+//! `rekey-loadtest bench`: on one freshly seeded data set, measures in turn
+//! (a) the in-database ceiling: every encrypted column rewritten in place by id range;
+//! (b) a bare client-side rotation: read, decrypt, re-encrypt, bulk write, nothing else;
+//! (c) the full rekey rotation: `rekey rotate` with W `rekey-worker` processes over RabbitMQ,
+//! with ledger, audit and verification, while simulated application traffic runs;
+//! and reports rows/s, the ratios, the application's latency before and during (c), the
+//! peak memory of every process, a per-second timeline, a JSON file and a PNG chart.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use deadpool_postgres::Pool;
+use rekey_common::Settings;
+use rekey_common::config::{Target, quote_ident};
+use rekey_common::envelope::{self, FieldLocation};
+use rekey_common::keys::master::MasterKey;
+use rekey_common::keys::ring::KeyRing;
+use rekey_common::keys::{KeyKind, store};
+use tokio_postgres::types::ToSql;
+use uuid::Uuid;
+
+use crate::traffic::{self, Percentiles, TrafficOptions, TrafficReport};
+use crate::{seed, verify};
+
+/// What to measure and how.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub rows: i64,
+    pub workers: usize,
+    /// Batches each worker runs at once; (a) and (b) use `workers × worker_concurrency`
+    /// connections, so all three phases have the same parallelism.
+    pub worker_concurrency: usize,
+    pub prefetch: u16,
+    /// Rows per batch at most.
+    pub batch_size: i64,
+    /// Bytes of values per batch (0: `batch_size` rows each), as `rekey rotate --batch-bytes`.
+    pub batch_bytes: i64,
+    /// Stages of the rotation in (c), e.g. `[100]` or `[1, 25, 50, 75, 100]`.
+    pub stages: Vec<i32>,
+    /// Application traffic (operations per second) measured before and during (c); 0: none.
+    pub traffic_rate: u32,
+    /// How long the traffic runs before (c) to give the baseline latency.
+    pub baseline: Duration,
+    /// Where `rekey` and `rekey-worker` are (default: beside this executable).
+    pub bin_dir: PathBuf,
+    /// Passed on to `rekey` and `rekey-worker`.
+    pub config: Option<PathBuf>,
+    /// Check every value after (c).
+    pub verify: bool,
+    pub seed: u64,
+}
+
+/// One phase's figures.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct PhaseResult {
+    pub name: String,
+    pub rows: i64,
+    pub values: i64,
+    pub seconds: f64,
+    pub rows_per_sec: f64,
+    /// Seconds since the bench started when the phase started.
+    pub started_at: f64,
+}
+
+/// A process's memory, in MiB.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ProcessMemory {
+    pub name: String,
+    pub pid: u32,
+    /// The kernel's high-water mark of resident memory (VmHWM).
+    pub peak_rss_mib: f64,
+    /// Resident memory sampled every 250 ms: (seconds since the bench started, MiB).
+    pub samples: Vec<(f64, f64)>,
+}
+
+/// Application latency and its change.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct LatencyImpact {
+    pub rate: u32,
+    pub before: Percentiles,
+    pub during: Percentiles,
+    pub reads_before: Percentiles,
+    pub reads_during: Percentiles,
+    pub writes_before: Percentiles,
+    pub writes_during: Percentiles,
+    pub before_errors: u64,
+    pub during_errors: u64,
+    pub decrypt_errors: u64,
+    /// (p99 during − p99 before) / p99 before, in percent.
+    pub p99_impact_pct: f64,
+    pub p50_impact_pct: f64,
+}
+
+/// Everything the bench measured.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct BenchReport {
+    pub rows: i64,
+    pub values: i64,
+    pub workers: usize,
+    pub worker_concurrency: usize,
+    pub batch_size: i64,
+    pub batch_bytes: i64,
+    /// Rows per batch for each table, as (a), (b) and (c) cut them.
+    pub rows_per_batch: Vec<(String, i64)>,
+    pub stages: Vec<i32>,
+    pub seed_seconds: f64,
+    pub data_mib: f64,
+    pub ceiling: PhaseResult,
+    pub bare: PhaseResult,
+    pub full: PhaseResult,
+    /// Wall time of the `rekey rotate` process, including key propagation, planning and gates.
+    pub full_process_seconds: f64,
+    /// Rows the run's batches read, sweeps included.
+    pub full_rows_scanned: i64,
+    pub full_vs_ceiling: f64,
+    pub full_vs_bare: f64,
+    pub latency: Option<LatencyImpact>,
+    pub coordinator: ProcessMemory,
+    pub workers_memory: Vec<ProcessMemory>,
+    /// Per second: (seconds since start, phase, rows/s).
+    pub throughput: Vec<(f64, String, f64)>,
+    /// Per second of traffic: (seconds since start, ops, p99 ms).
+    pub app_latency: Vec<(f64, u64, f64)>,
+    pub verify: Option<verify::VerifyReport>,
+    pub run_id: Option<i64>,
+    /// The queue prefix (c) used; its queues are deleted at the end.
+    pub queue_prefix: String,
+}
+
+/// The demo tables and their encrypted columns.
+fn demo_targets() -> Vec<Target> {
+    rekey_common::config::demo_targets()
+}
+
+/// Id ranges of about `batch` rows each, from one pass over the id index.
+async fn ranges(pool: &Pool, t: &Target, batch: i64) -> anyhow::Result<Vec<(i64, i64)>> {
+    let c = pool.get().await?;
+    let (table, id) = (t.quoted_table(), quote_ident(&t.id_column));
+    let starts: Vec<i64> = c
+        .query(
+            &format!(
+                "SELECT {id} FROM (SELECT {id}, row_number() OVER (ORDER BY {id}) - 1 AS rn FROM {table}) s
+                  WHERE rn % $1 = 0 ORDER BY {id}"
+            ),
+            &[&batch],
+        )
+        .await
+        .with_context(|| format!("cut {} into ranges", t.table))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let max: Option<i64> = c
+        .query_one(&format!("SELECT max({id}) FROM {table}"), &[])
+        .await?
+        .get(0);
+    let mut out = Vec::with_capacity(starts.len());
+    for (i, lo) in starts.iter().enumerate() {
+        let hi = starts.get(i + 1).map(|n| n - 1).or(max).unwrap_or(*lo);
+        out.push((*lo, hi));
+    }
+    Ok(out)
+}
+
+/// All ranges of all targets, as work items, sized as `rekey rotate` sizes them.
+async fn work(
+    pool: &Pool,
+    max_rows: i64,
+    batch_bytes: i64,
+) -> anyhow::Result<(Vec<(Target, i64, i64)>, Vec<(String, i64)>)> {
+    let mut out = Vec::new();
+    let mut sizes = Vec::new();
+    for t in demo_targets() {
+        let rows =
+            rekey_common::sizing::rows_for(&**pool.get().await?, &t, max_rows, batch_bytes).await?;
+        sizes.push((t.table.clone(), rows));
+        for (lo, hi) in ranges(pool, &t, rows).await? {
+            out.push((t.clone(), lo, hi));
+        }
+    }
+    Ok((out, sizes))
+}
+
+/// Counts rows as they are done and samples the rate once a second.
+struct Meter {
+    rows: Arc<AtomicU64>,
+    sampler: tokio::task::JoinHandle<Vec<(f64, f64)>>,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl Meter {
+    fn start(epoch: Instant) -> Self {
+        let rows = Arc::new(AtomicU64::new(0));
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let counter = rows.clone();
+        let sampler = tokio::spawn(async move {
+            let mut out = Vec::new();
+            let (mut last, mut last_at) = (0, Instant::now());
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.tick().await;
+            loop {
+                let end = tokio::select! {
+                    _ = tick.tick() => false,
+                    _ = stopped.changed() => true,
+                };
+                let now = counter.load(Ordering::Relaxed);
+                let secs = last_at.elapsed().as_secs_f64().max(1e-3);
+                out.push((epoch.elapsed().as_secs_f64(), (now - last) as f64 / secs));
+                (last, last_at) = (now, Instant::now());
+                if end {
+                    break;
+                }
+            }
+            out
+        });
+        Self {
+            rows,
+            sampler,
+            stop,
+        }
+    }
+
+    async fn finish(self) -> Vec<(f64, f64)> {
+        let _ = self.stop.send(true);
+        self.sampler.await.unwrap_or_default()
+    }
+}
+
+/// Runs `work` over `parallel` connections; each item's closure returns (rows, values).
+async fn run_parallel<F, Fut>(
+    items: Vec<(Target, i64, i64)>,
+    parallel: usize,
+    meter: &Meter,
+    f: F,
+) -> anyhow::Result<(i64, i64)>
+where
+    F: Fn(Target, i64, i64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<(i64, i64)>> + Send,
+{
+    let queue = Arc::new(std::sync::Mutex::new(items.into_iter()));
+    let f = Arc::new(f);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..parallel.max(1) {
+        let (queue, f, rows) = (queue.clone(), f.clone(), meter.rows.clone());
+        tasks.spawn(async move {
+            let mut done = (0i64, 0i64);
+            loop {
+                let next = queue.lock().expect("work queue").next();
+                let Some((t, lo, hi)) = next else {
+                    return anyhow::Ok(done);
+                };
+                let (r, v) = f(t, lo, hi).await?;
+                rows.fetch_add(r as u64, Ordering::Relaxed);
+                done.0 += r;
+                done.1 += v;
+            }
+        });
+    }
+    let mut total = (0, 0);
+    while let Some(res) = tasks.join_next().await {
+        let (r, v) = res.context("bench task panicked")??;
+        total.0 += r;
+        total.1 += v;
+    }
+    Ok(total)
+}
+
+/// (a) Every encrypted column rewritten in place (`col = col || ''`), by id range.
+async fn ceiling(
+    pool: &Pool,
+    items: Vec<(Target, i64, i64)>,
+    parallel: usize,
+    meter: &Meter,
+) -> anyhow::Result<(i64, i64)> {
+    let pool = pool.clone();
+    run_parallel(items, parallel, meter, move |t, lo, hi| {
+        let pool = pool.clone();
+        async move {
+            let c = pool.get().await?;
+            let id = quote_ident(&t.id_column);
+            let sets: Vec<String> = t
+                .columns
+                .iter()
+                .map(|col| {
+                    let q = quote_ident(col);
+                    format!("{q} = {q} || ''::bytea")
+                })
+                .collect();
+            let n = c
+                .execute(
+                    &format!(
+                        "UPDATE {} SET {} WHERE {id} BETWEEN $1 AND $2",
+                        t.quoted_table(),
+                        sets.join(", ")
+                    ),
+                    &[&lo, &hi],
+                )
+                .await
+                .with_context(|| format!("rewrite {} ids {lo}..={hi}", t.table))?;
+            Ok((n as i64, n as i64 * t.columns.len() as i64))
+        }
+    })
+    .await
+}
+
+/// (b) A bare client rotation to `target`: lock and read a range, decrypt and re-encrypt
+/// off the executor, write back with one `UPDATE … FROM unnest`, commit.
+async fn bare(
+    pool: &Pool,
+    ring: Arc<KeyRing>,
+    target: Uuid,
+    items: Vec<(Target, i64, i64)>,
+    parallel: usize,
+    meter: &Meter,
+) -> anyhow::Result<(i64, i64)> {
+    let pool = pool.clone();
+    run_parallel(items, parallel, meter, move |t, lo, hi| {
+        let (pool, ring) = (pool.clone(), ring.clone());
+        async move {
+            let mut c = pool.get().await?;
+            let tx = c.transaction().await?;
+            let id = quote_ident(&t.id_column);
+            let cols: Vec<String> = t.columns.iter().map(|c| quote_ident(c)).collect();
+            let rows = tx
+                .query(
+                    &format!(
+                        "SELECT {id}, {} FROM {} WHERE {id} BETWEEN $1 AND $2 ORDER BY {id} FOR UPDATE",
+                        cols.join(", "),
+                        t.quoted_table()
+                    ),
+                    &[&lo, &hi],
+                )
+                .await?;
+            let data: Vec<(i64, Vec<Option<Vec<u8>>>)> = rows
+                .iter()
+                .map(|r| (r.get(0), (1..=cols.len()).map(|i| r.get(i)).collect()))
+                .collect();
+            let t2 = t.clone();
+            let (ids, new_values, n_values) = tokio::task::spawn_blocking(move || {
+                reencrypt(&ring, target, &t2, &data)
+            })
+            .await??;
+            let sets: Vec<String> = cols
+                .iter()
+                .enumerate()
+                .map(|(i, c)| format!("{c} = COALESCE(u.c{i}, t.{c})"))
+                .collect();
+            let args: Vec<String> = (0..cols.len())
+                .map(|i| format!("${}::bytea[]", i + 2))
+                .collect();
+            let aliases: Vec<String> = (0..cols.len()).map(|i| format!("c{i}")).collect();
+            let mut params: Vec<&(dyn ToSql + Sync)> = vec![&ids];
+            for v in &new_values {
+                params.push(v);
+            }
+            tx.execute(
+                &format!(
+                    "UPDATE {} AS t SET {} FROM unnest($1::int8[], {}) AS u(id, {}) WHERE t.{id} = u.id",
+                    t.quoted_table(),
+                    sets.join(", "),
+                    args.join(", "),
+                    aliases.join(", ")
+                ),
+                &params,
+            )
+            .await?;
+            tx.commit().await?;
+            Ok((ids.len() as i64, n_values))
+        }
+    })
+    .await
+}
+
+type Reencrypted = (Vec<i64>, Vec<Vec<Option<Vec<u8>>>>, i64);
+
+fn reencrypt(
+    ring: &KeyRing,
+    target: Uuid,
+    t: &Target,
+    rows: &[(i64, Vec<Option<Vec<u8>>>)],
+) -> anyhow::Result<Reencrypted> {
+    let key = ring
+        .get(&target)
+        .ok_or_else(|| anyhow::anyhow!("key {target} is not in the ring"))?;
+    let mut ids = Vec::with_capacity(rows.len());
+    let mut cols: Vec<Vec<Option<Vec<u8>>>> = vec![Vec::with_capacity(rows.len()); t.columns.len()];
+    let mut n = 0;
+    for (row_id, values) in rows {
+        ids.push(*row_id);
+        for (ci, v) in values.iter().enumerate() {
+            let new = match v {
+                None => None,
+                Some(v) => {
+                    let loc = FieldLocation {
+                        table: &t.table,
+                        column: &t.columns[ci],
+                        row_id: *row_id,
+                    };
+                    // A value that cannot be opened (planted corruption) is left alone.
+                    match envelope::open(ring, &loc, v) {
+                        Ok(plain) => {
+                            n += 1;
+                            Some(envelope::seal_with(key, &loc, plain.as_bytes())?)
+                        }
+                        Err(_) => None,
+                    }
+                }
+            };
+            cols[ci].push(new);
+        }
+    }
+    Ok((ids, cols, n))
+}
+
+/// Polls a child's memory from /proc until it exits.
+fn watch_memory(name: String, pid: u32, epoch: Instant) -> tokio::task::JoinHandle<ProcessMemory> {
+    tokio::spawn(async move {
+        let mut mem = ProcessMemory {
+            name,
+            pid,
+            ..Default::default()
+        };
+        let path = format!("/proc/{pid}/status");
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tick.tick().await;
+            let Ok(status) = tokio::fs::read_to_string(&path).await else {
+                break;
+            };
+            // A zombie has no memory lines: the process has exited.
+            let field = |k: &str| {
+                status
+                    .lines()
+                    .find(|l| l.starts_with(k))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .map(|kib| kib / 1024.0)
+            };
+            let (Some(rss), Some(hwm)) = (field("VmRSS:"), field("VmHWM:")) else {
+                break;
+            };
+            mem.peak_rss_mib = mem.peak_rss_mib.max(hwm);
+            mem.samples.push((epoch.elapsed().as_secs_f64(), rss));
+        }
+        mem
+    })
+}
+
+fn percent(after: f64, before: f64) -> f64 {
+    if before > 0.0 {
+        (after - before) / before * 100.0
+    } else {
+        0.0
+    }
+}
+
+async fn vacuum(pool: &Pool) -> anyhow::Result<()> {
+    let c = pool.get().await?;
+    // One statement each: several in one message would run as one transaction, and VACUUM
+    // refuses that.
+    for t in demo_targets() {
+        c.batch_execute(&format!("VACUUM ANALYZE {}", t.quoted_table()))
+            .await
+            .with_context(|| format!("vacuum {}", t.table))?;
+    }
+    Ok(())
+}
+
+/// The bench, start to end. Destroys and reseeds the demo tables.
+pub async fn run(
+    settings: &Settings,
+    master: Arc<MasterKey>,
+    opts: &BenchOptions,
+    progress: &(dyn Fn(&str) + Sync),
+) -> anyhow::Result<BenchReport> {
+    let rekey = opts.bin_dir.join("rekey");
+    let worker_bin = opts.bin_dir.join("rekey-worker");
+    for b in [&rekey, &worker_bin] {
+        anyhow::ensure!(
+            b.exists(),
+            "{} not found: build it (`cargo build --release`) or pass --bin-dir",
+            b.display()
+        );
+    }
+    let parallel = opts.workers.max(1) * opts.worker_concurrency.max(1);
+    let pool = rekey_common::db::pool(settings, parallel + 2)?;
+    rekey_common::db::migrate(&pool).await?;
+    rekey_common::db::migrate_demo(&pool).await?;
+    {
+        let mut c = pool.get().await?;
+        let tx = c.transaction().await?;
+        store::init(&tx, &master, &settings.key_policy, &settings.actor).await?;
+        tx.commit().await?;
+    }
+    let epoch = Instant::now();
+    let mut report = BenchReport {
+        rows: opts.rows,
+        workers: opts.workers,
+        worker_concurrency: opts.worker_concurrency,
+        batch_size: opts.batch_size,
+        batch_bytes: opts.batch_bytes,
+        stages: opts.stages.clone(),
+        ..Default::default()
+    };
+
+    progress(&format!(
+        "seeding {} records (the demo tables are emptied first)",
+        opts.rows
+    ));
+    pool.get()
+        .await?
+        .batch_execute(
+            "TRUNCATE demo.users, demo.agents, demo.conversations, demo.plaintext_digests",
+        )
+        .await?;
+    let ring = Arc::new(store::load_ring(&**pool.get().await?, &master).await?);
+    let t = Instant::now();
+    let seeded = seed::seed(
+        &pool,
+        ring,
+        &seed::SeedOptions {
+            rows: opts.rows,
+            seed: opts.seed,
+            ..Default::default()
+        },
+    )
+    .await?;
+    report.seed_seconds = t.elapsed().as_secs_f64();
+    report.values = seeded.values;
+    vacuum(&pool).await?;
+    report.data_mib = pool
+        .get()
+        .await?
+        .query_one(
+            "SELECT (pg_total_relation_size('demo.users') + pg_total_relation_size('demo.agents')
+                     + pg_total_relation_size('demo.conversations'))::float8 / 1048576",
+            &[],
+        )
+        .await?
+        .get(0);
+
+    // (a) the ceiling.
+    progress("(a) in-database ceiling: UPDATE … SET col = col || '' by id range");
+    let (items, sizes) = work(&pool, opts.batch_size, opts.batch_bytes).await?;
+    report.rows_per_batch = sizes;
+    let meter = Meter::start(epoch);
+    let started_at = epoch.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let (rows, values) = ceiling(&pool, items, parallel, &meter).await?;
+    report.ceiling = phase("ceiling", rows, values, t.elapsed(), started_at);
+    push_timeline(&mut report, "ceiling", meter.finish().await);
+    vacuum(&pool).await?;
+
+    // (b) the bare client rotation, to a key made active for it.
+    progress("(b) bare client rotation: read, decrypt, re-encrypt, bulk write");
+    let bare_key = {
+        let mut c = pool.get().await?;
+        let tx = c.transaction().await?;
+        let k = store::generate(
+            &tx,
+            &master,
+            KeyKind::Field,
+            "bench bare rotation",
+            &settings.key_policy,
+            &settings.actor,
+        )
+        .await?;
+        store::activate(&tx, k.id, &settings.actor).await?;
+        tx.commit().await?;
+        k.id
+    };
+    let ring = Arc::new(store::load_ring(&**pool.get().await?, &master).await?);
+    let (items, _) = work(&pool, opts.batch_size, opts.batch_bytes).await?;
+    let meter = Meter::start(epoch);
+    let started_at = epoch.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let (rows, values) = bare(&pool, ring.clone(), bare_key, items, parallel, &meter).await?;
+    report.bare = phase("bare", rows, values, t.elapsed(), started_at);
+    push_timeline(&mut report, "bare", meter.finish().await);
+    store::add_encryptions(&**pool.get().await?, &ring.take_encryption_counts()).await?;
+    vacuum(&pool).await?;
+
+    // (c) the full rotation, with traffic before and during.
+    let traffic_pool = rekey_common::db::pool(settings, 8)?;
+    let traffic_opts = |stop: Option<tokio::sync::watch::Receiver<bool>>| TrafficOptions {
+        rate: opts.traffic_rate,
+        duration: if stop.is_some() {
+            Duration::from_secs(24 * 3600)
+        } else {
+            opts.baseline
+        },
+        refresh: Duration::from_secs(1),
+        seed: opts.seed,
+        stop,
+        ..Default::default()
+    };
+    let before = if opts.traffic_rate > 0 {
+        progress(&format!(
+            "application traffic alone for {:?} ({} ops/s)",
+            opts.baseline, opts.traffic_rate
+        ));
+        let offset = epoch.elapsed().as_secs_f64();
+        let r = traffic::run(&traffic_pool, master.clone(), &traffic_opts(None)).await?;
+        push_latency(&mut report, offset, &r);
+        Some(r)
+    } else {
+        None
+    };
+
+    progress(&format!(
+        "(c) full rotation: rekey rotate with {} rekey-worker processes",
+        opts.workers
+    ));
+    let prefix = format!("{}-bench-{}", settings.queue_prefix, std::process::id());
+    report.queue_prefix = prefix.clone();
+    let env = |cmd: &mut tokio::process::Command| {
+        cmd.env("REKEY_QUEUE_PREFIX", &prefix)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or("warn,lapin=off".into()),
+            )
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        if let Some(c) = &opts.config {
+            cmd.arg("--config").arg(c);
+        }
+    };
+    let mut workers = Vec::new();
+    let mut mem_watch = Vec::new();
+    for i in 0..opts.workers {
+        let mut cmd = tokio::process::Command::new(&worker_bin);
+        env(&mut cmd);
+        cmd.arg("--worker-id")
+            .arg(format!("bench-w{i}"))
+            .arg("--concurrency")
+            .arg(opts.worker_concurrency.to_string())
+            .arg("--prefetch")
+            .arg(opts.prefetch.to_string())
+            .stdout(std::process::Stdio::null());
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("start {}", worker_bin.display()))?;
+        let pid = child.id().unwrap_or_default();
+        mem_watch.push(watch_memory(format!("worker {i}"), pid, epoch));
+        workers.push(child);
+    }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let during = if opts.traffic_rate > 0 {
+        let (p, m, o) = (
+            traffic_pool.clone(),
+            master.clone(),
+            traffic_opts(Some(stop_rx)),
+        );
+        let offset = epoch.elapsed().as_secs_f64();
+        Some((
+            offset,
+            tokio::spawn(async move { traffic::run(&p, m, &o).await }),
+        ))
+    } else {
+        None
+    };
+    let stages = opts
+        .stages
+        .iter()
+        .map(i32::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut cmd = tokio::process::Command::new(&rekey);
+    env(&mut cmd);
+    cmd.args([
+        "rotate",
+        "--stages",
+        &stages,
+        "--observe",
+        "0",
+        "--auto-advance",
+        "--key-propagation",
+        "2s",
+        "--skip-preflight",
+        "--batch-size",
+        &opts.batch_size.to_string(),
+        "--batch-bytes",
+        &opts.batch_bytes.to_string(),
+        "--json",
+    ])
+    .stdout(std::process::Stdio::piped());
+    let t = Instant::now();
+    let started_at = epoch.elapsed().as_secs_f64();
+    let coordinator = cmd
+        .spawn()
+        .with_context(|| format!("start {}", rekey.display()))?;
+    let coord_mem = watch_memory(
+        "coordinator".into(),
+        coordinator.id().unwrap_or_default(),
+        epoch,
+    );
+    let out = coordinator.wait_with_output().await?;
+    report.full_process_seconds = t.elapsed().as_secs_f64();
+    let _ = stop_tx.send(true);
+    let run_id = last_run(&pool).await?;
+    report.run_id = run_id;
+    anyhow::ensure!(
+        out.status.success(),
+        "rekey rotate failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let (scanned, values, secs) = run_figures(&pool, run_id).await?;
+    // Every record is rotated once; sweep batches that re-read rows (to catch values the
+    // application wrote under the old key meanwhile) count in `full_rows_scanned`.
+    report.full_rows_scanned = scanned;
+    report.full = PhaseResult {
+        name: "full".into(),
+        rows: opts.rows,
+        values,
+        seconds: secs,
+        rows_per_sec: opts.rows as f64 / secs.max(1e-9),
+        started_at,
+    };
+    push_timeline(
+        &mut report,
+        "full",
+        ledger_rates(&pool, run_id, started_at).await?,
+    );
+    report.coordinator = coord_mem.await?;
+    for mut w in workers {
+        if let Some(pid) = w.id() {
+            // SIGTERM: the worker drains and exits.
+            let _ = std::process::Command::new("kill")
+                .arg(pid.to_string())
+                .status();
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(30), w.wait()).await;
+        let _ = w.start_kill();
+    }
+    for m in mem_watch {
+        report.workers_memory.push(m.await?);
+    }
+    if let Some((offset, handle)) = during {
+        let d = handle.await??;
+        push_latency(&mut report, offset, &d);
+        if let Some(b) = &before {
+            report.latency = Some(LatencyImpact {
+                rate: opts.traffic_rate,
+                before: b.all,
+                during: d.all,
+                reads_before: b.reads,
+                reads_during: d.reads,
+                writes_before: b.writes,
+                writes_during: d.writes,
+                before_errors: b.errors,
+                during_errors: d.errors,
+                decrypt_errors: b.decrypt_errors + d.decrypt_errors,
+                p99_impact_pct: percent(d.all.p99_ms, b.all.p99_ms),
+                p50_impact_pct: percent(d.all.p50_ms, b.all.p50_ms),
+            });
+        }
+    }
+    cleanup_queues(settings, &prefix).await;
+    report.full_vs_ceiling = report.full.rows_per_sec / report.ceiling.rows_per_sec.max(1e-9);
+    report.full_vs_bare = report.full.rows_per_sec / report.bare.rows_per_sec.max(1e-9);
+
+    if opts.verify {
+        progress("verifying every value against its recorded plaintext");
+        let ring = store::load_ring(&**pool.get().await?, &master).await?;
+        let target: Uuid = pool
+            .get()
+            .await?
+            .query_one(
+                "SELECT target_key_id FROM rekey.runs WHERE id = $1",
+                &[&run_id],
+            )
+            .await?
+            .get(0);
+        report.verify = Some(verify::verify(&pool, &ring, Some(target), 10_000).await?);
+    }
+    Ok(report)
+}
+
+fn phase(name: &str, rows: i64, values: i64, d: Duration, started_at: f64) -> PhaseResult {
+    let seconds = d.as_secs_f64();
+    PhaseResult {
+        name: name.into(),
+        rows,
+        values,
+        seconds,
+        rows_per_sec: rows as f64 / seconds.max(1e-9),
+        started_at,
+    }
+}
+
+fn push_timeline(report: &mut BenchReport, name: &str, samples: Vec<(f64, f64)>) {
+    report
+        .throughput
+        .extend(samples.into_iter().map(|(t, r)| (t, name.to_owned(), r)));
+}
+
+fn push_latency(report: &mut BenchReport, offset: f64, r: &TrafficReport) {
+    report.app_latency.extend(
+        r.timeline
+            .iter()
+            .map(|(s, n, p99)| (offset + *s as f64, *n, *p99)),
+    );
+}
+
+/// The run `rekey rotate` just made: the newest.
+async fn last_run(pool: &Pool) -> anyhow::Result<Option<i64>> {
+    Ok(pool
+        .get()
+        .await?
+        .query_one("SELECT max(id) FROM rekey.runs", &[])
+        .await?
+        .get(0))
+}
+
+/// Rows and values the run rotated and the seconds from the run's creation (after key
+/// propagation; planning included) to its last batch done (the final gate and report not
+/// included: `full_process_seconds` has the whole process).
+async fn run_figures(pool: &Pool, run_id: Option<i64>) -> anyhow::Result<(i64, i64, f64)> {
+    let r = pool
+        .get()
+        .await?
+        .query_one(
+            "SELECT COALESCE(sum(n_rows), 0)::int8, COALESCE(sum(n_rotated), 0)::int8,
+                    COALESCE(extract(epoch FROM max(b.done_at) - r.created_at), 0)::float8
+               FROM rekey.runs r LEFT JOIN rekey.batches b ON b.run_id = r.id AND b.state = 'done'
+              WHERE r.id = $1 GROUP BY r.created_at",
+            &[&run_id],
+        )
+        .await?;
+    Ok((r.get(0), r.get(1), r.get(2)))
+}
+
+/// Rows/s per second of the run, from the ledger's `done_at` stamps.
+async fn ledger_rates(
+    pool: &Pool,
+    run_id: Option<i64>,
+    started_at: f64,
+) -> anyhow::Result<Vec<(f64, f64)>> {
+    let rows = pool
+        .get()
+        .await?
+        .query(
+            "SELECT floor(extract(epoch FROM b.done_at - r.created_at))::int8 AS s, sum(b.n_rows)::int8
+               FROM rekey.batches b JOIN rekey.runs r ON r.id = b.run_id
+              WHERE b.run_id = $1 AND b.state = 'done' GROUP BY 1 ORDER BY 1",
+            &[&run_id],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            (
+                started_at + r.get::<_, i64>(0) as f64,
+                r.get::<_, i64>(1) as f64,
+            )
+        })
+        .collect())
+}
+
+async fn cleanup_queues(settings: &Settings, prefix: &str) {
+    let topo = rekey_common::broker::Topology::new(prefix);
+    if let Ok(conn) = rekey_common::broker::connect(&settings.amqp_url, "rekey-bench").await
+        && let Ok(ch) = conn.create_channel().await
+    {
+        let _ = rekey_common::broker::delete(&ch, &topo).await;
+        let _ = conn.close(0, "bench done".into()).await;
+    }
+}
+
+/// Prints the figures.
+pub fn print(r: &BenchReport) {
+    println!(
+        "{} records, {} values ({:.0} MiB), {} workers × {} batches, stages {:?}, rows per batch {}",
+        r.rows,
+        r.values,
+        r.data_mib,
+        r.workers,
+        r.worker_concurrency,
+        r.stages,
+        r.rows_per_batch
+            .iter()
+            .map(|(t, n)| format!("{t} {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    for p in [&r.ceiling, &r.bare, &r.full] {
+        println!(
+            "  ({}) {:<8} {:>10} rows in {:>7.1} s  {:>9.0} rows/s",
+            match p.name.as_str() {
+                "ceiling" => "a",
+                "bare" => "b",
+                _ => "c",
+            },
+            p.name,
+            p.rows,
+            p.seconds,
+            p.rows_per_sec
+        );
+    }
+    println!(
+        "  (c)/(a) {:.0}%   (c)/(b) {:.0}%   rekey rotate process {:.1} s",
+        r.full_vs_ceiling * 100.0,
+        r.full_vs_bare * 100.0,
+        r.full_process_seconds
+    );
+    if let Some(l) = &r.latency {
+        println!(
+            "  app latency at {} ops/s: p50 {:.2} → {:.2} ms ({:+.0}%), p99 {:.2} → {:.2} ms ({:+.0}%), errors {} / {}",
+            l.rate,
+            l.before.p50_ms,
+            l.during.p50_ms,
+            l.p50_impact_pct,
+            l.before.p99_ms,
+            l.during.p99_ms,
+            l.p99_impact_pct,
+            l.before_errors,
+            l.during_errors
+        );
+        println!(
+            "    reads p99 {:.2} → {:.2} ms, writes p99 {:.2} → {:.2} ms",
+            l.reads_before.p99_ms,
+            l.reads_during.p99_ms,
+            l.writes_before.p99_ms,
+            l.writes_during.p99_ms
+        );
+    }
+    println!(
+        "  peak RSS: coordinator {:.1} MiB; workers {}",
+        r.coordinator.peak_rss_mib,
+        r.workers_memory
+            .iter()
+            .map(|m| format!("{:.1} MiB", m.peak_rss_mib))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    if let Some(v) = &r.verify {
+        println!(
+            "  verify: ok {}  mismatched {}  undecryptable {}  missing {}  not-on-new-key {}",
+            v.ok, v.mismatched, v.undecryptable, v.missing, v.not_on_expected_key
+        );
+    }
+}
+
+/// Writes the chart: throughput per phase on top, application p99 latency below.
+pub fn chart(r: &BenchReport, path: &Path, font: &Path) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    let bytes = std::fs::read(font)
+        .with_context(|| format!("read the chart font {} (--font)", font.display()))?;
+    let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+    plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
+        .map_err(|_| anyhow::anyhow!("{} is not a usable font", font.display()))?;
+    let root = BitMapBackend::new(path, (1200, 800)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (top, bottom) = root.split_vertically(450);
+    let t_max = r
+        .throughput
+        .iter()
+        .map(|p| p.0)
+        .chain(r.app_latency.iter().map(|p| p.0))
+        .fold(1.0, f64::max);
+    let y_max = r.throughput.iter().map(|p| p.2).fold(1.0, f64::max) * 1.1;
+    let mut c = ChartBuilder::on(&top)
+        .caption(
+            format!(
+                "rekey bench: {} records, {} workers — rows/s per phase",
+                r.rows, r.workers
+            ),
+            ("sans-serif", 22),
+        )
+        .margin(10)
+        .x_label_area_size(30)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0.0..t_max, 0.0..y_max)?;
+    c.configure_mesh()
+        .x_desc("seconds since the bench started")
+        .y_desc("rows/s")
+        .draw()?;
+    for (name, color) in [("ceiling", &BLUE), ("bare", &GREEN), ("full", &RED)] {
+        let pts: Vec<(f64, f64)> = r
+            .throughput
+            .iter()
+            .filter(|p| p.1 == name)
+            .map(|p| (p.0, p.2))
+            .collect();
+        let label = match name {
+            "ceiling" => "(a) in-database ceiling",
+            "bare" => "(b) bare client rotation",
+            _ => "(c) rekey rotation",
+        };
+        c.draw_series(LineSeries::new(pts, color.stroke_width(2)))?
+            .label(label)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+    }
+    c.configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .draw()?;
+    let l_max = r.app_latency.iter().map(|p| p.2).fold(1.0, f64::max) * 1.1;
+    let mut c = ChartBuilder::on(&bottom)
+        .caption(
+            "application p99 latency per second (ms)",
+            ("sans-serif", 20),
+        )
+        .margin(10)
+        .x_label_area_size(30)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0.0..t_max, 0.0..l_max)?;
+    c.configure_mesh()
+        .x_desc("seconds since the bench started")
+        .y_desc("p99 ms")
+        .draw()?;
+    c.draw_series(LineSeries::new(
+        r.app_latency.iter().map(|p| (p.0, p.2)),
+        BLACK.stroke_width(2),
+    ))?;
+    if r.full.started_at > 0.0 {
+        let (s, e) = (
+            r.full.started_at,
+            r.full.started_at + r.full_process_seconds,
+        );
+        c.draw_series(std::iter::once(Rectangle::new(
+            [(s, 0.0), (e, l_max)],
+            RED.mix(0.1).filled(),
+        )))?;
+    }
+    root.present()?;
+    Ok(())
+}
