@@ -34,6 +34,8 @@ pub struct DriveOptions {
     pub max_attempts: i32,
     /// How often the ledger is re-read when no report arrives.
     pub tick: Duration,
+    /// Steps (ledger reads, publishing) come at most this often however fast reports come.
+    pub min_step: Duration,
     /// Show an indicatif bar (terminal) or plain lines (elsewhere), or nothing.
     pub progress: ProgressMode,
     /// How often the latency probe runs while a stage rotates.
@@ -53,9 +55,27 @@ impl Default for DriveOptions {
             lease: Duration::from_secs(120),
             max_attempts: 20,
             tick: Duration::from_millis(500),
+            min_step: Duration::from_millis(100),
             progress: ProgressMode::Auto,
             probe_every: Duration::from_secs(2),
         }
+    }
+}
+
+/// Acknowledges one report from the reports queue.
+async fn take_report(
+    next: Option<Result<lapin::message::Delivery, lapin::Error>>,
+) -> anyhow::Result<()> {
+    match next {
+        Some(Ok(d)) => {
+            if let Ok(r) = BatchReport::decode(&d.data) {
+                tracing::debug!(run_id = r.run_id, batch_no = r.batch_no, outcome = ?r.outcome, "report");
+            }
+            d.ack(BasicAckOptions::default()).await?;
+            Ok(())
+        }
+        Some(Err(e)) => Err(anyhow::Error::new(e).context("consume reports")),
+        None => anyhow::bail!("report consumer closed"),
     }
 }
 
@@ -268,18 +288,24 @@ pub async fn drive(
                 if let Some(state) = stepped {
                     return anyhow::Ok(state);
                 }
+                let stepped_at = Instant::now();
                 tokio::select! {
                     _ = &mut shutdown => return Ok(RunState::Running),
                     _ = tokio::time::sleep(opts.tick) => {}
-                    next = reports.next() => match next {
-                        Some(Ok(d)) => {
-                            if let Ok(r) = BatchReport::decode(&d.data) {
-                                tracing::debug!(run_id = r.run_id, batch_no = r.batch_no, outcome = ?r.outcome, "report");
+                    next = reports.next() => {
+                        take_report(next).await?;
+                        // Reports only wake the driver (the ledger is the truth): gather
+                        // those arriving within `min_step`, so that one step of ledger
+                        // queries answers many batches instead of one each.
+                        let gather = tokio::time::sleep(opts.min_step.saturating_sub(stepped_at.elapsed()));
+                        tokio::pin!(gather);
+                        loop {
+                            tokio::select! {
+                                _ = &mut gather => break,
+                                _ = &mut shutdown => return Ok(RunState::Running),
+                                next = reports.next() => take_report(next).await?,
                             }
-                            d.ack(BasicAckOptions::default()).await?;
                         }
-                        Some(Err(e)) => return Err(anyhow::Error::new(e).context("consume reports")),
-                        None => anyhow::bail!("report consumer closed"),
                     }
                 }
             }

@@ -72,6 +72,8 @@ pub struct ProcessMemory {
     pub pid: u32,
     /// The kernel's high-water mark of resident memory (VmHWM).
     pub peak_rss_mib: f64,
+    /// CPU time (user + system) the process used, in seconds, as last read.
+    pub cpu_seconds: f64,
     /// Resident memory sampled every 250 ms: (seconds since the bench started, MiB).
     pub samples: Vec<(f64, f64)>,
 }
@@ -115,6 +117,10 @@ pub struct BenchReport {
     pub full_process_seconds: f64,
     /// Rows the run's batches read, sweeps included.
     pub full_rows_scanned: i64,
+    /// CPU seconds the machine was busy during (c) (all processes: Postgres, RabbitMQ,
+    /// workers, coordinator, traffic) and the machine's core count: where the time went.
+    pub full_machine_cpu_seconds: f64,
+    pub cores: usize,
     pub full_vs_ceiling: f64,
     pub full_vs_bare: f64,
     pub latency: Option<LatencyImpact>,
@@ -442,10 +448,52 @@ fn watch_memory(name: String, pid: u32, epoch: Instant) -> tokio::task::JoinHand
                 break;
             };
             mem.peak_rss_mib = mem.peak_rss_mib.max(hwm);
+            if let Some(cpu) = process_cpu_seconds(pid).await {
+                mem.cpu_seconds = cpu;
+            }
             mem.samples.push((epoch.elapsed().as_secs_f64(), rss));
         }
         mem
     })
+}
+
+/// Clock ticks per second of /proc's CPU times (USER_HZ, 100 on Linux).
+const USER_HZ: f64 = 100.0;
+
+/// utime + stime of a process from /proc/<pid>/stat.
+async fn process_cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = tokio::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .await
+        .ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let (utime, stime) = (
+        f.get(11)?.parse::<f64>().ok()?,
+        f.get(12)?.parse::<f64>().ok()?,
+    );
+    Some((utime + stime) / USER_HZ)
+}
+
+/// CPU seconds the whole machine spent busy (everything but idle and iowait), from /proc/stat.
+fn machine_busy_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().next() else {
+        return 0.0;
+    };
+    let v: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    let busy: f64 = v
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4 && *i < 8)
+        .map(|(_, x)| x)
+        .sum();
+    busy / USER_HZ
 }
 
 fn percent(after: f64, before: f64) -> f64 {
@@ -687,6 +735,7 @@ pub async fn run(
     ])
     .stdout(std::process::Stdio::piped());
     let t = Instant::now();
+    let busy_before = machine_busy_seconds();
     let started_at = epoch.elapsed().as_secs_f64();
     let coordinator = cmd
         .spawn()
@@ -698,6 +747,8 @@ pub async fn run(
     );
     let out = coordinator.wait_with_output().await?;
     report.full_process_seconds = t.elapsed().as_secs_f64();
+    report.full_machine_cpu_seconds = machine_busy_seconds() - busy_before;
+    report.cores = std::thread::available_parallelism().map_or(1, usize::from);
     let _ = stop_tx.send(true);
     let run_id = last_run(&pool).await?;
     report.run_id = run_id;
@@ -935,6 +986,16 @@ pub fn print(r: &BenchReport) {
             .map(|m| format!("{:.1} MiB", m.peak_rss_mib))
             .collect::<Vec<_>>()
             .join(", ")
+    );
+    let workers_cpu: f64 = r.workers_memory.iter().map(|m| m.cpu_seconds).sum();
+    println!(
+        "  CPU during (c): {:.1} s busy of {:.1} s × {} cores; workers {:.1} s, coordinator {:.1} s, the rest (Postgres, RabbitMQ, traffic) {:.1} s",
+        r.full_machine_cpu_seconds,
+        r.full_process_seconds,
+        r.cores,
+        workers_cpu,
+        r.coordinator.cpu_seconds,
+        r.full_machine_cpu_seconds - workers_cpu - r.coordinator.cpu_seconds
     );
     if let Some(v) = &r.verify {
         println!(
