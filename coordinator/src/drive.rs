@@ -397,20 +397,28 @@ async fn step(
                 // Each throttled sample quarters the window, down to one batch in flight;
                 // each good one doubles it again.
                 let max_level = 63 - opts.max_in_flight.max(1).leading_zeros();
+                let was = rt.throttle_level;
                 rt.throttle_level = if throttle {
                     (rt.throttle_level + 2).min(max_level)
                 } else {
                     rt.throttle_level.saturating_sub(1)
                 };
-                if throttle {
+                let window = (opts.max_in_flight >> rt.throttle_level).max(1);
+                // A warning when throttling starts and a note when it ends; the steps in
+                // between are debug (the report counts the throttled samples).
+                if was == 0 && rt.throttle_level > 0 {
                     tracing::warn!(
                         run_id,
                         stage_no,
                         latency_ms = lat.median_ms,
                         p95_ms = lat.p95_ms,
-                        throttle_level = rt.throttle_level,
+                        window,
                         "application latency up: throttling"
                     );
+                } else if was > 0 && rt.throttle_level == 0 {
+                    tracing::info!(run_id, stage_no, p95_ms = lat.p95_ms, "throttle released");
+                } else if throttle {
+                    tracing::debug!(run_id, stage_no, p95_ms = lat.p95_ms, window, "throttling");
                 }
                 if rt.perf.figures.breached {
                     let reason = format!(

@@ -54,7 +54,7 @@ pub struct BenchOptions {
 }
 
 /// One phase's figures.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct PhaseResult {
     pub name: String,
     pub rows: i64,
@@ -66,7 +66,7 @@ pub struct PhaseResult {
 }
 
 /// A process's memory, in MiB.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct ProcessMemory {
     pub name: String,
     pub pid: u32,
@@ -79,7 +79,7 @@ pub struct ProcessMemory {
 }
 
 /// Application latency and its change.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct LatencyImpact {
     pub rate: u32,
     pub before: Percentiles,
@@ -97,7 +97,7 @@ pub struct LatencyImpact {
 }
 
 /// Everything the bench measured.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct BenchReport {
     pub rows: i64,
     pub values: i64,
@@ -1051,7 +1051,8 @@ pub fn chart(r: &BenchReport, path: &Path, font: &Path) -> anyhow::Result<()> {
             "bare" => "(b) bare client rotation",
             _ => "(c) rekey rotation",
         };
-        c.draw_series(LineSeries::new(pts, color.stroke_width(2)))?
+        // Width 1: plotters draws wider lines wrongly on steep segments.
+        c.draw_series(LineSeries::new(pts, color.stroke_width(1)))?
             .label(label)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
     }
@@ -1075,7 +1076,7 @@ pub fn chart(r: &BenchReport, path: &Path, font: &Path) -> anyhow::Result<()> {
         .draw()?;
     c.draw_series(LineSeries::new(
         r.app_latency.iter().map(|p| (p.0, p.2)),
-        BLACK.stroke_width(2),
+        BLACK.stroke_width(1),
     ))?;
     if r.full.started_at > 0.0 {
         let (s, e) = (

@@ -107,6 +107,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Draw a bench's PNG chart again from its JSON report.
+    Chart {
+        /// The JSON report `bench` wrote.
+        from: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(
+            long,
+            default_value = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
+        )]
+        font: PathBuf,
+    },
     /// Check that every value decrypts to its recorded plaintext; counts by key and outcome.
     Verify {
         /// Also require every decryptable value to be under this key.
@@ -131,6 +143,16 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Command::Chart { from, out, font } = &cli.command {
+        // Needs no database, broker or key.
+        let report: bench::BenchReport = serde_json::from_slice(
+            &std::fs::read(from).with_context(|| format!("read {}", from.display()))?,
+        )
+        .with_context(|| format!("{} is not a bench report", from.display()))?;
+        bench::chart(&report, out, font)?;
+        println!("wrote {}", out.display());
+        return Ok(ExitCode::SUCCESS);
+    }
     let settings = Settings::load(cli.config.as_deref())?;
     let pool = db::pool(&settings, 4)?;
     db::check_connection(&pool, &settings).await?;
@@ -293,6 +315,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 _ => ExitCode::SUCCESS,
             })
         }
+        Command::Chart { .. } => unreachable!("handled above"),
         Command::Verify { expect_key, json } => {
             let ring = store::load_ring(&**pool.get().await?, &master).await?;
             let report = verify::verify(&pool, &ring, expect_key, 10_000).await?;

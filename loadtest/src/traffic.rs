@@ -133,7 +133,7 @@ impl Default for TrafficOptions {
 }
 
 /// Latency percentiles in milliseconds.
-#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
 pub struct Percentiles {
     pub count: u64,
     pub p50_ms: f64,

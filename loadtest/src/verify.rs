@@ -22,7 +22,7 @@ pub const COLUMNS: [(&str, &str); 6] = [
 ];
 
 /// What verification found.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct VerifyReport {
     /// Values that decrypted to their recorded plaintext.
     pub ok: i64,
