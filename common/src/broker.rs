@@ -216,6 +216,34 @@ pub async fn consumer_count(channel: &Channel, queue: &str) -> anyhow::Result<u3
     Ok(inspect(channel, queue).await?.1)
 }
 
+/// How long a polite close may take before the connection is simply dropped.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Closes a connection politely, giving up after [`CLOSE_TIMEOUT`]: nothing rekey needs
+/// depends on the broker's close-ok, and a driver or worker that has finished must never
+/// hang on it (seen once in the test suite: a completed run's driver never returned).
+pub async fn close(conn: &Connection, reason: &str) {
+    if tokio::time::timeout(CLOSE_TIMEOUT, conn.close(200, reason.into()))
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            reason,
+            "the broker did not confirm the connection close within 5 s; dropping it"
+        );
+    }
+}
+
+/// Closes a channel politely, giving up after [`CLOSE_TIMEOUT`].
+pub async fn close_channel(ch: &Channel) {
+    if tokio::time::timeout(CLOSE_TIMEOUT, ch.close(200, "bye".into()))
+        .await
+        .is_err()
+    {
+        tracing::warn!("the broker did not confirm a channel close within 5 s; dropping it");
+    }
+}
+
 /// Deletes the queues of a topology (tests and `rekey` clean-up).
 pub async fn delete(channel: &Channel, topo: &Topology) -> anyhow::Result<()> {
     for q in [&topo.batches, &topo.dead_letters, &topo.reports] {

@@ -312,7 +312,7 @@ pub async fn drive(
         };
         match session.await {
             Ok(state) => {
-                let _ = conn.close(200, "bye".into()).await;
+                broker::close(&conn, "bye").await;
                 display.finish();
                 return Ok(state);
             }

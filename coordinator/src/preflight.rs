@@ -124,7 +124,7 @@ async fn broker_check(settings: &Settings) -> Check {
         let ch = conn.create_channel().await?;
         broker::declare(&ch, &topo).await?;
         let n = broker::consumer_count(&ch, &topo.batches).await?;
-        let _ = conn.close(200, "bye".into()).await;
+        broker::close(&conn, "bye").await;
         anyhow::Ok(n)
     }
     .await;

@@ -917,7 +917,7 @@ async fn cleanup_queues(settings: &Settings, prefix: &str) {
         && let Ok(ch) = conn.create_channel().await
     {
         let _ = rekey_common::broker::delete(&ch, &topo).await;
-        let _ = conn.close(0, "bench done".into()).await;
+        rekey_common::broker::close(&conn, "bench done").await;
     }
 }
 

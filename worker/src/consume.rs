@@ -132,7 +132,7 @@ pub async fn run(
         tracing::info!(worker = %opts.worker_id, "connected to the broker");
         match serve(&conn, &shared, &opts, &mut shutdown).await {
             Ok(Served::Shutdown) => {
-                let _ = conn.close(200, "worker shutting down".into()).await;
+                broker::close(&conn, "worker shutting down").await;
                 tracing::info!("worker stopped");
                 return Ok(());
             }
@@ -211,8 +211,8 @@ async fn serve(
             .await;
     }
     while tasks.join_next().await.is_some() {}
-    let _ = consume_ch.close(200, "bye".into()).await;
-    let _ = publish_ch.close(200, "bye".into()).await;
+    broker::close_channel(&consume_ch).await;
+    broker::close_channel(&publish_ch).await;
     Ok(served)
 }
 

@@ -427,6 +427,19 @@ async fn bench_measures_three_phases_on_the_same_data_and_leaves_every_value_ver
     // The chart is a PNG.
     let bytes = std::fs::read(&png).unwrap();
     assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+    // `chart` draws it again from the JSON alone.
+    let again = dir.join("again.png");
+    let (ok, out, err) = env.run(
+        "rekey-loadtest",
+        &[
+            "chart",
+            json.to_str().unwrap(),
+            "--out",
+            again.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{out}{err}");
+    assert_eq!(&std::fs::read(&again).unwrap()[..8], b"\x89PNG\r\n\x1a\n");
     // The bench's queues are gone: a passive declare of them fails.
     let conn = broker::connect(
         &secrecy::SecretString::from("amqp://guest:guest@127.0.0.1:5672/%2f"),
