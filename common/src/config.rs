@@ -41,6 +41,29 @@ impl Target {
             .join(".")
     }
 
+    /// The one write-back statement of a batch: `$1` the ids (`int8[]`), `$2…` one
+    /// `bytea[]` per column in order, a NULL element leaving that value unchanged.
+    pub fn write_back_sql(&self) -> String {
+        let id = quote_ident(&self.id_column);
+        let cols: Vec<String> = self.columns.iter().map(|c| quote_ident(c)).collect();
+        let sets: Vec<String> = cols
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c} = COALESCE(u.c{i}, t.{c})"))
+            .collect();
+        let args: Vec<String> = (0..cols.len())
+            .map(|i| format!("${}::bytea[]", i + 2))
+            .collect();
+        let aliases: Vec<String> = (0..cols.len()).map(|i| format!("c{i}")).collect();
+        format!(
+            "UPDATE {} AS t SET {} FROM unnest($1::int8[], {}) AS u(id, {}) WHERE t.{id} = u.id",
+            self.quoted_table(),
+            sets.join(", "),
+            args.join(", "),
+            aliases.join(", ")
+        )
+    }
+
     fn validate(&self) -> anyhow::Result<()> {
         let parts: Vec<&str> = self.table.split('.').collect();
         if parts.len() > 2 || parts.iter().any(|p| !is_identifier(p)) {

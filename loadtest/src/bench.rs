@@ -348,30 +348,11 @@ async fn bare(
                 reencrypt(&ring, target, &t2, &data)
             })
             .await??;
-            let sets: Vec<String> = cols
-                .iter()
-                .enumerate()
-                .map(|(i, c)| format!("{c} = COALESCE(u.c{i}, t.{c})"))
-                .collect();
-            let args: Vec<String> = (0..cols.len())
-                .map(|i| format!("${}::bytea[]", i + 2))
-                .collect();
-            let aliases: Vec<String> = (0..cols.len()).map(|i| format!("c{i}")).collect();
             let mut params: Vec<&(dyn ToSql + Sync)> = vec![&ids];
             for v in &new_values {
                 params.push(v);
             }
-            tx.execute(
-                &format!(
-                    "UPDATE {} AS t SET {} FROM unnest($1::int8[], {}) AS u(id, {}) WHERE t.{id} = u.id",
-                    t.quoted_table(),
-                    sets.join(", "),
-                    args.join(", "),
-                    aliases.join(", ")
-                ),
-                &params,
-            )
-            .await?;
+            tx.execute(&t.write_back_sql(), &params).await?;
             tx.commit().await?;
             Ok((ids.len() as i64, n_values))
         }

@@ -424,21 +424,7 @@ async fn rotate_in(
     }
 
     if !computed.ids.is_empty() {
-        let sets: Vec<String> = cols
-            .iter()
-            .enumerate()
-            .map(|(i, c)| format!("{c} = COALESCE(u.c{i}, t.{c})"))
-            .collect();
-        let unnest_args: Vec<String> = (0..cols.len())
-            .map(|i| format!("${}::bytea[]", i + 2))
-            .collect();
-        let aliases: Vec<String> = (0..cols.len()).map(|i| format!("c{i}")).collect();
-        let update = format!(
-            "UPDATE {table} AS t SET {} FROM unnest($1::int8[], {}) AS u(id, {}) WHERE t.{id_col} = u.id",
-            sets.join(", "),
-            unnest_args.join(", "),
-            aliases.join(", ")
-        );
+        let update = target.write_back_sql();
         let mut params: Vec<&(dyn ToSql + Sync)> = vec![&computed.ids];
         for v in &computed.new_values {
             params.push(v);
