@@ -452,3 +452,80 @@ async fn bench_measures_three_phases_on_the_same_data_and_leaves_every_value_ver
     assert!(broker::queue_depth(&ch, &topo.batches).await.is_err());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn bench_refuses_before_touching_anything_when_its_binaries_are_missing_and_chart_names_a_bad_report()
+ {
+    let db = TestDb::new().await;
+    let env = Env {
+        vars: vec![
+            ("REKEY_DATABASE_URL", db.url.clone()),
+            (
+                "REKEY_MASTER_KEY",
+                generate_base64().expose_secret().to_owned(),
+            ),
+            ("REKEY_QUEUE_PREFIX", db.name.clone()),
+        ],
+    };
+    let empty = std::env::temp_dir().join(format!("{}-nobin", db.name));
+    std::fs::create_dir_all(&empty).unwrap();
+    let (ok, out, err) = env.run(
+        "rekey-loadtest",
+        &[
+            "bench",
+            "--rows",
+            "100",
+            "--bin-dir",
+            empty.to_str().unwrap(),
+        ],
+    );
+    assert!(!ok, "{out}{err}");
+    assert!(
+        err.contains(&empty.join("rekey").display().to_string()) && err.contains("not found"),
+        "{err}"
+    );
+    // Nothing was seeded or migrated.
+    let c = db.pool.get().await.unwrap();
+    let keys: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'rekey' AND tablename = 'runs'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let runs: i64 = if keys == 0 {
+        0
+    } else {
+        c.query_one("SELECT count(*) FROM rekey.runs", &[])
+            .await
+            .unwrap()
+            .get(0)
+    };
+    assert_eq!(runs, 0);
+    let users: i64 = c
+        .query_one("SELECT count(*) FROM demo.users", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(users, 0);
+    // A file that is not a bench report is named.
+    let bad = empty.join("not-a-report.json");
+    std::fs::write(&bad, b"{\"rows\": \"many\"}").unwrap();
+    let (ok, out, err) = env.run(
+        "rekey-loadtest",
+        &[
+            "chart",
+            bad.to_str().unwrap(),
+            "--out",
+            empty.join("x.png").to_str().unwrap(),
+        ],
+    );
+    assert!(!ok, "{out}{err}");
+    assert!(
+        err.contains("not-a-report.json is not a bench report"),
+        "{err}"
+    );
+    assert!(!empty.join("x.png").exists());
+    let _ = std::fs::remove_dir_all(&empty);
+}
