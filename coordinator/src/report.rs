@@ -142,14 +142,23 @@ pub async fn write(
     run_id: i64,
     reason: &str,
 ) -> anyhow::Result<PathBuf> {
+    // One writer per run at a time, and each builds its report only once it holds the
+    // lock: the coordinator and `rekey promote` may write at the same moment, and without
+    // this a report built from the ledger before the other's commit could be stored (and
+    // written to the file) after the other's newer one, leaving the evidence stale.
+    let mut lock_client = pool.get().await?;
+    let lock = lock_client.transaction().await?;
+    lock.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('rekey report'), $1::int4)",
+        &[&i32::try_from(run_id).unwrap_or(i32::MAX)],
+    )
+    .await?;
     let report = build(pool, run_id, reason).await?;
-    pool.get()
-        .await?
-        .execute(
-            "INSERT INTO rekey.reports (run_id, reason, report) VALUES ($1, $2, $3)",
-            &[&run_id, &reason, &report],
-        )
-        .await?;
+    lock.execute(
+        "INSERT INTO rekey.reports (run_id, reason, report) VALUES ($1, $2, $3)",
+        &[&run_id, &reason, &report],
+    )
+    .await?;
     std::fs::create_dir_all(&settings.reports_dir).with_context(|| {
         format!(
             "create the reports directory {}",
@@ -170,6 +179,7 @@ pub async fn write(
     std::fs::write(&tmp, serde_json::to_vec_pretty(&report)?)
         .with_context(|| format!("write {}", tmp.display()))?;
     std::fs::rename(&tmp, &path).with_context(|| format!("write {}", path.display()))?;
+    lock.commit().await?;
     tracing::info!(run_id, path = %path.display(), reason, "report written");
     Ok(path)
 }
