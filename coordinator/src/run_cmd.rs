@@ -49,6 +49,23 @@ impl Default for RotateOptions {
     }
 }
 
+/// A new field key for a rotation to target, published as pending.
+async fn new_target_key(
+    tx: &tokio_postgres::Transaction<'_>,
+    master: &MasterKey,
+    settings: &Settings,
+) -> anyhow::Result<store::KeyRecord> {
+    Ok(store::generate(
+        tx,
+        master,
+        KeyKind::Field,
+        "rotation target",
+        &settings.key_policy,
+        &settings.actor,
+    )
+    .await?)
+}
+
 /// Chooses the target key, makes it active for new writes (unless a dry run), records the
 /// run, plans its batches into the ledger and marks it running. Nothing is published yet.
 pub async fn start_rotation(
@@ -81,15 +98,7 @@ pub async fn start_rotation(
             .iter()
             .any(|k| k.kind == KeyKind::Field && k.state == KeyState::Pending);
         if !has_pending {
-            let k = store::generate(
-                &tx,
-                master,
-                KeyKind::Field,
-                "rotation target",
-                &settings.key_policy,
-                &settings.actor,
-            )
-            .await?;
+            let k = new_target_key(&tx, master, settings).await?;
             tracing::info!(key_id = %k.id, "new field key published as pending");
         }
         tx.commit().await?;
@@ -136,17 +145,7 @@ pub async fn start_rotation(
                 .max_by_key(|k| k.created_at);
             match newest_pending {
                 Some(k) => k,
-                None => {
-                    store::generate(
-                        &tx,
-                        master,
-                        KeyKind::Field,
-                        "rotation target",
-                        &settings.key_policy,
-                        &settings.actor,
-                    )
-                    .await?
-                }
+                None => new_target_key(&tx, master, settings).await?,
             }
         }
     };

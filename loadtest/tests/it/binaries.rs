@@ -25,6 +25,23 @@ struct Env {
 }
 
 impl Env {
+    /// The settings of every test here: the test's database and queues, a fresh master
+    /// key, reports in `reports_dir`, no backup check.
+    fn new(db: &TestDb, reports_dir: PathBuf) -> Self {
+        Self {
+            vars: vec![
+                ("REKEY_DATABASE_URL", db.url.clone()),
+                (
+                    "REKEY_MASTER_KEY",
+                    generate_base64().expose_secret().to_owned(),
+                ),
+                ("REKEY_QUEUE_PREFIX", db.name.clone()),
+                ("REKEY_REPORTS_DIR", reports_dir.display().to_string()),
+                ("REKEY_BACKUP_CHECK", "none".into()),
+            ],
+        }
+    }
+
     fn cmd(&self, name: &str, args: &[&str]) -> Command {
         let mut c = Command::new(bin(name));
         c.args(args)
@@ -79,25 +96,11 @@ fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
 #[tokio::test(flavor = "multi_thread")]
 async fn seed_rotate_with_two_worker_processes_verify_and_stop_them_with_sigterm() {
     let db = TestDb::new().await;
-    let env = Env {
-        vars: vec![
-            ("REKEY_DATABASE_URL", db.url.clone()),
-            (
-                "REKEY_MASTER_KEY",
-                generate_base64().expose_secret().to_owned(),
-            ),
-            ("REKEY_QUEUE_PREFIX", db.name.clone()),
-            ("RUST_LOG", "info".into()),
-            (
-                "REKEY_REPORTS_DIR",
-                std::env::temp_dir()
-                    .join(format!("{}-reports", db.name))
-                    .display()
-                    .to_string(),
-            ),
-            ("REKEY_BACKUP_CHECK", "none".into()),
-        ],
-    };
+    let mut env = Env::new(
+        &db,
+        std::env::temp_dir().join(format!("{}-reports", db.name)),
+    );
+    env.vars.push(("RUST_LOG", "info".into()));
     let (ok, out, err) = env.run(
         "rekey-loadtest",
         &[
@@ -245,24 +248,10 @@ fn rekey_demo_completes_five_passed_stages_and_its_report_follows_the_schema() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_breach_with_auto_rollback_rolls_the_run_back_by_itself() {
     let db = TestDb::new().await;
-    let env = Env {
-        vars: vec![
-            ("REKEY_DATABASE_URL", db.url.clone()),
-            (
-                "REKEY_MASTER_KEY",
-                generate_base64().expose_secret().to_owned(),
-            ),
-            ("REKEY_QUEUE_PREFIX", db.name.clone()),
-            ("REKEY_BACKUP_CHECK", "none".into()),
-            (
-                "REKEY_REPORTS_DIR",
-                std::env::temp_dir()
-                    .join(format!("{}-reports", db.name))
-                    .display()
-                    .to_string(),
-            ),
-        ],
-    };
+    let env = Env::new(
+        &db,
+        std::env::temp_dir().join(format!("{}-reports", db.name)),
+    );
     // 1% of the values cannot decrypt: the first gate (0.1%) is breached.
     let (ok, out, err) = env.run(
         "rekey-loadtest",
@@ -335,21 +324,7 @@ async fn bench_measures_three_phases_on_the_same_data_and_leaves_every_value_ver
     let db = TestDb::new().await;
     let dir = std::env::temp_dir().join(format!("{}-bench", db.name));
     std::fs::create_dir_all(&dir).unwrap();
-    let env = Env {
-        vars: vec![
-            ("REKEY_DATABASE_URL", db.url.clone()),
-            (
-                "REKEY_MASTER_KEY",
-                generate_base64().expose_secret().to_owned(),
-            ),
-            ("REKEY_QUEUE_PREFIX", db.name.clone()),
-            (
-                "REKEY_REPORTS_DIR",
-                dir.join("reports").display().to_string(),
-            ),
-            ("REKEY_BACKUP_CHECK", "none".into()),
-        ],
-    };
+    let env = Env::new(&db, dir.join("reports"));
     let (json, png) = (dir.join("bench.json"), dir.join("bench.png"));
     let (ok, out, err) = env.run(
         "rekey-loadtest",
@@ -457,17 +432,8 @@ async fn bench_measures_three_phases_on_the_same_data_and_leaves_every_value_ver
 async fn bench_refuses_before_touching_anything_when_its_binaries_are_missing_and_chart_names_a_bad_report()
  {
     let db = TestDb::new().await;
-    let env = Env {
-        vars: vec![
-            ("REKEY_DATABASE_URL", db.url.clone()),
-            (
-                "REKEY_MASTER_KEY",
-                generate_base64().expose_secret().to_owned(),
-            ),
-            ("REKEY_QUEUE_PREFIX", db.name.clone()),
-        ],
-    };
     let empty = std::env::temp_dir().join(format!("{}-nobin", db.name));
+    let env = Env::new(&db, empty.join("reports"));
     std::fs::create_dir_all(&empty).unwrap();
     let (ok, out, err) = env.run(
         "rekey-loadtest",
