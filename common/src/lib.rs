@@ -10,6 +10,7 @@
 //! - [`broker`]: RabbitMQ connection, topology, confirmed publishing.
 //! - [`config`]: settings from `rekey.toml` and `REKEY_*` variables.
 //! - [`db`]: the connection pool and the embedded migrations.
+//! - [`failpoint`]: fault points for the fault-injection tests (`failpoints` feature only).
 //! - [`sizing`]: rows per batch from the bytes a batch should hold.
 //! - [`telemetry`]: logging setup for the binaries.
 //! - [`testing`]: test support (a fresh database per test), used by every crate's tests.
@@ -23,6 +24,7 @@ pub mod codec;
 pub mod config;
 pub mod db;
 pub mod envelope;
+pub mod failpoint;
 pub mod keys;
 pub mod ledger;
 pub mod messages;

@@ -141,6 +141,7 @@ async fn publish_window(
             id_hi: r.get(4),
             attempt: r.get(5),
         };
+        rekey_common::failpoint!("coordinator.before_publish");
         broker::publish(channel, &topo.batches, &msg.encode(), None)
             .await
             .with_context(|| format!("publish batch {} of run {run_id}", msg.batch_no))?;
@@ -654,6 +655,7 @@ async fn gate_stage(
     }
     let decision = gate::evaluate(&**client, run, stage_no, left, sweeps, &rt.perf.figures).await?;
     drop(client);
+    rekey_common::failpoint!("coordinator.mid_gate");
     if let Some(reason) = decision.reason() {
         return breach(pool, settings, run, stage_no, &decision, &reason)
             .await

@@ -9,6 +9,7 @@ use clap::Parser;
 async fn main() -> ExitCode {
     let cli = rekey_coordinator::cli::Cli::parse();
     rekey_common::telemetry::init(cli.log_format);
+    rekey_common::failpoint::setup();
     match rekey_coordinator::cli::run(cli).await {
         Ok(code) => code,
         Err(err) => {

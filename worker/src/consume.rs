@@ -232,11 +232,13 @@ async fn handle(shared: &Shared, publish_ch: &Channel, delivery: Delivery) {
         match rotate_batch(&shared.pool, &shared.ring, &msg, &shared.batch).await {
             Ok(result) => {
                 log_result(&msg, &result);
+                rekey_common::failpoint!("worker.after_commit");
                 if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
                     // The batch is committed; a redelivery will find it done.
                     tracing::warn!(run_id = msg.run_id, batch_no = msg.batch_no, error = %e, "ack failed after commit");
                     return;
                 }
+                rekey_common::failpoint!("worker.after_ack");
                 report(shared, publish_ch, &msg, &result).await;
                 return;
             }

@@ -41,6 +41,7 @@ struct Args {
 async fn main() -> ExitCode {
     let args = Args::parse();
     rekey_common::telemetry::init(args.log_format);
+    rekey_common::failpoint::setup();
     let settings = match rekey_common::Settings::load(args.config.as_deref()) {
         Ok(s) => s,
         Err(e) => {

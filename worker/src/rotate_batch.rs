@@ -355,6 +355,7 @@ async fn rotate_in(
         "done" | "failed" => return Ok((Outcome::AlreadyDone, Counts::default())),
         _ => {}
     }
+    rekey_common::failpoint!("worker.after_claim");
     if claim.run_state != "running" {
         // Paused, halted or over: hand the batch back so that `resume` publishes it again.
         tx.execute(
@@ -399,6 +400,7 @@ async fn rotate_in(
         )
         .await?
     };
+    rekey_common::failpoint!("worker.after_lock");
     let rows: Vec<(i64, Vec<Option<Vec<u8>>>)> = rows
         .into_iter()
         .map(|r| (r.get(0), (1..=cols.len()).map(|i| r.get(i)).collect()))
@@ -438,6 +440,7 @@ async fn rotate_in(
             )));
         }
     }
+    rekey_common::failpoint!("worker.after_write");
 
     if claim.kind == RunKind::DryRun {
         // Everything but the write: roll the rows back, then record the counts alone.

@@ -9,25 +9,25 @@ use rekey_common::keys::master::generate_base64;
 use rekey_common::testing::TestDb;
 use secrecy::ExposeSecret;
 
-fn bin(name: &str) -> PathBuf {
+pub(crate) fn bin(name: &str) -> PathBuf {
     let here = PathBuf::from(env!("CARGO_BIN_EXE_rekey-loadtest"));
     let path = here.with_file_name(name);
     assert!(
         path.exists(),
-        "{} not built: run the tests with `cargo test --workspace`",
+        "{} not built: run the tests with `cargo test --workspace --all-features`",
         path.display()
     );
     path
 }
 
-struct Env {
-    vars: Vec<(&'static str, String)>,
+pub(crate) struct Env {
+    pub(crate) vars: Vec<(&'static str, String)>,
 }
 
 impl Env {
     /// The settings of every test here: the test's database and queues, a fresh master
     /// key, reports in `reports_dir`, no backup check.
-    fn new(db: &TestDb, reports_dir: PathBuf) -> Self {
+    pub(crate) fn new(db: &TestDb, reports_dir: PathBuf) -> Self {
         Self {
             vars: vec![
                 ("REKEY_DATABASE_URL", db.url.clone()),
@@ -42,7 +42,7 @@ impl Env {
         }
     }
 
-    fn cmd(&self, name: &str, args: &[&str]) -> Command {
+    pub(crate) fn cmd(&self, name: &str, args: &[&str]) -> Command {
         let mut c = Command::new(bin(name));
         c.args(args)
             .env_remove("REKEY_CONFIG")
