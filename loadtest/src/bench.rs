@@ -485,18 +485,6 @@ fn percent(after: f64, before: f64) -> f64 {
     }
 }
 
-async fn vacuum(pool: &Pool) -> anyhow::Result<()> {
-    let c = pool.get().await?;
-    // One statement each: several in one message would run as one transaction, and VACUUM
-    // refuses that.
-    for t in demo_targets() {
-        c.batch_execute(&format!("VACUUM ANALYZE {}", t.quoted_table()))
-            .await
-            .with_context(|| format!("vacuum {}", t.table))?;
-    }
-    Ok(())
-}
-
 /// The bench, start to end. Destroys and reseeds the demo tables.
 pub async fn run(
     settings: &Settings,
@@ -504,25 +492,9 @@ pub async fn run(
     opts: &BenchOptions,
     progress: &(dyn Fn(&str) + Sync),
 ) -> anyhow::Result<BenchReport> {
-    let rekey = opts.bin_dir.join("rekey");
-    let worker_bin = opts.bin_dir.join("rekey-worker");
-    for b in [&rekey, &worker_bin] {
-        anyhow::ensure!(
-            b.exists(),
-            "{} not found: build it (`cargo build --release`) or pass --bin-dir",
-            b.display()
-        );
-    }
+    let (rekey, worker_bin) = crate::procs::binaries(&opts.bin_dir)?;
     let parallel = opts.workers.max(1) * opts.worker_concurrency.max(1);
     let pool = rekey_common::db::pool(settings, parallel + 2)?;
-    rekey_common::db::migrate(&pool).await?;
-    rekey_common::db::migrate_demo(&pool).await?;
-    {
-        let mut c = pool.get().await?;
-        let tx = c.transaction().await?;
-        store::init(&tx, &master, &settings.key_policy, &settings.actor).await?;
-        tx.commit().await?;
-    }
     let epoch = Instant::now();
     let mut report = BenchReport {
         rows: opts.rows,
@@ -538,27 +510,10 @@ pub async fn run(
         "seeding {} records (the demo tables are emptied first)",
         opts.rows
     ));
-    pool.get()
-        .await?
-        .batch_execute(
-            "TRUNCATE demo.users, demo.agents, demo.conversations, demo.plaintext_digests",
-        )
-        .await?;
-    let ring = Arc::new(store::load_ring(&**pool.get().await?, &master).await?);
     let t = Instant::now();
-    let seeded = seed::seed(
-        &pool,
-        ring,
-        &seed::SeedOptions {
-            rows: opts.rows,
-            seed: opts.seed,
-            ..Default::default()
-        },
-    )
-    .await?;
+    let seeded = seed::reseed(&pool, settings, &master, opts.rows, opts.seed).await?;
     report.seed_seconds = t.elapsed().as_secs_f64();
     report.values = seeded.values;
-    vacuum(&pool).await?;
     report.data_mib = pool
         .get()
         .await?
@@ -580,7 +535,7 @@ pub async fn run(
     let (rows, values) = ceiling(&pool, items, parallel, &meter).await?;
     report.ceiling = phase("ceiling", rows, values, t.elapsed(), started_at);
     push_timeline(&mut report, "ceiling", meter.finish().await);
-    vacuum(&pool).await?;
+    seed::vacuum(&pool).await?;
 
     // (b) the bare client rotation, to a key made active for it.
     progress("(b) bare client rotation: read, decrypt, re-encrypt, bulk write");
@@ -609,7 +564,7 @@ pub async fn run(
     report.bare = phase("bare", rows, values, t.elapsed(), started_at);
     push_timeline(&mut report, "bare", meter.finish().await);
     store::add_encryptions(&**pool.get().await?, &ring.take_encryption_counts()).await?;
-    vacuum(&pool).await?;
+    seed::vacuum(&pool).await?;
 
     // (c) the full rotation, with traffic before and during.
     let traffic_pool = rekey_common::db::pool(settings, 8)?;

@@ -4,9 +4,15 @@
 //! - [`seed`]: deterministic records of realistic sizes, written with binary COPY, with
 //!   optional planted corrupt values.
 //! - [`verify`]: every value decrypts to its recorded digest; counts by key and outcome.
-//! - [`traffic`]: application writes that encrypt with the active key.
+//! - [`traffic`]: application traffic: reads that decrypt, writes that encrypt.
+//! - [`bench`]: the throughput benchmark, (a) ceiling, (b) bare, (c) full.
+//! - [`chaos`]: the fault-injection soak: kills, broker restarts, terminated connections.
+//! - [`procs`]: rekey's processes (a worker fleet that replaces its dead, signals) and a
+//!   private RabbitMQ node that can be restarted without touching the shared one.
 
 pub mod bench;
+pub mod chaos;
+pub mod procs;
 pub mod seed;
 pub mod traffic;
 pub mod verify;

@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use rekey_common::keys::store;
 use rekey_common::telemetry::LogFormat;
 use rekey_common::{Settings, db};
-use rekey_loadtest::{bench, seed, verify};
+use rekey_loadtest::{bench, chaos, procs, seed, verify};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -104,6 +104,57 @@ enum Command {
             default_value = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
         )]
         font: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A bounded soak: rotates N freshly seeded records while SIGKILLing workers and the
+    /// coordinator (then resuming), restarting a private RabbitMQ node and terminating
+    /// database connections mid-transaction at random moments; then verifies every record
+    /// and prints the faults injected and the records verified, lost and corrupted.
+    Chaos {
+        #[arg(long, default_value_t = 100_000)]
+        rows: i64,
+        /// Faults are injected for at most this long, e.g. 90s, 10m.
+        #[arg(long, default_value = "5m")]
+        duration: String,
+        /// Mean time between faults.
+        #[arg(long, default_value = "1s")]
+        fault_every: String,
+        /// Which faults (each once first, in this order, then at random).
+        #[arg(
+            long,
+            value_enum,
+            value_delimiter = ',',
+            default_value = "worker-kill,db-terminate,coordinator-kill,broker-restart"
+        )]
+        faults: Vec<rekey_loadtest::chaos::Fault>,
+        /// A broker restart at most this often.
+        #[arg(long, default_value = "20s")]
+        broker_restart_gap: String,
+        /// After the faults stop, how long the run may take to complete.
+        #[arg(long, default_value = "10m")]
+        finish_within: String,
+        #[arg(long, default_value_t = 3)]
+        workers: usize,
+        #[arg(long, default_value_t = 2)]
+        worker_concurrency: usize,
+        /// Bytes of values per batch (smaller: more batches, more moments to fail in).
+        #[arg(long, default_value_t = 256 * 1024)]
+        batch_bytes: i64,
+        #[arg(long, value_delimiter = ',', default_value = "1,100")]
+        stages: Vec<i32>,
+        /// Use the configured broker instead of a private node; no broker restarts then.
+        #[arg(long)]
+        shared_broker: bool,
+        /// Where `rekey` and `rekey-worker` are (default: beside this program).
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
+        /// Keep the processes' logs here (default: kept only when the soak fails).
+        #[arg(long)]
+        log_dir: Option<PathBuf>,
+        /// Seed of the plaintexts and of the fault schedule.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
         #[arg(long)]
         json: bool,
     },
@@ -273,13 +324,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 rows > 0 && workers > 0 && batch_size > 0,
                 "--rows, --workers and --batch-size must be positive"
             );
-            let bin_dir = match bin_dir {
-                Some(d) => d,
-                None => std::env::current_exe()?
-                    .parent()
-                    .map(PathBuf::from)
-                    .context("locate this program's directory")?,
-            };
+            let bin_dir = bin_dir.unwrap_or_else(procs::own_dir);
             let opts = bench::BenchOptions {
                 rows,
                 workers,
@@ -315,6 +360,59 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 _ => ExitCode::SUCCESS,
             })
         }
+        Command::Chaos {
+            rows,
+            duration,
+            fault_every,
+            faults,
+            broker_restart_gap,
+            finish_within,
+            workers,
+            worker_concurrency,
+            batch_bytes,
+            stages,
+            shared_broker,
+            bin_dir,
+            log_dir,
+            seed,
+            json,
+        } => {
+            anyhow::ensure!(
+                rows > 0 && workers > 0 && batch_bytes > 0,
+                "--rows, --workers and --batch-bytes must be positive"
+            );
+            let opts = chaos::ChaosOptions {
+                rows,
+                duration: parse_secs(&duration)?,
+                finish_within: parse_secs(&finish_within)?,
+                fault_every: parse_secs(&fault_every)?,
+                faults,
+                broker_restart_gap: parse_secs(&broker_restart_gap)?,
+                workers,
+                worker_concurrency,
+                batch_bytes,
+                stages,
+                shared_broker,
+                bin_dir: bin_dir.unwrap_or_else(procs::own_dir),
+                config: cli.config.clone(),
+                log_dir,
+                seed,
+            };
+            let report = chaos::run(&settings, Arc::new(master), &opts, &|m| {
+                eprintln!("chaos: {m}")
+            })
+            .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                chaos::print(&report);
+            }
+            Ok(if report.passed() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
         Command::Chart { .. } => unreachable!("handled above"),
         Command::Verify { expect_key, json } => {
             let ring = store::load_ring(&**pool.get().await?, &master).await?;
@@ -348,8 +446,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Parses `30s`, `5m`, `1h` or a number of seconds.
+/// Parses `250ms`, `30s`, `5m`, `1h` or a number of seconds.
 fn parse_secs(s: &str) -> anyhow::Result<std::time::Duration> {
+    if let Some(ms) = s.strip_suffix("ms") {
+        let n: f64 = ms
+            .parse()
+            .with_context(|| format!("{s:?} is not a duration like 500ms, 30s, 5m"))?;
+        return Ok(std::time::Duration::from_secs_f64(n / 1000.0));
+    }
     let (num, mult) = match s.chars().last() {
         Some('s') => (&s[..s.len() - 1], 1.0),
         Some('m') => (&s[..s.len() - 1], 60.0),

@@ -360,3 +360,53 @@ pub async fn seed(
         .await?;
     Ok(report)
 }
+
+/// Prepares the demo for a load tool: migrations, the first keys if missing, the demo
+/// tables emptied, then `rows` records seeded with `seed` and the tables vacuumed.
+pub async fn reseed(
+    pool: &Pool,
+    settings: &rekey_common::Settings,
+    master: &rekey_common::keys::master::MasterKey,
+    rows: i64,
+    seed: u64,
+) -> anyhow::Result<SeedReport> {
+    rekey_common::db::migrate(pool).await?;
+    rekey_common::db::migrate_demo(pool).await?;
+    {
+        let mut c = pool.get().await?;
+        let tx = c.transaction().await?;
+        rekey_common::keys::store::init(&tx, master, &settings.key_policy, &settings.actor).await?;
+        tx.commit().await?;
+    }
+    pool.get()
+        .await?
+        .batch_execute(
+            "TRUNCATE demo.users, demo.agents, demo.conversations, demo.plaintext_digests",
+        )
+        .await?;
+    let ring = Arc::new(rekey_common::keys::store::load_ring(&**pool.get().await?, master).await?);
+    let report = self::seed(
+        pool,
+        ring,
+        &SeedOptions {
+            rows,
+            seed,
+            ..Default::default()
+        },
+    )
+    .await?;
+    vacuum(pool).await?;
+    Ok(report)
+}
+
+/// `VACUUM ANALYZE` of each demo table, one statement each: several in one message would
+/// run as one transaction, and VACUUM refuses that.
+pub async fn vacuum(pool: &Pool) -> anyhow::Result<()> {
+    let c = pool.get().await?;
+    for t in ["demo.users", "demo.agents", "demo.conversations"] {
+        c.batch_execute(&format!("VACUUM ANALYZE {t}"))
+            .await
+            .with_context(|| format!("vacuum {t}"))?;
+    }
+    Ok(())
+}

@@ -76,6 +76,20 @@ pub async fn update_emails(
 async fn write_one(pool: &Pool, ring: &KeyRing, id: i64, plaintext: &[u8]) -> anyhow::Result<bool> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
+    if !write_in(&tx, ring, id, plaintext).await? {
+        return Ok(false);
+    }
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// Writes one e-mail and its digest in `tx`; false when the row does not exist.
+async fn write_in(
+    tx: &deadpool_postgres::Transaction<'_>,
+    ring: &KeyRing,
+    id: i64,
+    plaintext: &[u8],
+) -> anyhow::Result<bool> {
     let loc = FieldLocation {
         table: "demo.users",
         column: "email",
@@ -97,8 +111,82 @@ async fn write_one(pool: &Pool, ring: &KeyRing, id: i64, plaintext: &[u8]) -> an
         &[&id, &Sha256::digest(plaintext).to_vec()],
     )
     .await?;
-    tx.commit().await?;
     Ok(true)
+}
+
+/// What the pair writer did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct PairReport {
+    /// Pairs written and committed.
+    pub committed: u64,
+    /// Transactions Postgres chose as a deadlock's victim (each retried).
+    pub deadlocks: u64,
+    pub errors: u64,
+}
+
+/// Hostile application writes: updates `demo.users.email` of row `id` and then of row
+/// `id - gap` in one transaction, holding the first row's lock for `hold` before taking the
+/// second. That is the opposite of a batch's id order, so the two deadlock when they meet,
+/// and a `hold` longer than the worker's `lock_timeout` outlasts its wait. A deadlock victim
+/// is retried with the same values; any other error is counted.
+pub async fn update_pairs_descending(
+    pool: &Pool,
+    master: Arc<MasterKey>,
+    max_id: i64,
+    gap: i64,
+    hold: Duration,
+    deadline: Duration,
+    seed: u64,
+) -> anyhow::Result<PairReport> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut report = PairReport::default();
+    let started = Instant::now();
+    let mut ring: Arc<KeyRing> = Arc::new(store::load_ring(&**pool.get().await?, &master).await?);
+    let mut loaded = Instant::now();
+    while started.elapsed() < deadline {
+        if loaded.elapsed() > Duration::from_millis(500) {
+            ring = Arc::new(store::load_ring(&**pool.get().await?, &master).await?);
+            loaded = Instant::now();
+        }
+        let hi = rng.random_range(gap + 1..=max_id);
+        let tag = rng.random_range(0..1_000_000u32);
+        let (a, b) = (
+            format!("pair{hi}.{tag}@example.org"),
+            format!("pair{}.{tag}@example.org", hi - gap),
+        );
+        for _ in 0..5 {
+            let attempt = async {
+                let mut client = pool.get().await?;
+                let tx = client.transaction().await?;
+                write_in(&tx, &ring, hi, a.as_bytes()).await?;
+                tokio::time::sleep(hold).await;
+                write_in(&tx, &ring, hi - gap, b.as_bytes()).await?;
+                tx.commit().await?;
+                anyhow::Ok(())
+            }
+            .await;
+            match attempt {
+                Ok(()) => {
+                    report.committed += 1;
+                    break;
+                }
+                Err(e)
+                    if e.downcast_ref::<tokio_postgres::Error>()
+                        .and_then(tokio_postgres::Error::code)
+                        == Some(&tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED) =>
+                {
+                    report.deadlocks += 1;
+                }
+                Err(e) => {
+                    report.errors += 1;
+                    tracing::warn!(error = %format!("{e:#}"), "pair write failed");
+                    break;
+                }
+            }
+        }
+    }
+    store::add_encryptions(&**pool.get().await?, &ring.take_encryption_counts()).await?;
+    Ok(report)
 }
 
 /// How to load the application's side.
