@@ -1,7 +1,10 @@
 //! The binaries end to end, as an operator runs them: `rekey-loadtest seed`, two
 //! `rekey-worker` processes, `rekey rotate`, `rekey status`, `rekey-loadtest verify`, and
 //! SIGTERM to the workers. The other binaries are found beside `rekey-loadtest` (they are
-//! built by `cargo test --workspace`).
+//! built by `cargo test --workspace`). `faults`: the fault-injection suite (kills at fault
+//! points, broker restarts, terminated connections, SIGTERM, the chaos soak); its fault
+//! point tests need `--all-features`.
 
 mod binaries;
+mod faults;
 mod seed;

@@ -1,0 +1,674 @@
+//! The fault-injection suite: processes killed with SIGKILL at every step of a batch and of
+//! the coordinator, RabbitMQ stopped and started mid-run, database connections terminated
+//! mid-batch, SIGTERM mid-batch, and the chaos soak in a short form. Every test ends with
+//! full verification: every value present, under the run's new key, decrypting to its
+//! original plaintext, and counted once in the ledger and the audit log.
+//!
+//! The workers and the coordinator run as real processes (the binaries beside this test);
+//! a broker that is restarted is a private RabbitMQ node, so the shared one is untouched.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rekey_common::Settings;
+use rekey_common::broker::{self, Topology};
+use rekey_common::keys::master::MasterKey;
+use rekey_common::keys::store;
+use rekey_common::testing::TestDb;
+use rekey_loadtest::procs::{Fleet, FleetSpec, PrivateBroker};
+use tokio::process::Child;
+use uuid::Uuid;
+
+use crate::binaries::{Env, bin};
+
+/// A seeded database, the processes' settings, and optionally a private broker.
+struct Scene {
+    db: TestDb,
+    env: Env,
+    settings: Settings,
+    master: Arc<MasterKey>,
+    broker: Option<PrivateBroker>,
+    logs: PathBuf,
+}
+
+/// Small batches: many of them, many moments to fail in.
+const ROTATE: [&str; 14] = [
+    "rotate",
+    "--observe",
+    "0",
+    "--auto-advance",
+    "--key-propagation",
+    "0",
+    "--skip-preflight",
+    "--batch-bytes",
+    "16384",
+    "--lease-secs",
+    "10",
+    "--max-error-rate",
+    "0.001",
+    "--json",
+];
+
+impl Scene {
+    async fn new(rows: i64, private_broker: bool) -> Self {
+        let db = TestDb::new().await;
+        let logs = std::env::temp_dir().join(format!("{}-logs", db.name));
+        std::fs::create_dir_all(&logs).unwrap();
+        let mut env = Env::new(&db, logs.join("reports"));
+        env.vars.push(("RUST_LOG", "info,lapin=warn".into()));
+        let broker = if private_broker {
+            let b = PrivateBroker::start().await.unwrap();
+            env.vars.push(("REKEY_AMQP_URL", b.url()));
+            Some(b)
+        } else {
+            None
+        };
+        let key = env
+            .vars
+            .iter()
+            .find(|(k, _)| *k == "REKEY_MASTER_KEY")
+            .map(|(_, v)| v.clone())
+            .unwrap();
+        let settings = db.settings(Some(&key));
+        let master = Arc::new(settings.master_key_provider().unwrap().load().unwrap());
+        rekey_loadtest::seed::reseed(&db.pool, &settings, &master, rows, 1)
+            .await
+            .unwrap();
+        Self {
+            db,
+            env,
+            settings,
+            master,
+            broker,
+            logs,
+        }
+    }
+
+    fn fleet(&self, n: usize, concurrency: usize, failpoints: VecDeque<String>) -> Fleet {
+        Fleet::start(
+            FleetSpec {
+                bin: bin("rekey-worker"),
+                env: self
+                    .env
+                    .vars
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.clone()))
+                    .collect(),
+                args: vec![
+                    "--concurrency".into(),
+                    concurrency.to_string(),
+                    "--prefetch".into(),
+                    concurrency.to_string(),
+                ],
+                log_dir: Some(self.logs.clone()),
+            },
+            n,
+            failpoints,
+        )
+        .unwrap()
+    }
+
+    /// Starts `rekey` with `args`, its stdout piped, its stderr in `<log>.log`.
+    fn rekey(&self, log: &str, args: &[&str], failpoints: Option<&str>) -> Child {
+        let mut cmd = tokio::process::Command::from(self.env.cmd("rekey", args));
+        cmd.stdout(Stdio::piped())
+            .stderr(std::fs::File::create(self.logs.join(format!("{log}.log"))).unwrap())
+            .kill_on_drop(true);
+        if let Some(f) = failpoints {
+            cmd.env("FAILPOINTS", f);
+        }
+        cmd.spawn().unwrap()
+    }
+
+    fn log(&self, log: &str) -> String {
+        std::fs::read_to_string(self.logs.join(format!("{log}.log"))).unwrap_or_default()
+    }
+
+    /// Waits for `child` to exit, replacing dead workers meanwhile. Returns its status and
+    /// its stdout.
+    async fn until_exit(
+        &self,
+        mut child: Child,
+        fleet: &mut Fleet,
+        within: Duration,
+    ) -> (ExitStatus, String) {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                let mut out = String::new();
+                if let Some(mut o) = child.stdout.take() {
+                    use tokio::io::AsyncReadExt;
+                    o.read_to_string(&mut out).await.unwrap();
+                }
+                return (status, out);
+            }
+            fleet.replace_dead().unwrap();
+            assert!(
+                start.elapsed() < within,
+                "rekey did not exit within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn scalar(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> i64 {
+        self.db
+            .pool
+            .get()
+            .await
+            .unwrap()
+            .query_one(sql, params)
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    async fn last_run(&self) -> i64 {
+        self.scalar("SELECT max(id) FROM rekey.runs", &[]).await
+    }
+
+    async fn wait_for(&self, what: &str, within: Duration, sql: &str, at_least: i64) {
+        let start = Instant::now();
+        while self.scalar(sql, &[]).await < at_least {
+            assert!(start.elapsed() < within, "timed out waiting until {what}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The end of every test: the run completed; every value decrypts to its recorded
+    /// plaintext under the run's key; the ledger and the audit log counted each rotation
+    /// once; every batch is done.
+    async fn everything_verified(&self, run_id: i64) -> i64 {
+        let c = self.db.pool.get().await.unwrap();
+        let row = c
+            .query_one(
+                "SELECT r.state, r.target_key_id,
+                        (SELECT COALESCE(sum(n_rotated), 0)::int8 FROM rekey.batches WHERE run_id = r.id AND state = 'done'),
+                        (SELECT count(*) FROM rekey.batches WHERE run_id = r.id AND state <> 'done'),
+                        (SELECT COALESCE(sum(n_ops), 0)::int8 FROM rekey.audit_log WHERE run_id = r.id AND operation = 'encrypt' AND success)
+                   FROM rekey.runs r WHERE r.id = $1",
+                &[&run_id],
+            )
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, String>(0), "completed");
+        let target: Uuid = row.get(1);
+        let (rotated, not_done, audited): (i64, i64, i64) = (row.get(2), row.get(3), row.get(4));
+        let ring = store::load_ring(&**c, &self.master).await.unwrap();
+        let v = rekey_loadtest::verify::verify(&self.db.pool, &ring, Some(target), 10_000)
+            .await
+            .unwrap();
+        assert!(v.passed(), "{v:?}");
+        assert_eq!(v.corrupt_as_planted, 0);
+        assert_eq!(rotated, v.ok, "the ledger counted every rotation once");
+        assert_eq!(
+            audited, rotated,
+            "the audit log counted every encryption once"
+        );
+        assert_eq!(not_done, 0, "every batch is done");
+        v.ok
+    }
+
+    async fn finish(self) {
+        if self.broker.is_none()
+            && let Ok(conn) = broker::connect(&self.settings.amqp_url, "t").await
+            && let Ok(ch) = conn.create_channel().await
+        {
+            let _ = broker::delete(&ch, &Topology::new(&self.settings.queue_prefix)).await;
+            broker::close(&conn, "test done").await;
+        }
+        let _ = std::fs::remove_dir_all(&self.logs);
+    }
+}
+
+fn rotate_args<'a>(stages: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut a = ROTATE.to_vec();
+    a.extend(["--stages", stages]);
+    a.extend(extra);
+    a
+}
+
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread")]
+async fn workers_killed_at_every_fault_point_of_a_batch_repeatedly_lose_and_double_nothing() {
+    let scene = Scene::new(6_000, false).await;
+    let points = &rekey_common::failpoint::POINTS[..5];
+    // Each worker started dies by SIGKILL at its point's third hit; two rounds over the
+    // five points, then plain workers finish the run.
+    let plan: VecDeque<String> = (0..2)
+        .flat_map(|_| points.iter().map(|p| format!("{p}=2*off->return")))
+        .collect();
+    let mut fleet = scene.fleet(2, 2, plan);
+    let coordinator = scene.rekey("rotate", &rotate_args("1,100", &[]), None);
+    let (status, out) = scene
+        .until_exit(coordinator, &mut fleet, Duration::from_secs(300))
+        .await;
+    assert!(status.success(), "{out}\n{}", scene.log("rotate"));
+    let run_id = scene.last_run().await;
+    let deaths = fleet.deaths.clone();
+    fleet.stop(Duration::from_secs(30)).await;
+    for p in points {
+        let killed = deaths
+            .iter()
+            .filter(|d| {
+                d.failpoints.as_deref().is_some_and(|f| f.starts_with(p))
+                    && rekey_loadtest::procs::killed(&d.status)
+            })
+            .count();
+        assert_eq!(killed, 2, "a worker was killed at {p} twice: {deaths:?}");
+    }
+    assert!(
+        deaths
+            .iter()
+            .all(|d| rekey_loadtest::procs::killed(&d.status)),
+        "no worker died any other way: {deaths:?}"
+    );
+    scene.everything_verified(run_id).await;
+    scene.finish().await;
+}
+
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread")]
+async fn the_coordinator_killed_mid_publish_and_mid_gate_is_resumed_to_completion() {
+    let scene = Scene::new(5_000, false).await;
+    let mut fleet = scene.fleet(2, 2, VecDeque::new());
+    // Dies on its fourth publish: that batch is marked published in the ledger, never sent.
+    let c = scene.rekey(
+        "rotate",
+        &rotate_args("1,100", &[]),
+        Some("coordinator.before_publish=3*off->return"),
+    );
+    let (status, _) = scene
+        .until_exit(c, &mut fleet, Duration::from_secs(120))
+        .await;
+    assert!(
+        rekey_loadtest::procs::killed(&status),
+        "{status}: {}",
+        scene.log("rotate")
+    );
+    assert!(
+        scene
+            .log("rotate")
+            .contains("failpoint coordinator.before_publish")
+    );
+    let run_id = scene.last_run().await;
+    // The workers finish what was sent; the orphan stays published with no message.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let orphans = scene
+        .scalar(
+            "SELECT count(*) FROM rekey.batches WHERE run_id = $1 AND state = 'published'",
+            &[&run_id],
+        )
+        .await;
+    assert!(
+        orphans >= 1,
+        "the batch marked but never published is there"
+    );
+
+    // Resumed, it publishes what is left and dies deciding a stage's gate.
+    let c = scene.rekey(
+        "resume-1",
+        &["resume", &run_id.to_string(), "--lease-secs", "10"],
+        Some("coordinator.mid_gate=return"),
+    );
+    let (status, _) = scene
+        .until_exit(c, &mut fleet, Duration::from_secs(120))
+        .await;
+    assert!(
+        rekey_loadtest::procs::killed(&status),
+        "{status}: {}",
+        scene.log("resume-1")
+    );
+    assert!(
+        scene
+            .log("resume-1")
+            .contains("failpoint coordinator.mid_gate")
+    );
+    let gated = scene
+        .db
+        .pool
+        .get()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT s.state FROM rekey.stages s JOIN rekey.runs r ON r.id = s.run_id AND s.stage_no = r.current_stage
+              WHERE r.id = $1",
+            &[&run_id],
+        )
+        .await
+        .unwrap()
+        .get::<_, String>(0);
+    assert_eq!(
+        gated, "gating",
+        "killed before the gate's decision was recorded"
+    );
+
+    // Resumed once more, without faults: the gate is decided anew and the run completes.
+    let c = scene.rekey(
+        "resume-2",
+        &[
+            "resume",
+            &run_id.to_string(),
+            "--lease-secs",
+            "10",
+            "--json",
+        ],
+        None,
+    );
+    let (status, out) = scene
+        .until_exit(c, &mut fleet, Duration::from_secs(240))
+        .await;
+    assert!(status.success(), "{out}\n{}", scene.log("resume-2"));
+    assert!(fleet.deaths.is_empty(), "{:?}", fleet.deaths);
+    fleet.stop(Duration::from_secs(30)).await;
+    scene.everything_verified(run_id).await;
+    scene.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rabbitmq_stopped_and_started_mid_run_is_ridden_out_without_operator_action() {
+    let mut scene = Scene::new(8_000, true).await;
+    let mut fleet = scene.fleet(2, 2, VecDeque::new());
+    let c = scene.rekey("rotate", &rotate_args("100", &[]), None);
+    scene
+        .wait_for(
+            "a quarter of the batches are done",
+            Duration::from_secs(120),
+            "SELECT CASE WHEN count(*) > 0 AND 4 * count(*) FILTER (WHERE state = 'done') >= count(*) THEN 1 ELSE 0 END::int8 FROM rekey.batches",
+            1,
+        )
+        .await;
+    let done_before = scene
+        .scalar(
+            "SELECT count(*) FROM rekey.batches WHERE state = 'done'",
+            &[],
+        )
+        .await;
+    scene
+        .broker
+        .as_mut()
+        .unwrap()
+        .restart(Duration::from_secs(3))
+        .await
+        .unwrap();
+    let (status, out) = scene
+        .until_exit(c, &mut fleet, Duration::from_secs(300))
+        .await;
+    assert!(status.success(), "{out}\n{}", scene.log("rotate"));
+    assert!(
+        fleet.deaths.is_empty(),
+        "the same worker processes rode it out: {:?}",
+        fleet.deaths
+    );
+    let total = scene
+        .scalar("SELECT count(*) FROM rekey.batches", &[])
+        .await;
+    assert!(done_before < total, "the restart came mid-run");
+    let ended = fleet.stop(Duration::from_secs(30)).await;
+    assert!(ended.iter().all(|d| d.status.success()), "{ended:?}");
+    let run_id = scene.last_run().await;
+    scene.everything_verified(run_id).await;
+    scene.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn database_connections_terminated_mid_batch_are_retried_and_counted_once() {
+    let scene = Scene::new(6_000, false).await;
+    let mut fleet = scene.fleet(2, 2, VecDeque::new());
+    let c = scene.rekey("rotate", &rotate_args("100", &[]), None);
+    scene
+        .wait_for(
+            "the first batch is done",
+            Duration::from_secs(120),
+            "SELECT count(*) FROM rekey.batches WHERE state = 'done'",
+            1,
+        )
+        .await;
+    let pool = scene.db.pool.clone();
+    let terminator = tokio::spawn(async move {
+        // Backends inside a transaction: a batch between its claim and its commit, or a
+        // coordinator step. Twelve of them, a quarter second apart at most.
+        let mut terminated = 0i64;
+        let start = Instant::now();
+        while terminated < 12 && start.elapsed() < Duration::from_secs(60) {
+            let n: i64 = pool
+                .get()
+                .await
+                .unwrap()
+                .query_one(
+                    "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity
+                      WHERE datname = current_database() AND pid <> pg_backend_pid()
+                        AND backend_type = 'client backend' AND xact_start IS NOT NULL
+                        AND query LIKE '%demo%'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            terminated += n;
+            tokio::time::sleep(Duration::from_millis(if n > 0 { 250 } else { 10 })).await;
+        }
+        terminated
+    });
+    let (status, out) = scene
+        .until_exit(c, &mut fleet, Duration::from_secs(300))
+        .await;
+    terminator.abort();
+    let terminated = terminator.await.unwrap_or(0);
+    assert!(status.success(), "{out}\n{}", scene.log("rotate"));
+    assert!(fleet.deaths.is_empty(), "{:?}", fleet.deaths);
+    let logs: String = (1..=2).map(|i| scene.log(&format!("w{i}"))).collect();
+    assert!(
+        logs.contains("batch failed; retrying"),
+        "a batch lost its connection and was retried (terminated {terminated})"
+    );
+    fleet.stop(Duration::from_secs(30)).await;
+    let run_id = scene.last_run().await;
+    scene.everything_verified(run_id).await;
+    scene.finish().await;
+}
+
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_mid_batch_finishes_and_acks_the_batches_in_flight_and_leaves_nothing_half_done() {
+    let scene = Scene::new(4_000, false).await;
+    // Each batch holds its row locks for 2 s: SIGTERM surely finds two in flight.
+    let fleet = scene.fleet(
+        1,
+        2,
+        VecDeque::from(["worker.after_lock=sleep(2000)".to_owned()]),
+    );
+    let c = scene.rekey(
+        "rotate",
+        &rotate_args("100", &["--max-in-flight", "6"]),
+        None,
+    );
+    scene
+        .wait_for(
+            "two batches hold their rows",
+            Duration::from_secs(120),
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
+               AND state = 'idle in transaction' AND now() - state_change > interval '300 ms'",
+            2,
+        )
+        .await;
+    // Freeze the ledger: no coordinator publishes or re-publishes from here on.
+    let mut c = c;
+    c.start_kill().unwrap();
+    c.wait().await.unwrap();
+    let run_id = scene.last_run().await;
+    let done_before = scene
+        .scalar(
+            "SELECT count(*) FROM rekey.batches WHERE run_id = $1 AND state = 'done'",
+            &[&run_id],
+        )
+        .await;
+    // SIGTERM (Fleet::stop sends it), then wait for the worker to drain and exit.
+    let ended = fleet.stop(Duration::from_secs(60)).await;
+    assert!(ended[0].status.success(), "exits cleanly: {ended:?}");
+    let log = scene.log("w1");
+    assert!(log.contains("finishing batches in flight"), "{log}");
+
+    let c = scene.db.pool.get().await.unwrap();
+    let finished: i64 = c
+        .query_one(
+            "SELECT count(*) FROM rekey.batches WHERE run_id = $1 AND state = 'done'",
+            &[&run_id],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+        - done_before;
+    assert_eq!(finished, 2, "both batches in flight finished after SIGTERM");
+    let in_tx: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
+               AND pid <> pg_backend_pid() AND xact_start IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(in_tx, 0, "no transaction left open");
+    // Acked: the queue holds exactly batches that are not done, each once.
+    let conn = broker::connect(&scene.settings.amqp_url, "t")
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let topo = Topology::new(&scene.settings.queue_prefix);
+    let mut queued = Vec::new();
+    while let Some(m) = ch
+        .basic_get(
+            topo.batches.as_str().into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+    {
+        let msg = rekey_common::messages::BatchMessage::decode(&m.delivery.data).unwrap();
+        queued.push(msg.batch_no);
+    }
+    broker::close(&conn, "t").await;
+    let unique: std::collections::BTreeSet<i64> = queued.iter().copied().collect();
+    assert_eq!(
+        unique.len(),
+        queued.len(),
+        "no batch queued twice: {queued:?}"
+    );
+    let published: std::collections::BTreeSet<i64> = c
+        .query(
+            "SELECT batch_no FROM rekey.batches WHERE run_id = $1 AND state = 'published'",
+            &[&run_id],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        unique.is_subset(&published),
+        "every queued batch is one not done: queued {unique:?}, published {published:?}"
+    );
+    // Nothing half done: no row of a batch that is not done is under the new key.
+    let target: Uuid = c
+        .query_one(
+            "SELECT target_key_id FROM rekey.runs WHERE id = $1",
+            &[&run_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    for (table, column) in rekey_loadtest::verify::COLUMNS {
+        let n: i64 = c
+            .query_one(
+                &format!(
+                    "SELECT count(*) FROM rekey.batches b JOIN {table} t ON t.id BETWEEN b.id_lo AND b.id_hi
+                      WHERE b.run_id = $1 AND b.table_name = $2 AND b.state <> 'done'
+                        AND substring(t.{column} from 2 for 16) = decode(replace($3::text, '-', ''), 'hex')"
+                ),
+                &[&run_id, &table, &target.to_string()],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            n, 0,
+            "{table}.{column}: a row of an unfinished batch was rotated"
+        );
+    }
+    drop(c);
+
+    // Another worker and `rekey resume` finish the run.
+    let mut fleet = scene.fleet(1, 2, VecDeque::new());
+    let resume = scene.rekey("resume", &["resume", &run_id.to_string(), "--json"], None);
+    let (status, out) = scene
+        .until_exit(resume, &mut fleet, Duration::from_secs(240))
+        .await;
+    assert!(status.success(), "{out}\n{}", scene.log("resume"));
+    fleet.stop(Duration::from_secs(30)).await;
+    scene.everything_verified(run_id).await;
+    scene.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_short_chaos_soak_injects_every_kind_of_fault_and_loses_nothing() {
+    let db = TestDb::new().await;
+    let env = Env::new(
+        &db,
+        std::env::temp_dir().join(format!("{}-reports", db.name)),
+    );
+    let out = env
+        .cmd(
+            "rekey-loadtest",
+            &[
+                "chaos",
+                "--rows",
+                "20000",
+                "--duration",
+                "90s",
+                "--fault-every",
+                "600ms",
+                "--broker-restart-gap",
+                "15s",
+                "--finish-within",
+                "5m",
+                "--workers",
+                "2",
+                "--batch-bytes",
+                "32768",
+                "--json",
+            ],
+        )
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let r: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(r["run_state"], "completed");
+    for kind in [
+        "worker_kill",
+        "db_terminate",
+        "coordinator_kill",
+        "broker_restart",
+    ] {
+        assert!(
+            r["faults"][kind].as_u64().unwrap_or(0) >= 1,
+            "{kind} injected: {}",
+            r["faults"]
+        );
+    }
+    assert_eq!(r["lost"], 0);
+    assert_eq!(r["corrupted"], 0);
+    assert_eq!(r["unexpected_worker_exits"], 0);
+    assert_eq!(r["verify"]["ok"], r["values"], "every value verified");
+    assert_eq!(r["ledger_rotated"], r["values"], "counted once");
+    assert!(r["log_dir"].is_null(), "logs kept only on failure");
+}
