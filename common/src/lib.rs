@@ -11,6 +11,7 @@
 //! - [`config`]: settings from `rekey.toml` and `REKEY_*` variables.
 //! - [`db`]: the connection pool and the embedded migrations.
 //! - [`failpoint`]: fault points for the fault-injection tests (`failpoints` feature only).
+//! - [`shutdown`]: SIGTERM and Ctrl-C as one future.
 //! - [`sizing`]: rows per batch from the bytes a batch should hold.
 //! - [`telemetry`]: logging setup for the binaries.
 //! - [`testing`]: test support (a fresh database per test), used by every crate's tests.
@@ -29,6 +30,7 @@ pub mod keys;
 pub mod ledger;
 pub mod messages;
 pub mod secret;
+pub mod shutdown;
 pub mod sizing;
 pub mod stages;
 pub mod telemetry;

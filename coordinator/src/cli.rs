@@ -471,9 +471,7 @@ pub async fn follow(
     let mut run_id = run_id;
     if !detach {
         loop {
-            let shutdown = async {
-                let _ = tokio::signal::ctrl_c().await;
-            };
+            let shutdown = rekey_common::shutdown::signal();
             let state = crate::drive::drive(
                 &ctx.pool,
                 &ctx.settings,

@@ -62,15 +62,15 @@ impl Default for WorkerOptions {
     }
 }
 
-/// Resolves on SIGTERM or Ctrl-C.
-pub async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("install SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+/// Resolves on SIGTERM or Ctrl-C, logging that the worker drains. The handlers are
+/// installed by this call: make it first thing, so that a SIGTERM during startup exits
+/// cleanly too.
+pub fn shutdown_signal() -> impl Future<Output = ()> {
+    let signalled = rekey_common::shutdown::signal();
+    async move {
+        signalled.await;
+        tracing::info!("shutdown requested: finishing batches in flight");
     }
-    tracing::info!("shutdown requested: finishing batches in flight");
 }
 
 /// What every batch task shares.

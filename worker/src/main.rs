@@ -42,6 +42,8 @@ async fn main() -> ExitCode {
     let args = Args::parse();
     rekey_common::telemetry::init(args.log_format);
     rekey_common::failpoint::setup();
+    // Before anything that takes time: a SIGTERM from here on drains and exits 0.
+    let shutdown = consume::shutdown_signal();
     let settings = match rekey_common::Settings::load(args.config.as_deref()) {
         Ok(s) => s,
         Err(e) => {
@@ -59,7 +61,7 @@ async fn main() -> ExitCode {
     if let Some(id) = args.worker_id {
         opts.worker_id = id;
     }
-    match consume::run(settings, opts, consume::shutdown_signal()).await {
+    match consume::run(settings, opts, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -499,10 +499,19 @@ async fn sigterm_mid_batch_finishes_and_acks_the_batches_in_flight_and_leaves_no
             2,
         )
         .await;
-    // Freeze the ledger: no coordinator publishes or re-publishes from here on.
+    // Freeze the ledger: the coordinator stops on SIGTERM (exiting non-zero: its run is
+    // unfinished), so nothing is published or re-published from here on.
     let mut c = c;
-    c.start_kill().unwrap();
-    c.wait().await.unwrap();
+    assert!(rekey_loadtest::procs::signal(
+        c.id().unwrap(),
+        "TERM",
+        false
+    ));
+    let status = tokio::time::timeout(Duration::from_secs(20), c.wait())
+        .await
+        .expect("the coordinator stops within 20 s of SIGTERM")
+        .unwrap();
+    assert_eq!(status.code(), Some(1), "{status}: {}", scene.log("rotate"));
     let run_id = scene.last_run().await;
     let done_before = scene
         .scalar(
