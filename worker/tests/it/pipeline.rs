@@ -276,6 +276,19 @@ async fn planted_corrupt_values_are_listed_left_unchanged_and_counted_in_the_err
             .get(0);
         assert_eq!(n, 1, "{table}.{column} row {id} listed in the error table");
     }
+    // The seed plants flipped bits and values moved from another row (both fail
+    // authentication) and values under a key nobody has.
+    let kinds: Vec<String> = c
+        .query(
+            "SELECT DISTINCT error_kind FROM rekey.decrypt_errors WHERE run_id = $1 ORDER BY 1",
+            &[&run.id],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(kinds, ["tampered", "unknown_key"]);
     let status = run_cmd::status(&env.db.pool, run.id).await.unwrap();
     assert_eq!(status.progress.n_errors, corrupt_before.len() as i64);
     let expected_rate =
