@@ -745,7 +745,7 @@ pub async fn run(
             });
         }
     }
-    cleanup_queues(settings, &prefix).await;
+    crate::procs::delete_queues(settings, &prefix).await;
     report.full_vs_ceiling = report.full.rows_per_sec / report.ceiling.rows_per_sec.max(1e-9);
     report.full_vs_bare = report.full.rows_per_sec / report.bare.rows_per_sec.max(1e-9);
 
@@ -845,16 +845,6 @@ async fn ledger_rates(
             )
         })
         .collect())
-}
-
-async fn cleanup_queues(settings: &Settings, prefix: &str) {
-    let topo = rekey_common::broker::Topology::new(prefix);
-    if let Ok(conn) = rekey_common::broker::connect(&settings.amqp_url, "rekey-bench").await
-        && let Ok(ch) = conn.create_channel().await
-    {
-        let _ = rekey_common::broker::delete(&ch, &topo).await;
-        rekey_common::broker::close(&conn, "bench done").await;
-    }
 }
 
 /// Prints the figures.

@@ -480,7 +480,7 @@ pub async fn run(
     let _ = coordinator.child.start_kill();
     let _ = coordinator.child.wait().await;
     if broker.is_none() {
-        cleanup_queues(settings, &prefix).await;
+        crate::procs::delete_queues(settings, &prefix).await;
     }
     drop(broker);
 
@@ -513,16 +513,6 @@ pub async fn run(
     }
     outcome?;
     Ok(report)
-}
-
-async fn cleanup_queues(settings: &Settings, prefix: &str) {
-    let topo = rekey_common::broker::Topology::new(prefix);
-    if let Ok(conn) = rekey_common::broker::connect(&settings.amqp_url, "rekey-chaos").await
-        && let Ok(ch) = conn.create_channel().await
-    {
-        let _ = rekey_common::broker::delete(&ch, &topo).await;
-        rekey_common::broker::close(&conn, "chaos done").await;
-    }
 }
 
 /// Prints the figures.

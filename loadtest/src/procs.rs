@@ -34,6 +34,18 @@ pub fn own_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
+/// Deletes the queues of `prefix` from the settings' broker (best effort: the load tools
+/// clean up after themselves, and a broker that is gone has nothing to clean).
+pub async fn delete_queues(settings: &rekey_common::Settings, prefix: &str) {
+    let topo = rekey_common::broker::Topology::new(prefix);
+    if let Ok(conn) = rekey_common::broker::connect(&settings.amqp_url, "rekey-loadtest").await
+        && let Ok(ch) = conn.create_channel().await
+    {
+        let _ = rekey_common::broker::delete(&ch, &topo).await;
+        rekey_common::broker::close(&conn, "cleaned up").await;
+    }
+}
+
 /// Sends `signal` (e.g. "TERM", "KILL") to a process, or with `group` to its process group.
 pub fn signal(pid: u32, signal: &str, group: bool) -> bool {
     let target = if group {

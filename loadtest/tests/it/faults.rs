@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rekey_common::Settings;
-use rekey_common::broker::{self, Topology};
 use rekey_common::keys::master::MasterKey;
 use rekey_common::keys::store;
 use rekey_common::testing::TestDb;
@@ -123,6 +122,14 @@ impl Scene {
         cmd.spawn().unwrap()
     }
 
+    /// Asserts that the process that wrote `log` died by SIGKILL at fault point `point`.
+    #[cfg(feature = "failpoints")]
+    fn assert_killed_at(&self, status: &ExitStatus, log: &str, point: &str) {
+        let text = self.log(log);
+        assert!(rekey_loadtest::procs::killed(status), "{status}: {text}");
+        assert!(text.contains(&format!("failpoint {point}")), "{text}");
+    }
+
     fn log(&self, log: &str) -> String {
         std::fs::read_to_string(self.logs.join(format!("{log}.log"))).unwrap_or_default()
     }
@@ -217,12 +224,8 @@ impl Scene {
     }
 
     async fn finish(self) {
-        if self.broker.is_none()
-            && let Ok(conn) = broker::connect(&self.settings.amqp_url, "t").await
-            && let Ok(ch) = conn.create_channel().await
-        {
-            let _ = broker::delete(&ch, &Topology::new(&self.settings.queue_prefix)).await;
-            broker::close(&conn, "test done").await;
+        if self.broker.is_none() {
+            rekey_loadtest::procs::delete_queues(&self.settings, &self.settings.queue_prefix).await;
         }
         let _ = std::fs::remove_dir_all(&self.logs);
     }
@@ -288,16 +291,7 @@ async fn the_coordinator_killed_mid_publish_and_mid_gate_is_resumed_to_completio
     let (status, _) = scene
         .until_exit(c, &mut fleet, Duration::from_secs(120))
         .await;
-    assert!(
-        rekey_loadtest::procs::killed(&status),
-        "{status}: {}",
-        scene.log("rotate")
-    );
-    assert!(
-        scene
-            .log("rotate")
-            .contains("failpoint coordinator.before_publish")
-    );
+    scene.assert_killed_at(&status, "rotate", "coordinator.before_publish");
     let run_id = scene.last_run().await;
     // The workers finish what was sent; the orphan stays published with no message.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -321,16 +315,7 @@ async fn the_coordinator_killed_mid_publish_and_mid_gate_is_resumed_to_completio
     let (status, _) = scene
         .until_exit(c, &mut fleet, Duration::from_secs(120))
         .await;
-    assert!(
-        rekey_loadtest::procs::killed(&status),
-        "{status}: {}",
-        scene.log("resume-1")
-    );
-    assert!(
-        scene
-            .log("resume-1")
-            .contains("failpoint coordinator.mid_gate")
-    );
+    scene.assert_killed_at(&status, "resume-1", "coordinator.mid_gate");
     let gated = scene
         .db
         .pool
@@ -547,11 +532,11 @@ async fn sigterm_mid_batch_finishes_and_acks_the_batches_in_flight_and_leaves_no
         .get(0);
     assert_eq!(in_tx, 0, "no transaction left open");
     // Acked: the queue holds exactly batches that are not done, each once.
-    let conn = broker::connect(&scene.settings.amqp_url, "t")
+    let conn = rekey_common::broker::connect(&scene.settings.amqp_url, "t")
         .await
         .unwrap();
     let ch = conn.create_channel().await.unwrap();
-    let topo = Topology::new(&scene.settings.queue_prefix);
+    let topo = rekey_common::broker::Topology::new(&scene.settings.queue_prefix);
     let mut queued = Vec::new();
     while let Some(m) = ch
         .basic_get(
@@ -564,7 +549,7 @@ async fn sigterm_mid_batch_finishes_and_acks_the_batches_in_flight_and_leaves_no
         let msg = rekey_common::messages::BatchMessage::decode(&m.delivery.data).unwrap();
         queued.push(msg.batch_no);
     }
-    broker::close(&conn, "t").await;
+    rekey_common::broker::close(&conn, "t").await;
     let unique: std::collections::BTreeSet<i64> = queued.iter().copied().collect();
     assert_eq!(
         unique.len(),
