@@ -47,6 +47,11 @@ pub enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// The tamper-evident audit log.
+    Audit {
+        #[command(subcommand)]
+        command: crate::audit_cmd::AuditCommand,
+    },
     /// The pre-rotation checklist, each item pass, warn or fail.
     Preflight {
         #[arg(long)]
@@ -291,6 +296,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Keys { command } => keys_cmd::run(config, command).await,
+        Command::Audit { command } => crate::audit_cmd::run(config, command).await,
         Command::Preflight { json } => {
             let settings = Settings::load(config)?;
             let p = crate::preflight::run(&settings).await;

@@ -670,16 +670,22 @@ async fn gate_stage(
         &[&run.id, &stage_no, &serde_json::to_value(&decision)?, &(observe as f64)],
     )
     .await?;
+    // The gate's decision, then the seal of the stage's batch audit chains.
+    let seal =
+        audit::stage_seal(&*tx, run.id, run.target_key_id, stage_no, &settings.actor).await?;
     audit::record(
         &*tx,
-        &[AuditEntry::run_event(
-            run.id,
-            run.target_key_id,
-            "gate",
-            true,
-            &settings.actor,
-            serde_json::json!({"stage_no": stage_no, "passed": true, "observe_secs": observe}),
-        )],
+        &[
+            AuditEntry::run_event(
+                run.id,
+                run.target_key_id,
+                "gate",
+                true,
+                &settings.actor,
+                serde_json::json!({"stage_no": stage_no, "passed": true, "observe_secs": observe}),
+            ),
+            seal,
+        ],
     )
     .await?;
     tx.commit().await?;

@@ -2,6 +2,7 @@
 //!
 //! - [`cli`]: argument definitions and dispatch.
 //! - [`keys_cmd`]: `rekey keys …`, over `rekey_common::keys::store`.
+//! - [`audit_cmd`]: `rekey audit verify`, over `rekey_common::audit::verify`.
 //! - [`output`]: text or `--json` output.
 //! - [`plan`]: cutting tables into ID ranges.
 //! - [`run_cmd`]: starting, pausing, resuming and inspecting runs.
@@ -10,6 +11,7 @@
 //! - [`report`]: evidence reports.
 //! - [`drive`]: publishing batches, leases, reports and progress until a run ends.
 
+pub mod audit_cmd;
 pub mod cli;
 pub mod demo;
 pub mod drive;

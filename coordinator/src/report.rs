@@ -84,6 +84,15 @@ pub async fn build(pool: &Pool, run_id: i64, reason: &str) -> anyhow::Result<Val
     let duration = run.started_at.map(|s| {
         (run.finished_at.unwrap_or_else(chrono::Utc::now) - s).num_milliseconds() as f64 / 1000.0
     });
+    // The control chain's newest entry: kept with the evidence, outside the database, it
+    // shows whether the chain up to it was later rewritten (`rekey audit verify`).
+    let chain_head = c
+        .query_opt(
+            "SELECT last_id, encode(last_hash, 'hex') FROM rekey.audit_head WHERE chain = 'control' AND last_id IS NOT NULL",
+            &[],
+        )
+        .await?
+        .map(|r| json!({"entry": r.get::<_, i64>(0), "hash": r.get::<_, String>(1)}));
     Ok(json!({
         "schema_version": SCHEMA_VERSION,
         "generated_at": chrono::Utc::now(),
@@ -120,6 +129,7 @@ pub async fn build(pool: &Pool, run_id: i64, reason: &str) -> anyhow::Result<Val
         "audit": {
             "entries": audit_entries,
             "complete": audit_complete,
+            "chain_head": chain_head,
         },
         "decrypt_errors": decrypt_errors,
         "operator_actions": actions,

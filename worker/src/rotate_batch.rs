@@ -548,11 +548,14 @@ async fn record(
     entries.sort_by(|a, b| {
         (&a.operation, a.success, a.key_id).cmp(&(&b.operation, b.success, b.key_id))
     });
-    audit::record(tx, &entries).await?;
+    // The batch's own audit chain; its tail goes into the ledger row in this transaction.
+    let tail = audit::record_batch(tx, &entries).await?;
+    let (tail_id, tail_hash) = tail.last.unzip();
     let c = computed.counts;
     tx.execute(
         "UPDATE rekey.batches SET state = 'done', done_at = now(), lease_until = NULL, worker = $3,
-                n_rows = $4, n_values = $5, n_rotated = $6, n_skipped = $7, n_null = $8, n_errors = $9, error = NULL
+                n_rows = $4, n_values = $5, n_rotated = $6, n_skipped = $7, n_null = $8, n_errors = $9, error = NULL,
+                audit_tail_id = $10, audit_tail = $11, audit_entries = $12
           WHERE run_id = $1 AND batch_no = $2",
         &[
             &msg.run_id,
@@ -564,6 +567,9 @@ async fn record(
             &c.n_skipped,
             &c.n_null,
             &c.n_errors,
+            &tail_id,
+            &tail_hash,
+            &tail.entries,
         ],
     )
     .await?;

@@ -2,6 +2,7 @@
 //! and fresh queue names per test, workers and the coordinator driven in-process through
 //! the same library functions the binaries call.
 
+mod audit;
 mod helpers;
 mod pipeline;
 mod staged;
