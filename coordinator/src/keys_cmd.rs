@@ -80,6 +80,126 @@ pub enum KeysCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Each key's age, rotation due date (field keys 30 days, data keys 90), state,
+    /// encryptions against its nonce budget, and the values (field keys) or field keys
+    /// (data keys) still under it. Exits 3 when an active key's rotation is overdue, so that
+    /// a scheduler can alert on it.
+    Status {
+        /// Skip counting the values under each field key (a scan of every target column).
+        #[arg(long)]
+        no_census: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Exit code of `rekey keys status` when a rotation is overdue.
+pub const EXIT_OVERDUE: u8 = 3;
+
+/// One key's line of `rekey keys status`.
+#[derive(Debug, Serialize)]
+pub struct KeyStatus {
+    pub id: Uuid,
+    pub kind: KeyKind,
+    pub state: KeyState,
+    pub age_days: f64,
+    pub rotation_due_at: chrono::DateTime<chrono::Utc>,
+    /// Negative once the due date has passed.
+    pub days_until_due: f64,
+    /// Active and past its due date.
+    pub overdue: bool,
+    pub encryptions: i64,
+    pub nonce_budget: i64,
+    pub nonce_budget_used_pct: f64,
+    /// Field keys: values under the key in the target columns (`None` with --no-census);
+    /// data keys: field keys wrapped by it.
+    pub still_under: Option<i64>,
+}
+
+/// `rekey keys status`, computed.
+#[derive(Debug, Serialize)]
+pub struct StatusReport {
+    pub keys: Vec<KeyStatus>,
+    pub overdue: Vec<Uuid>,
+}
+
+pub async fn status<C: tokio_postgres::GenericClient>(
+    client: &C,
+    targets: &[rekey_common::config::Target],
+    with_census: bool,
+) -> anyhow::Result<StatusReport> {
+    let keys = store::list(client).await?;
+    let counts: Option<Vec<census::CensusRow>> = if with_census {
+        Some(census::census(client, targets).await?)
+    } else {
+        None
+    };
+    let now = chrono::Utc::now();
+    let days = |d: chrono::TimeDelta| d.num_seconds() as f64 / 86_400.0;
+    let out: Vec<KeyStatus> = keys
+        .iter()
+        .map(|k| {
+            let still_under = match k.kind {
+                KeyKind::Field => counts.as_ref().map(|rows| {
+                    rows.iter()
+                        .filter(|r| r.key_id == Some(k.id))
+                        .map(|r| r.n_values)
+                        .sum()
+                }),
+                KeyKind::Data => Some(
+                    keys.iter()
+                        .filter(|f| {
+                            f.kind == KeyKind::Field
+                                && f.wrapping_key_id == k.id
+                                && f.state != KeyState::Destroyed
+                        })
+                        .count() as i64,
+                ),
+            };
+            KeyStatus {
+                id: k.id,
+                kind: k.kind,
+                state: k.state,
+                age_days: days(now - k.created_at),
+                rotation_due_at: k.rotation_due_at,
+                days_until_due: days(k.rotation_due_at - now),
+                overdue: k.state == KeyState::Active && k.rotation_due_at < now,
+                encryptions: k.encryptions,
+                nonce_budget: k.nonce_budget,
+                nonce_budget_used_pct: 100.0 * k.encryptions as f64 / k.nonce_budget.max(1) as f64,
+                still_under,
+            }
+        })
+        .collect();
+    let overdue = out.iter().filter(|k| k.overdue).map(|k| k.id).collect();
+    Ok(StatusReport { keys: out, overdue })
+}
+
+fn print_status(r: &StatusReport) {
+    println!(
+        "{:<36}  {:<5}  {:<12}  {:>8}  {:<16}  {:>9}  {:>9}  {:>12}",
+        "ID", "KIND", "STATE", "AGE (d)", "ROTATION DUE", "DUE IN", "BUDGET %", "STILL UNDER"
+    );
+    for k in &r.keys {
+        println!(
+            "{:<36}  {:<5}  {:<12}  {:>8.1}  {:<16}  {:>9}  {:>9.6}  {:>12}",
+            k.id,
+            k.kind,
+            k.state,
+            k.age_days,
+            when(Some(k.rotation_due_at)),
+            if k.overdue {
+                "OVERDUE".to_owned()
+            } else {
+                format!("{:.1} d", k.days_until_due)
+            },
+            k.nonce_budget_used_pct,
+            k.still_under.map_or("-".to_owned(), |n| n.to_string()),
+        );
+    }
+    for id in &r.overdue {
+        println!("rotation overdue: key {id}");
+    }
 }
 
 fn parse_kind(s: &str) -> Result<KeyKind, String> {
@@ -234,6 +354,17 @@ pub async fn run(config: Option<&Path>, command: KeysCommand) -> anyhow::Result<
                 output::json(&report)?;
             } else {
                 report.print();
+            }
+        }
+        KeysCommand::Status { no_census, json } => {
+            let report = status(&**client, &ctx.settings.targets, !no_census).await?;
+            if json {
+                output::json(&report)?;
+            } else {
+                print_status(&report);
+            }
+            if !report.overdue.is_empty() {
+                return Ok(ExitCode::from(EXIT_OVERDUE));
             }
         }
         KeysCommand::NewMaster { .. } => unreachable!("handled above"),

@@ -6,6 +6,7 @@ use std::process::{Command, Output};
 #[derive(Debug)]
 pub struct Run {
     pub ok: bool,
+    pub code: Option<i32>,
     pub stdout: String,
     pub stderr: String,
     pub raw: Vec<u8>,
@@ -31,6 +32,7 @@ pub fn rekey(env: &[(&str, &str)], args: &[&str]) -> Run {
     raw.extend_from_slice(&stderr);
     Run {
         ok: status.success(),
+        code: status.code(),
         stdout: String::from_utf8_lossy(&stdout).into_owned(),
         stderr: String::from_utf8_lossy(&stderr).into_owned(),
         raw,

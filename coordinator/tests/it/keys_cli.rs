@@ -276,3 +276,75 @@ fn migrate_is_idempotent() {
         r.stdout
     );
 }
+
+#[tokio::test]
+async fn keys_status_exits_3_once_an_active_keys_rotation_is_overdue() {
+    let db = TestDb::new().await;
+    let master_b64 = generate_base64();
+    let env = [
+        ("REKEY_DATABASE_URL", db.url.as_str()),
+        ("REKEY_MASTER_KEY", master_b64.expose_secret()),
+    ];
+    assert!(rekey(&env, &["migrate", "--demo"]).ok);
+    assert!(rekey(&env, &["keys", "init"]).ok);
+    let r = rekey(&env, &["keys", "status", "--json"]);
+    assert!(r.ok, "{}", r.stderr);
+    let s: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let keys = s["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 2);
+    let field = keys.iter().find(|k| k["kind"] == "field").unwrap();
+    let data = keys.iter().find(|k| k["kind"] == "data").unwrap();
+    // The playbook's periods: field keys 30 days, data keys 90.
+    let due = |k: &serde_json::Value| k["days_until_due"].as_f64().unwrap();
+    assert!((due(field) - 30.0).abs() < 0.1 && (due(data) - 90.0).abs() < 0.1);
+    assert_eq!(field["still_under"], 0, "no values yet");
+    assert_eq!(data["still_under"], 1, "it wraps the field key");
+    assert_eq!(field["overdue"], false);
+
+    // Ten values under the field key, and its due date in the past.
+    let c = db.pool.get().await.unwrap();
+    let master = decode_base64_key("test", master_b64.expose_secret()).unwrap();
+    let ring = store::load_ring(&**c, &master).await.unwrap();
+    for id in 1..=10i64 {
+        let loc = FieldLocation {
+            table: "demo.users",
+            column: "email",
+            row_id: id,
+        };
+        let v = envelope::seal(&ring, &loc, b"someone@example.org").unwrap();
+        c.execute(
+            "INSERT INTO demo.users (id, name, email) VALUES ($1, 'n', $2)",
+            &[&id, &v],
+        )
+        .await
+        .unwrap();
+    }
+    let field_id: Uuid = field["id"].as_str().unwrap().parse().unwrap();
+    c.execute(
+        "UPDATE rekey.keys SET rotation_due_at = now() - interval '1 day' WHERE id = $1",
+        &[&field_id],
+    )
+    .await
+    .unwrap();
+    let r = rekey(&env, &["keys", "status", "--json"]);
+    assert_eq!(r.code, Some(3), "{}{}", r.stdout, r.stderr);
+    let s: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(s["overdue"], serde_json::json!([field_id.to_string()]));
+    let field = s["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["kind"] == "field")
+        .unwrap()
+        .clone();
+    assert_eq!(field["still_under"], 10);
+    assert!(field["days_until_due"].as_f64().unwrap() < 0.0);
+    let r = rekey(&env, &["keys", "status"]);
+    assert_eq!(r.code, Some(3));
+    assert!(
+        r.stdout
+            .contains(&format!("rotation overdue: key {field_id}")),
+        "{}",
+        r.stdout
+    );
+}
