@@ -12,6 +12,7 @@
 //! - [`db`]: the connection pool and the embedded migrations.
 //! - [`failpoint`]: fault points for the fault-injection tests (`failpoints` feature only).
 //! - [`shutdown`]: SIGTERM and Ctrl-C as one future.
+//! - [`metrics`]: the OpenTelemetry instruments and the Prometheus `/metrics` endpoint.
 //! - [`sizing`]: rows per batch from the bytes a batch should hold.
 //! - [`telemetry`]: logging setup for the binaries.
 //! - [`testing`]: test support (a fresh database per test), used by every crate's tests.
@@ -29,6 +30,7 @@ pub mod failpoint;
 pub mod keys;
 pub mod ledger;
 pub mod messages;
+pub mod metrics;
 pub mod secret;
 pub mod shutdown;
 pub mod sizing;

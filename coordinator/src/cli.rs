@@ -6,6 +6,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use rekey_common::metrics::Metrics;
+
+use crate::drive::DriveOptions;
 use deadpool_postgres::Pool;
 use rekey_common::Settings;
 use rekey_common::keys::master::MasterKey;
@@ -181,6 +184,13 @@ pub struct DriveArgs {
     /// Seconds after which a published batch that is not done is published again.
     #[arg(long, default_value_t = 120)]
     pub lease_secs: u64,
+    /// Serve the run's Prometheus metrics at http://ADDR/metrics while driving it.
+    #[arg(long, env = "REKEY_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Keep serving metrics this long after the run ended, so that the last scrape sees
+    /// the final figures (e.g. 30s, a scrape interval or two).
+    #[arg(long, default_value = "0")]
+    pub metrics_linger: String,
 }
 
 impl DriveArgs {
@@ -475,6 +485,11 @@ pub async fn follow(
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let mut run_id = run_id;
+    let metrics = Metrics::new("rekey");
+    let server = match (detach, drive.metrics_addr) {
+        (false, Some(addr)) => Some(rekey_common::metrics::serve(addr, metrics.clone()).await?.1),
+        _ => None,
+    };
     if !detach {
         loop {
             let shutdown = rekey_common::shutdown::signal();
@@ -482,10 +497,14 @@ pub async fn follow(
                 &ctx.pool,
                 &ctx.settings,
                 run_id,
-                &drive.options(json),
+                &DriveOptions {
+                    metrics: Some(metrics.clone()),
+                    ..drive.options(json)
+                },
                 shutdown,
             )
             .await?;
+            crate::drive::record_final(&metrics, &ctx.pool, run_id).await?;
             let run = ledger::get_run(&**ctx.pool.get().await?, run_id)
                 .await?
                 .context("run vanished")?;
@@ -538,6 +557,16 @@ pub async fn follow(
                 .join(format!("{dbname}-run-{run_id}.json"))
                 .display()
         );
+    }
+    if server.is_some() {
+        let linger = parse_duration(&drive.metrics_linger)?;
+        if !linger.is_zero() {
+            tracing::info!(
+                secs = linger.as_secs_f64(),
+                "serving the final metrics before exiting"
+            );
+            tokio::time::sleep(linger).await;
+        }
     }
     let ok = detach || s.run.state == RunState::Completed;
     Ok(if ok {

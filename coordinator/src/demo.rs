@@ -156,6 +156,8 @@ pub async fn run(
     let drive = DriveArgs {
         max_in_flight: 32,
         lease_secs: 60,
+        metrics_addr: None,
+        metrics_linger: "0".into(),
     };
     let code = follow(&ctx, run.id, false, &drive, false).await?;
 

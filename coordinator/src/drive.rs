@@ -5,6 +5,7 @@
 //! drops, the driver reconnects by itself.
 
 use std::io::IsTerminal;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -13,12 +14,14 @@ use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use lapin::options::{BasicAckOptions, BasicConsumeOptions};
 use lapin::types::FieldTable;
+use opentelemetry::KeyValue;
 use rekey_common::Settings;
 use rekey_common::audit::{self, AuditEntry};
 use rekey_common::broker::{self, Topology};
 use rekey_common::keys::master::MasterKey;
 use rekey_common::keys::store;
 use rekey_common::ledger::{self, Progress, Run, RunKind, RunState};
+use rekey_common::metrics::Metrics;
 
 use crate::{gate, plan, probe, report};
 use rekey_common::messages::{BatchMessage, BatchReport, FORMAT_VERSION};
@@ -40,6 +43,8 @@ pub struct DriveOptions {
     pub progress: ProgressMode,
     /// How often the latency probe runs while a stage rotates.
     pub probe_every: Duration,
+    /// Where the run's gauges go (served by `--metrics-addr`).
+    pub metrics: Option<Arc<Metrics>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +63,7 @@ impl Default for DriveOptions {
             min_step: Duration::from_millis(100),
             progress: ProgressMode::Auto,
             probe_every: Duration::from_secs(2),
+            metrics: None,
         }
     }
 }
@@ -368,6 +374,9 @@ async fn step(
     let run = ledger::get_run(&**client, run_id)
         .await?
         .with_context(|| format!("run {run_id} not found"))?;
+    if let Some(m) = &opts.metrics {
+        record_run(m, &run);
+    }
     if run.state != RunState::Running {
         return Ok(Some(run.state));
     }
@@ -395,6 +404,18 @@ async fn step(
                 let lat =
                     probe::measure(pool, &run.targets, settings.probe_query.as_deref(), 10).await?;
                 let throttle = rt.perf.record(&run.settings, lat.median_ms, lat.p95_ms);
+                if let Some(m) = &opts.metrics {
+                    record_probe(
+                        m,
+                        pool,
+                        channel,
+                        topo,
+                        &run,
+                        &lat,
+                        rt.perf.figures.impact_pct,
+                    )
+                    .await;
+                }
                 // Each throttled sample quarters the window, down to one batch in flight;
                 // each good one doubles it again.
                 let max_level = 63 - opts.max_in_flight.max(1).leading_zeros();
@@ -444,11 +465,14 @@ async fn step(
             let window = (opts.max_in_flight >> rt.throttle_level).max(1);
             publish_window(pool, channel, topo, run_id, opts, window).await?;
             let p = ledger::progress_of(&**pool.get().await?, run_id, Some(stage_no)).await?;
-            display.update(
-                run_id,
-                &ledger::progress(&**pool.get().await?, run_id).await?,
-                &stage,
-            );
+            let total = ledger::progress(&**pool.get().await?, run_id).await?;
+            if let Some(m) = &opts.metrics {
+                let run_label = [KeyValue::new("run_id", run_id)];
+                m.throttle_window.record(window as u64, &run_label);
+                m.batches_in_flight
+                    .record(total.published.max(0) as u64, &run_label);
+            }
+            display.update(run_id, &total, &stage);
             if p.is_finished() {
                 pool.get()
                     .await?
@@ -521,6 +545,79 @@ async fn step(
         _ => {}
     }
     Ok(None)
+}
+
+/// The run's gauges: state, stage, duration, rows rotated and error rate (from the ledger).
+fn record_run(m: &Metrics, run: &Run) {
+    let label = [KeyValue::new("run_id", run.id)];
+    m.set_run_state(run.id, run.state.as_str());
+    m.run_stage.record(run.current_stage.max(0) as u64, &label);
+    let end = run.finished_at.unwrap_or_else(chrono::Utc::now);
+    m.rotation_duration.record(
+        (end - run.created_at).num_milliseconds() as f64 / 1000.0,
+        &label,
+    );
+}
+
+/// Gauges refreshed with each probe sample: latency, impact, queue depths, the audit gap
+/// and the run's totals. A failure here only costs a sample of metrics.
+async fn record_probe(
+    m: &Metrics,
+    pool: &Pool,
+    channel: &lapin::Channel,
+    topo: &Topology,
+    run: &Run,
+    lat: &probe::Latency,
+    impact_pct: f64,
+) {
+    let label = [KeyValue::new("run_id", run.id)];
+    m.probe_latency
+        .record(lat.median_ms, &[KeyValue::new("quantile", "0.5")]);
+    m.probe_latency
+        .record(lat.p95_ms, &[KeyValue::new("quantile", "0.95")]);
+    m.probe_impact.record(impact_pct, &label);
+    for q in [&topo.batches, &topo.dead_letters, &topo.reports] {
+        if let Ok(n) = broker::queue_depth(channel, q).await {
+            m.queue_depth
+                .record(u64::from(n), &[KeyValue::new("queue", q.clone())]);
+        }
+    }
+    let figures = async {
+        let c = pool.get().await?;
+        let gap: Option<f64> = c
+            .query_one(
+                "SELECT extract(epoch FROM clock_timestamp() - max(at))::float8 FROM rekey.audit_log WHERE run_id = $1",
+                &[&run.id],
+            )
+            .await?
+            .get(0);
+        let p = ledger::progress(&**c, run.id).await?;
+        anyhow::Ok((gap, p))
+    }
+    .await;
+    if let Ok((gap, p)) = figures {
+        if let Some(gap) = gap {
+            m.audit_gap.record(gap, &label);
+        }
+        m.run_rows_rotated.record(p.n_rotated.max(0) as u64, &label);
+        m.run_error_rate.record(p.error_rate(), &label);
+    }
+}
+
+/// The final figures of a run that ended: state, duration, rows rotated, error rate.
+pub async fn record_final(m: &Metrics, pool: &Pool, run_id: i64) -> anyhow::Result<()> {
+    let c = pool.get().await?;
+    let run = ledger::get_run(&**c, run_id)
+        .await?
+        .with_context(|| format!("run {run_id} not found"))?;
+    record_run(m, &run);
+    let p = ledger::progress(&**c, run_id).await?;
+    let label = [KeyValue::new("run_id", run_id)];
+    m.run_rows_rotated.record(p.n_rotated.max(0) as u64, &label);
+    m.run_error_rate.record(p.error_rate(), &label);
+    m.batches_in_flight
+        .record(p.published.max(0) as u64, &label);
+    Ok(())
 }
 
 fn run_observe_secs(run: &Run, stage_no: i32) -> u64 {

@@ -325,6 +325,7 @@ pub async fn run(
                 opts.worker_concurrency.max(1).to_string(),
             ],
             log_dir: Some(log_dir.clone()),
+            id_prefix: "w".into(),
         },
         opts.workers.max(1),
         VecDeque::new(),

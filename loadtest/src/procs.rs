@@ -76,6 +76,8 @@ pub struct FleetSpec {
     pub args: Vec<String>,
     /// Where each worker's stderr goes (`<id>.log`); `None`: discarded.
     pub log_dir: Option<PathBuf>,
+    /// Worker ids are this followed by a number (`w1`, `w2`, …).
+    pub id_prefix: String,
 }
 
 /// A worker the fleet started.
@@ -126,7 +128,7 @@ impl Fleet {
 
     fn spawn(&mut self) -> anyhow::Result<Member> {
         self.started += 1;
-        let id = format!("w{}", self.started);
+        let id = format!("{}{}", self.spec.id_prefix, self.started);
         let mut cmd = Command::new(&self.spec.bin);
         cmd.arg("--worker-id")
             .arg(&id)

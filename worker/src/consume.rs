@@ -17,9 +17,11 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
+use opentelemetry::KeyValue;
 use rekey_common::audit::{self, AuditEntry};
 use rekey_common::broker::{self, Topology};
-use rekey_common::messages::{BatchMessage, BatchReport, FORMAT_VERSION};
+use rekey_common::messages::{BatchMessage, BatchReport, FORMAT_VERSION, Outcome};
+use rekey_common::metrics::{self, Metrics, key_label};
 use rekey_common::{Settings, db};
 use serde_json::json;
 use tokio::sync::Semaphore;
@@ -43,6 +45,8 @@ pub struct WorkerOptions {
     pub worker_id: String,
     /// Values above which a batch's crypto runs on the blocking pool.
     pub blocking_threshold: usize,
+    /// Where to serve Prometheus metrics (`/metrics`); `None`: nowhere.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl Default for WorkerOptions {
@@ -58,6 +62,7 @@ impl Default for WorkerOptions {
             max_attempts: 6,
             worker_id: format!("{host}-{}", std::process::id()),
             blocking_threshold: 256,
+            metrics_addr: None,
         }
     }
 }
@@ -80,6 +85,7 @@ struct Shared {
     topo: Topology,
     batch: BatchSettings,
     max_attempts: u32,
+    metrics: Arc<Metrics>,
 }
 
 /// Runs a worker until `shutdown` resolves.
@@ -97,7 +103,14 @@ pub async fn run(
     let ring = RingHandle::load(&pool, master)
         .await
         .context("load the key ring")?;
+    let metrics = Metrics::new("rekey-worker");
+    metrics.init_worker_series();
+    let _server = match opts.metrics_addr {
+        Some(addr) => Some(metrics::serve(addr, metrics.clone()).await?.1),
+        None => None,
+    };
     let shared = Arc::new(Shared {
+        metrics,
         pool,
         ring,
         topo: Topology::new(&settings.queue_prefix),
@@ -216,11 +229,57 @@ async fn serve(
     Ok(served)
 }
 
+fn count(shared: &Shared, outcome: &'static str) {
+    shared
+        .metrics
+        .batches
+        .add(1, &[KeyValue::new("outcome", outcome)]);
+}
+
+/// What a handled batch adds to the metrics.
+fn record_metrics(m: &Metrics, r: &BatchResult) {
+    let outcome = match r.outcome {
+        Outcome::Done => "done",
+        Outcome::AlreadyDone => "already_done",
+        Outcome::Skipped => "skipped",
+        Outcome::DeadLettered => "poison",
+    };
+    m.batches.add(1, &[KeyValue::new("outcome", outcome)]);
+    if r.outcome != Outcome::Done {
+        return;
+    }
+    m.batch_duration.record(r.elapsed_ms as f64 / 1000.0, &[]);
+    m.rows_rotated.add(r.counts.n_rotated as u64, &[]);
+    for ((key, op, ok), n) in &r.ops {
+        let labels = [
+            key_label(*key),
+            KeyValue::new("outcome", if *ok { "ok" } else { "failed" }),
+        ];
+        match *op {
+            "encrypt" => m.encrypts.add(*n as u64, &labels),
+            "decrypt" => {
+                m.decrypts.add(*n as u64, &labels);
+                if !ok {
+                    m.decrypt_errors.add(*n as u64, &[key_label(*key)]);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
 /// Handles one delivery from decode to ack. Never panics on bad input.
 async fn handle(shared: &Shared, publish_ch: &Channel, delivery: Delivery) {
+    shared.metrics.batches_in_progress.add(1, &[]);
+    handle_in(shared, publish_ch, delivery).await;
+    shared.metrics.batches_in_progress.add(-1, &[]);
+}
+
+async fn handle_in(shared: &Shared, publish_ch: &Channel, delivery: Delivery) {
     let msg = match BatchMessage::decode(&delivery.data) {
         Ok(m) => m,
         Err(e) => {
+            count(shared, "poison");
             dead_letter(shared, publish_ch, &delivery, None, &format!("{e}")).await;
             return;
         }
@@ -232,6 +291,7 @@ async fn handle(shared: &Shared, publish_ch: &Channel, delivery: Delivery) {
         match rotate_batch(&shared.pool, &shared.ring, &msg, &shared.batch).await {
             Ok(result) => {
                 log_result(&msg, &result);
+                record_metrics(&shared.metrics, &result);
                 rekey_common::failpoint!("worker.after_commit");
                 if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
                     // The batch is committed; a redelivery will find it done.
@@ -243,20 +303,24 @@ async fn handle(shared: &Shared, publish_ch: &Channel, delivery: Delivery) {
                 return;
             }
             Err(BatchError::Poison(reason)) => {
+                count(shared, "poison");
                 dead_letter(shared, publish_ch, &delivery, Some(&msg), &reason).await;
                 return;
             }
             Err(BatchError::Failed(reason)) => {
+                count(shared, "failed");
                 mark_failed(shared, &msg, &reason).await;
                 dead_letter(shared, publish_ch, &delivery, Some(&msg), &reason).await;
                 return;
             }
             Err(BatchError::Transient(e)) if attempt < shared.max_attempts => {
+                count(shared, "retried");
                 tracing::warn!(run_id = msg.run_id, batch_no = msg.batch_no, attempt, error = %format!("{e:#}"), "batch failed; retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
             Err(BatchError::Transient(e)) => {
+                count(shared, "handed_back");
                 tracing::error!(run_id = msg.run_id, batch_no = msg.batch_no, attempt, error = %format!("{e:#}"), "batch failed; handing it back to the broker");
                 let _ = delivery
                     .nack(BasicNackOptions {

@@ -33,6 +33,9 @@ struct Args {
     /// A name for logs, the ledger and the broker (default: hostname-pid).
     #[arg(long, env = "REKEY_WORKER_ID")]
     worker_id: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 0.0.0.0:9464.
+    #[arg(long, env = "REKEY_WORKER_METRICS_ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
 }
@@ -56,6 +59,7 @@ async fn main() -> ExitCode {
         prefetch: args.prefetch.max(1),
         lock_timeout_ms: args.lock_timeout_ms,
         statement_timeout_ms: args.statement_timeout_ms,
+        metrics_addr: args.metrics_addr,
         ..Default::default()
     };
     if let Some(id) = args.worker_id {

@@ -112,10 +112,15 @@ pub struct Counts {
     pub n_errors: i64,
 }
 
+/// (key, operation, success) → number of operations.
+pub type OpCounts = Vec<((Option<Uuid>, &'static str, bool), i64)>;
+
 /// The result of one batch.
 #[derive(Debug, Clone)]
 pub struct BatchResult {
     pub outcome: Outcome,
+    /// Crypto operations of a done batch, as audited.
+    pub ops: OpCounts,
     pub counts: Counts,
     pub elapsed_ms: u64,
 }
@@ -329,8 +334,9 @@ pub async fn rotate_batch(
         // A connection that failed mid-transaction may be broken; never reuse it.
         let _ = Object::take(client);
     }
-    let (outcome, counts) = result?;
+    let (outcome, counts, ops) = result?;
     Ok(BatchResult {
+        ops,
         outcome,
         counts,
         elapsed_ms: started.elapsed().as_millis() as u64,
@@ -343,7 +349,7 @@ async fn rotate_in(
     ring_handle: &RingHandle,
     msg: &BatchMessage,
     settings: &BatchSettings,
-) -> Result<(Outcome, Counts), BatchError> {
+) -> Result<(Outcome, Counts, OpCounts), BatchError> {
     let tx = client.transaction().await?;
     tx.batch_execute(&format!(
         "SET LOCAL lock_timeout = {}; SET LOCAL statement_timeout = {}",
@@ -352,7 +358,7 @@ async fn rotate_in(
     .await?;
     let claim = claim(&tx, msg).await?;
     match claim.batch_state.as_str() {
-        "done" | "failed" => return Ok((Outcome::AlreadyDone, Counts::default())),
+        "done" | "failed" => return Ok((Outcome::AlreadyDone, Counts::default(), Vec::new())),
         _ => {}
     }
     rekey_common::failpoint!("worker.after_claim");
@@ -364,7 +370,7 @@ async fn rotate_in(
         )
         .await?;
         tx.commit().await?;
-        return Ok((Outcome::Skipped, Counts::default()));
+        return Ok((Outcome::Skipped, Counts::default(), Vec::new()));
     }
 
     // Lock the batch's rows of this stage in id order.
@@ -454,7 +460,7 @@ async fn rotate_in(
             .await?
             .is_some();
         if !still_open {
-            return Ok((Outcome::AlreadyDone, Counts::default()));
+            return Ok((Outcome::AlreadyDone, Counts::default(), Vec::new()));
         }
         record(&tx, msg, &claim, &computed, &ring, settings).await?;
         tx.commit().await?;
@@ -462,7 +468,11 @@ async fn rotate_in(
         record(&tx, msg, &claim, &computed, &ring, settings).await?;
         tx.commit().await?;
     }
-    Ok((Outcome::Done, computed.counts))
+    Ok((
+        Outcome::Done,
+        computed.counts,
+        computed.audit.into_iter().collect(),
+    ))
 }
 
 async fn run_compute(

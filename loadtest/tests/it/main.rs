@@ -7,4 +7,6 @@
 
 mod binaries;
 mod faults;
+mod observability;
+mod scene;
 mod seed;

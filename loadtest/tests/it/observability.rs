@@ -1,0 +1,344 @@
+//! Observability end to end: the Prometheus endpoints of two workers and of the coordinator
+//! scraped after a staged rotation, their figures checked against the ledger's.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::scene::{Scene, rotate_args};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `GET /metrics` over plain HTTP/1.1; the body.
+pub(crate) async fn scrape(port: u16) -> Option<String> {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.ok()?;
+    let (head, body) = buf.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
+}
+
+/// The sum of a metric's samples whose labels include every one of `labels`
+/// (`key="value"` strings).
+pub(crate) fn sum(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+            (n == name && labels.iter().all(|want| rest.contains(want)))
+                .then(|| value.parse::<f64>().ok())
+                .flatten()
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn worker_and_coordinator_metrics_agree_with_the_ledger() {
+    let scene = Scene::new(5_000, false).await;
+    let ports = [free_port(), free_port()];
+    let mut fleets: Vec<_> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let addr = format!("127.0.0.1:{p}");
+            scene.fleet_with(
+                &format!("m{i}-"),
+                &["--metrics-addr", &addr],
+                1,
+                2,
+                VecDeque::new(),
+            )
+        })
+        .collect();
+    let cport = free_port();
+    let caddr = format!("127.0.0.1:{cport}");
+    let coordinator = scene.rekey(
+        "rotate",
+        &rotate_args(
+            "1,100",
+            &["--metrics-addr", &caddr, "--metrics-linger", "10s"],
+        ),
+        None,
+    );
+    // Scrape the coordinator while it runs and once the run is over (it lingers).
+    let start = Instant::now();
+    let mut during = None;
+    loop {
+        let state = scene
+            .db
+            .pool
+            .get()
+            .await
+            .unwrap()
+            .query_opt("SELECT state FROM rekey.runs ORDER BY id DESC LIMIT 1", &[])
+            .await
+            .unwrap()
+            .map(|r| r.get::<_, String>(0));
+        if state.as_deref() == Some("completed") {
+            break;
+        }
+        if state.as_deref() == Some("running")
+            && let Some(t) = scrape(cport).await
+            && t.contains("rekey_run_state{")
+        {
+            during = Some(t);
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(240),
+            "the run did not complete: {}",
+            scene.log("rotate")
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The final figures are recorded as the driver returns; the endpoint lingers.
+    let mut coord = String::new();
+    for _ in 0..50 {
+        coord = scrape(cport).await.expect("the coordinator serves metrics");
+        if coord.contains("state=\"completed\"} 1") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let during = during.expect("a scrape while the run was running");
+    assert!(during.contains("state=\"running\"} 1"), "{during}");
+    let workers: Vec<String> = {
+        let mut v = Vec::new();
+        for p in ports {
+            v.push(scrape(p).await.expect("a worker serves metrics"));
+        }
+        v
+    };
+    let run_id = scene.last_run().await;
+    let c = scene.db.pool.get().await.unwrap();
+    let row = c
+        .query_one(
+            "SELECT COALESCE(sum(n_rotated), 0)::int8, count(*) FILTER (WHERE state = 'done'),
+                    COALESCE(sum(n_errors), 0)::int8
+               FROM rekey.batches WHERE run_id = $1",
+            &[&run_id],
+        )
+        .await
+        .unwrap();
+    let (rotated, done, errors): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    let total =
+        |name: &str, labels: &[&str]| -> f64 { workers.iter().map(|w| sum(w, name, labels)).sum() };
+    assert_eq!(total("rows_rotated_total", &[]), rotated as f64);
+    assert_eq!(total("batches_total", &["outcome=\"done\""]), done as f64);
+    assert_eq!(total("batch_duration_seconds_count", &[]), done as f64);
+    assert_eq!(
+        total("encrypt_operations_total", &["outcome=\"ok\""]),
+        rotated as f64
+    );
+    assert_eq!(
+        total("decrypt_operations_total", &["outcome=\"ok\""]),
+        rotated as f64
+    );
+    assert_eq!(total("decrypt_errors_total", &[]), errors as f64);
+    assert_eq!(total("batches_in_progress", &[]), 0.0);
+    let run = format!("run_id=\"{run_id}\"");
+    let r = [run.as_str()];
+    assert_eq!(
+        sum(&coord, "rekey_run_state", &[&run, "state=\"completed\""]),
+        1.0,
+        "{coord}"
+    );
+    assert_eq!(
+        sum(&coord, "rekey_run_state", &r),
+        1.0,
+        "one state at a time"
+    );
+    assert_eq!(sum(&coord, "rekey_run_rows_rotated", &r), rotated as f64);
+    assert_eq!(sum(&coord, "rekey_run_stage", &r), 1.0);
+    assert_eq!(sum(&coord, "rekey_run_decrypt_error_rate", &r), 0.0);
+    assert_eq!(sum(&coord, "rekey_batches_in_flight", &r), 0.0);
+    assert!(sum(&coord, "key_rotation_duration_seconds", &r) > 0.0);
+    // Every metric rekey names exists in one of the scrapes.
+    let all = format!("{coord}\n{}\n{during}", workers.join("\n"));
+    for name in rekey_common::metrics::NAMES {
+        assert!(
+            all.lines().any(|l| l.starts_with(&format!("{name}{{"))
+                || l.starts_with(&format!("{name} "))
+                || l.starts_with(&format!("{name}_bucket{{"))),
+            "{name} is in no scrape"
+        );
+    }
+    let (status, out) = scene
+        .until_exit(coordinator, &mut fleets[0], Duration::from_secs(60))
+        .await;
+    assert!(status.success(), "{out}");
+    for f in fleets {
+        f.stop(Duration::from_secs(30)).await;
+    }
+    scene.everything_verified(run_id).await;
+    scene.finish().await;
+}
+
+/// The metric names a PromQL expression reads (label matchers, grouping lists, ranges and
+/// functions left out).
+fn metric_names(expr: &str) -> std::collections::BTreeSet<String> {
+    const WORDS: &[&str] = &[
+        "sum",
+        "max",
+        "min",
+        "avg",
+        "count",
+        "rate",
+        "increase",
+        "clamp_min",
+        "histogram_quantile",
+        "and",
+        "or",
+        "unless",
+        "by",
+        "on",
+        "without",
+        "group_left",
+        "group_right",
+        "bool",
+    ];
+    let mut out = std::collections::BTreeSet::new();
+    let chars: Vec<char> = expr.chars().collect();
+    let (mut i, mut last_word) = (0, String::new());
+    while i < chars.len() {
+        let c = chars[i];
+        if c == '{' || c == '[' || c == '"' {
+            let close = match c {
+                '{' => '}',
+                '[' => ']',
+                _ => '"',
+            };
+            i += 1;
+            while i < chars.len() && chars[i] != close {
+                i += 1;
+            }
+            i += 1;
+        } else if c == '('
+            && ["by", "on", "without", "group_left", "group_right"].contains(&last_word.as_str())
+        {
+            while i < chars.len() && chars[i] != ')' {
+                i += 1;
+            }
+            i += 1;
+            last_word.clear();
+        } else if c.is_ascii_digit() {
+            while i < chars.len() && (chars[i].is_ascii_alphanumeric() || chars[i] == '.') {
+                i += 1;
+            }
+        } else if c.is_ascii_alphabetic() || c == '_' {
+            let start = i;
+            while i < chars.len()
+                && (chars[i].is_ascii_alphanumeric() || chars[i] == '_' || chars[i] == ':')
+            {
+                i += 1;
+            }
+            let word: String = chars[start..i].iter().collect();
+            if !WORDS.contains(&word.as_str()) {
+                out.insert(word.clone());
+            }
+            last_word = word;
+        } else {
+            if !c.is_whitespace() {
+                last_word.clear();
+            }
+            i += 1;
+        }
+    }
+    out
+}
+
+fn repo_file(path: &str) -> String {
+    std::fs::read_to_string(format!("{}/../{path}", env!("CARGO_MANIFEST_DIR")))
+        .unwrap_or_else(|e| panic!("read {path}: {e}"))
+}
+
+#[test]
+fn the_dashboard_and_the_alert_rules_use_only_metrics_rekey_exports_and_pass_promtool() {
+    let mut exprs: Vec<String> = repo_file("prometheus/alerts.yml")
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("expr:").map(|e| e.trim().to_owned()))
+        .collect();
+    assert!(exprs.len() >= 5, "alert rules found: {exprs:?}");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&repo_file("grafana/dashboards/encryption-health.json")).unwrap();
+    assert_eq!(dashboard["title"], "Encryption Health");
+    fn walk(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    match (k.as_str(), v) {
+                        ("expr", serde_json::Value::String(e)) => out.push(e.clone()),
+                        _ => walk(v, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    // The extractor itself: names in, labels, groupings, ranges and numbers out.
+    assert_eq!(
+        metric_names(
+            r#"sum by (key) (rate(foo_total{a="b"}[5m])) > 1e-9 and on (run_id) bar == 1"#
+        ),
+        ["bar", "foo_total"].map(String::from).into()
+    );
+    let before = exprs.len();
+    walk(&dashboard, &mut exprs);
+    assert!(exprs.len() > before + 10, "dashboard queries found");
+    let known = rekey_common::metrics::NAMES;
+    let mut used = std::collections::BTreeSet::new();
+    for e in &exprs {
+        for name in metric_names(e) {
+            let base = ["_bucket", "_count", "_sum"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s).filter(|b| known.contains(b)))
+                .unwrap_or(&name)
+                .to_owned();
+            assert!(
+                known.contains(&base.as_str()),
+                "{name} (in `{e}`) is not a metric rekey exports"
+            );
+            used.insert(base);
+        }
+    }
+    // The playbook's three are on the dashboard and in the rules.
+    for name in [
+        "decrypt_errors_total",
+        "key_rotation_duration_seconds",
+        "audit_log_gap_seconds",
+    ] {
+        assert!(used.contains(name), "{name} unused");
+    }
+    // promtool (Debian's prometheus package; .ci/run installs it).
+    let dir = format!("{}/../prometheus", env!("CARGO_MANIFEST_DIR"));
+    for args in [
+        vec!["check", "rules", "alerts.yml"],
+        vec!["test", "rules", "alerts_test.yml"],
+        vec!["check", "config", "prometheus.yml"],
+    ] {
+        let out = std::process::Command::new("promtool")
+            .args(&args)
+            .current_dir(&dir)
+            .output()
+            .expect("promtool not found: install Debian's prometheus package (.ci/run does)");
+        assert!(
+            out.status.success(),
+            "promtool {args:?}:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
