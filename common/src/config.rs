@@ -153,6 +153,7 @@ struct FileSettings {
     reports_dir: Option<PathBuf>,
     probe_query: Option<String>,
     backup_check: Option<String>,
+    webhook_url: Option<String>,
     #[serde(default)]
     keys: Option<KeyPolicy>,
     #[serde(default)]
@@ -199,6 +200,9 @@ pub struct Settings {
     /// How preflight proves a recent backup: `archiver` (pg_stat_archiver),
     /// `command:<shell command>` (exit 0 = a backup within 24 h exists), or `none`.
     pub backup_check: String,
+    /// Where run events are posted (Slack-compatible JSON); its path often holds a token,
+    /// so it is secret. `REKEY_WEBHOOK_URL` or `webhook_url`.
+    pub webhook_url: Option<SecretString>,
 }
 
 impl Settings {
@@ -319,7 +323,18 @@ impl Settings {
         {
             bail!("REKEY_BACKUP_CHECK must be archiver, none, or command:<shell command>");
         }
+        let webhook_url = env
+            .get("REKEY_WEBHOOK_URL")
+            .cloned()
+            .or(file.webhook_url)
+            .filter(|u| !u.is_empty());
+        if let Some(u) = &webhook_url
+            && !(u.starts_with("http://") || u.starts_with("https://"))
+        {
+            bail!("REKEY_WEBHOOK_URL must start with http:// or https://");
+        }
         Ok(Self {
+            webhook_url: webhook_url.map(SecretString::from),
             reports_dir,
             probe_query,
             backup_check,

@@ -13,6 +13,7 @@
 //! - [`failpoint`]: fault points for the fault-injection tests (`failpoints` feature only).
 //! - [`shutdown`]: SIGTERM and Ctrl-C as one future.
 //! - [`metrics`]: the OpenTelemetry instruments and the Prometheus `/metrics` endpoint.
+//! - [`notify`]: run events posted to a webhook, retried, never blocking the run.
 //! - [`sizing`]: rows per batch from the bytes a batch should hold.
 //! - [`telemetry`]: logging setup for the binaries.
 //! - [`testing`]: test support (a fresh database per test), used by every crate's tests.
@@ -31,6 +32,7 @@ pub mod keys;
 pub mod ledger;
 pub mod messages;
 pub mod metrics;
+pub mod notify;
 pub mod secret;
 pub mod shutdown;
 pub mod sizing;

@@ -8,11 +8,12 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use rekey_common::metrics::Metrics;
 
-use crate::drive::DriveOptions;
+use crate::drive::{DriveOptions, notify};
 use deadpool_postgres::Pool;
 use rekey_common::Settings;
 use rekey_common::keys::master::MasterKey;
 use rekey_common::ledger::{self, RunKind, RunSettings, RunState};
+use rekey_common::notify::Notifier;
 use rekey_common::telemetry::LogFormat;
 
 use crate::keys_cmd::{self, KeysCommand};
@@ -380,7 +381,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     run.id, run.target_key_id, run.stages
                 );
             }
-            follow(&ctx, run.id, detach, &drive, json).await
+            follow(&ctx, run.id, detach, &drive, json, "started").await
         }
         Command::Status { run, watch, json } => {
             let ctx = Context::connect(config).await?;
@@ -416,7 +417,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     r.id, r.current_stage, r.state
                 );
             }
-            follow(&ctx, r.id, !keep, &drive, json).await
+            follow(&ctx, r.id, !keep, &drive, json, "resumed").await
         }
         Command::Pause { run, json } => {
             let ctx = Context::connect(config).await?;
@@ -435,7 +436,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if !json {
                 eprintln!("run {} resumed", r.id);
             }
-            follow(&ctx, r.id, detach, &drive, json).await
+            follow(&ctx, r.id, detach, &drive, json, "resumed").await
         }
         Command::Rollback {
             run,
@@ -452,7 +453,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     r.id, r.target_key_id
                 );
             }
-            follow(&ctx, r.id, detach, &drive, json).await
+            follow(&ctx, r.id, detach, &drive, json, "started").await
         }
         Command::Report { run, json } => {
             let ctx = Context::connect(config).await?;
@@ -483,8 +484,14 @@ pub async fn follow(
     detach: bool,
     drive: &DriveArgs,
     json: bool,
+    opening: &'static str,
 ) -> anyhow::Result<ExitCode> {
     let mut run_id = run_id;
+    let notifier = Notifier::new(ctx.settings.webhook_url.as_ref())?;
+    let pool = &ctx.pool;
+    if !detach {
+        notify(&notifier, pool, run_id, opening, None, None, None).await;
+    }
     let metrics = Metrics::new("rekey");
     let server = match (detach, drive.metrics_addr) {
         (false, Some(addr)) => Some(rekey_common::metrics::serve(addr, metrics.clone()).await?.1),
@@ -499,6 +506,7 @@ pub async fn follow(
                 run_id,
                 &DriveOptions {
                     metrics: Some(metrics.clone()),
+                    notifier: notifier.clone(),
                     ..drive.options(json)
                 },
                 shutdown,
@@ -511,10 +519,30 @@ pub async fn follow(
             match (state, run.kind) {
                 (RunState::Completed, RunKind::Rollback) => {
                     run_cmd::finish_rollback(&ctx.pool, &ctx.settings, &run).await?;
+                    let parent = run.parent_run_id.unwrap_or(run_id);
+                    notify(&notifier, pool, parent, "rolled_back", None, None, None).await;
                 }
                 (RunState::Completed, _) => {
-                    crate::report::write(&ctx.pool, &ctx.settings, run_id, "run completed").await?;
+                    let path =
+                        crate::report::write(&ctx.pool, &ctx.settings, run_id, "run completed")
+                            .await?;
+                    notify(
+                        &notifier,
+                        pool,
+                        run_id,
+                        "completed",
+                        None,
+                        None,
+                        Some(&path),
+                    )
+                    .await;
                 }
+                (RunState::Halted, _) => {
+                    notify(&notifier, pool, run_id, "halted", None, None, None).await;
+                }
+                _ => {}
+            }
+            match (state, run.kind) {
                 (RunState::Halted, RunKind::Rotation)
                     if run.settings.auto_rollback
                         && run.halt_reason.as_deref() != Some("rolling back") =>
@@ -533,6 +561,7 @@ pub async fn follow(
                     )
                     .await?;
                     run_id = rb.id;
+                    notify(&notifier, pool, run_id, "started", None, None, None).await;
                     continue;
                 }
                 _ => {}
@@ -540,6 +569,8 @@ pub async fn follow(
             break;
         }
     }
+    // Deliver what is queued before exiting (bounded: a dead webhook never holds us long).
+    notifier.flush(Duration::from_secs(20)).await;
     let s = run_cmd::status(&ctx.pool, run_id).await?;
     print_json_or(json, &s, || run_cmd::print_status(&s))?;
     if !json && !detach {

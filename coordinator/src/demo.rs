@@ -159,7 +159,7 @@ pub async fn run(
         metrics_addr: None,
         metrics_linger: "0".into(),
     };
-    let code = follow(&ctx, run.id, false, &drive, false).await?;
+    let code = follow(&ctx, run.id, false, &drive, false, "started").await?;
 
     let ring = store::load_ring(&**ctx.pool.get().await?, &master).await?;
     let v =

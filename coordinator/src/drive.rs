@@ -22,6 +22,7 @@ use rekey_common::keys::master::MasterKey;
 use rekey_common::keys::store;
 use rekey_common::ledger::{self, Progress, Run, RunKind, RunState};
 use rekey_common::metrics::Metrics;
+use rekey_common::notify::{Event, Notifier};
 
 use crate::{gate, plan, probe, report};
 use rekey_common::messages::{BatchMessage, BatchReport, FORMAT_VERSION};
@@ -45,6 +46,8 @@ pub struct DriveOptions {
     pub probe_every: Duration,
     /// Where the run's gauges go (served by `--metrics-addr`).
     pub metrics: Option<Arc<Metrics>>,
+    /// Where run events go (the webhook, if configured).
+    pub notifier: Notifier,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,6 +67,7 @@ impl Default for DriveOptions {
             progress: ProgressMode::Auto,
             probe_every: Duration::from_secs(2),
             metrics: None,
+            notifier: Notifier::default(),
         }
     }
 }
@@ -457,9 +461,17 @@ async fn step(
                         &rt.perf.figures,
                     )
                     .await?;
-                    return breach(pool, settings, &run, stage_no, &decision, &reason)
-                        .await
-                        .map(Some);
+                    return breach(
+                        pool,
+                        settings,
+                        &opts.notifier,
+                        &run,
+                        stage_no,
+                        &decision,
+                        &reason,
+                    )
+                    .await
+                    .map(Some);
                 }
             }
             let window = (opts.max_in_flight >> rt.throttle_level).max(1);
@@ -484,7 +496,7 @@ async fn step(
             }
         }
         "gating" => {
-            return gate_stage(pool, settings, &run, &stage, rt).await;
+            return gate_stage(pool, settings, &opts.notifier, &run, &stage, rt).await;
         }
         "observing" => {
             let every = Duration::from_secs_f64(
@@ -523,9 +535,17 @@ async fn step(
                         .await?
                         .and_then(|s| s.gate);
                     drop(client);
-                    return mark_breach(pool, settings, &run, stage_no, decision, &reason)
-                        .await
-                        .map(Some);
+                    return mark_breach(
+                        pool,
+                        settings,
+                        &opts.notifier,
+                        &run,
+                        stage_no,
+                        decision,
+                        &reason,
+                    )
+                    .await
+                    .map(Some);
                 }
             }
             let ended = stage.observe_until.is_none_or(|u| u <= chrono::Utc::now());
@@ -533,7 +553,19 @@ async fn step(
                 && run.settings.auto_advance
                 && gate::advance(pool, &run, stage_no, &settings.actor, "advance").await?
             {
-                report::write(pool, settings, run_id, &format!("stage {stage_no} passed")).await?;
+                let path =
+                    report::write(pool, settings, run_id, &format!("stage {stage_no} passed"))
+                        .await?;
+                notify(
+                    &opts.notifier,
+                    pool,
+                    run_id,
+                    "stage_passed",
+                    Some(stage_no),
+                    None,
+                    Some(&path),
+                )
+                .await;
                 if stage_no as usize + 1 >= run.stages.len() {
                     return Ok(Some(RunState::Completed));
                 }
@@ -700,6 +732,7 @@ pub async fn start_stage_in(
 async fn gate_stage(
     pool: &Pool,
     settings: &Settings,
+    notifier: &Notifier,
     run: &Run,
     stage: &ledger::Stage,
     rt: &mut StageRuntime,
@@ -754,7 +787,7 @@ async fn gate_stage(
     drop(client);
     rekey_common::failpoint!("coordinator.mid_gate");
     if let Some(reason) = decision.reason() {
-        return breach(pool, settings, run, stage_no, &decision, &reason)
+        return breach(pool, settings, notifier, run, stage_no, &decision, &reason)
             .await
             .map(Some);
     }
@@ -811,6 +844,7 @@ pub const MAX_SWEEPS: u32 = 5;
 async fn breach(
     pool: &Pool,
     settings: &Settings,
+    notifier: &Notifier,
     run: &Run,
     stage_no: i32,
     decision: &gate::GateDecision,
@@ -819,6 +853,7 @@ async fn breach(
     mark_breach(
         pool,
         settings,
+        notifier,
         run,
         stage_no,
         Some(serde_json::to_value(decision)?),
@@ -831,6 +866,7 @@ async fn breach(
 async fn mark_breach(
     pool: &Pool,
     settings: &Settings,
+    notifier: &Notifier,
     run: &Run,
     stage_no: i32,
     gate_json: Option<serde_json::Value>,
@@ -869,14 +905,72 @@ async fn mark_breach(
         reason,
         "stage breached: run halted"
     );
-    report::write(
+    let path = report::write(
         pool,
         settings,
         run.id,
         &format!("stage {stage_no} breached"),
     )
     .await?;
+    notify(
+        notifier,
+        pool,
+        run.id,
+        "gate_breached",
+        Some(stage_no),
+        Some(reason.to_owned()),
+        Some(&path),
+    )
+    .await;
     Ok(RunState::Halted)
+}
+
+/// Sends a run event with the run's figures; a failure to build it costs only a warning.
+pub async fn notify(
+    notifier: &Notifier,
+    pool: &Pool,
+    run_id: i64,
+    event: &'static str,
+    stage_no: Option<i32>,
+    reason: Option<String>,
+    report: Option<&std::path::Path>,
+) {
+    if !notifier.is_enabled() {
+        return;
+    }
+    let built = async {
+        let c = pool.get().await?;
+        let run = ledger::get_run(&**c, run_id)
+            .await?
+            .with_context(|| format!("run {run_id} not found"))?;
+        let p = ledger::progress(&**c, run_id).await?;
+        anyhow::Ok(Event {
+            event,
+            run_id,
+            kind: run.kind.as_str().to_owned(),
+            state: run.state.as_str().to_owned(),
+            stage_no: stage_no.or(Some(run.current_stage)),
+            reason: reason.or(run.halt_reason),
+            figures: serde_json::json!({
+                "batches": p.n_batches,
+                "batches_done": p.done,
+                "batches_failed": p.failed,
+                "rows": p.n_rows,
+                "rotated": p.n_rotated,
+                "decrypt_errors": p.n_errors,
+                "decrypt_error_rate": p.error_rate(),
+                "stages": run.stages,
+                "duration_secs": (run.finished_at.unwrap_or_else(chrono::Utc::now) - run.created_at).num_milliseconds() as f64 / 1000.0,
+            }),
+            report: report.map(|p| p.display().to_string()),
+            at: chrono::Utc::now(),
+        })
+    }
+    .await;
+    match built {
+        Ok(e) => notifier.send(e),
+        Err(e) => tracing::warn!(run_id, event, error = %format!("{e:#}"), "run event not sent"),
+    }
 }
 
 async fn current_state(pool: &Pool, run_id: i64) -> anyhow::Result<RunState> {

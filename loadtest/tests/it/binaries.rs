@@ -255,10 +255,12 @@ fn rekey_demo_completes_five_passed_stages_and_its_report_follows_the_schema() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_breach_with_auto_rollback_rolls_the_run_back_by_itself() {
     let db = TestDb::new().await;
-    let env = Env::new(
+    let hook = crate::receiver::Receiver::start(0).await;
+    let mut env = Env::new(
         &db,
         std::env::temp_dir().join(format!("{}-reports", db.name)),
     );
+    env.vars.push(("REKEY_WEBHOOK_URL", hook.url("/hook")));
     // 1% of the values cannot decrypt: the first gate (0.1%) is breached.
     let (ok, out, err) = env.run(
         "rekey-loadtest",
@@ -314,6 +316,39 @@ async fn a_breach_with_auto_rollback_rolls_the_run_back_by_itself() {
         &["verify", "--expect-key", &previous, "--json"],
     );
     assert!(ok, "every value back under the previous key: {out}\n{err}");
+    // The webhook heard it all, in order: the breach with its reason, the halt, the
+    // rollback run starting and passing, the original run rolled back.
+    let events: Vec<(String, i64)> = hook
+        .accepted_json()
+        .iter()
+        .map(|e| {
+            (
+                e["rekey"]["event"].as_str().unwrap().to_owned(),
+                e["rekey"]["run_id"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    let parent_id = parent["run"]["id"].as_i64().unwrap();
+    let rollback_id = status["run"]["id"].as_i64().unwrap();
+    assert_eq!(
+        events,
+        [
+            ("started".to_owned(), parent_id),
+            ("gate_breached".to_owned(), parent_id),
+            ("halted".to_owned(), parent_id),
+            ("started".to_owned(), rollback_id),
+            ("stage_passed".to_owned(), rollback_id),
+            ("rolled_back".to_owned(), parent_id),
+        ]
+    );
+    let breach = &hook.accepted_json()[1];
+    assert!(
+        breach["rekey"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("decrypt"),
+        "{breach}"
+    );
     sigterm(&w);
     assert!(wait_exit(&mut w, Duration::from_secs(30)).success());
     let conn = broker::connect(

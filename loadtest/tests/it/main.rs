@@ -8,5 +8,6 @@
 mod binaries;
 mod faults;
 mod observability;
+mod receiver;
 mod scene;
 mod seed;

@@ -342,3 +342,61 @@ fn the_dashboard_and_the_alert_rules_use_only_metrics_rekey_exports_and_pass_pro
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_staged_run_posts_its_events_to_the_webhook_in_order_retrying_a_failure() {
+    let hook = crate::receiver::Receiver::start(1).await;
+    let mut scene = Scene::new(3_000, false).await;
+    scene
+        .env
+        .vars
+        .push(("REKEY_WEBHOOK_URL", hook.url("/hooks/secret-token")));
+    let mut fleet = scene.fleet(1, 2, VecDeque::new());
+    let c = scene.rekey("rotate", &rotate_args("1,100", &[]), None);
+    let (status, out) = scene
+        .until_exit(c, &mut fleet, Duration::from_secs(240))
+        .await;
+    assert!(status.success(), "{out}\n{}", scene.log("rotate"));
+    fleet.stop(Duration::from_secs(30)).await;
+    let run_id = scene.last_run().await;
+    let events = hook.accepted_json();
+    let names: Vec<String> = events
+        .iter()
+        .map(|e| e["rekey"]["event"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        names,
+        ["started", "stage_passed", "stage_passed", "completed"],
+        "{events:?}"
+    );
+    // The first attempt was refused (500) and retried: one request more than events.
+    assert_eq!(hook.got.lock().unwrap().len(), events.len() + 1);
+    assert_eq!(hook.got.lock().unwrap()[0].path, "/hooks/secret-token");
+    assert!(hook.got.lock().unwrap().iter().all(|r| r.method == "POST"));
+    for e in &events {
+        assert_eq!(e["rekey"]["run_id"], run_id);
+        assert!(
+            e["text"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("rekey rotation run {run_id}: "))
+        );
+    }
+    assert_eq!(events[1]["rekey"]["stage_no"], 0);
+    assert_eq!(events[2]["rekey"]["stage_no"], 1);
+    let done = &events[3]["rekey"];
+    assert_eq!(done["state"], "completed");
+    let rotated = scene
+        .scalar(
+            "SELECT COALESCE(sum(n_rotated), 0)::int8 FROM rekey.batches WHERE run_id = $1",
+            &[&run_id],
+        )
+        .await;
+    assert_eq!(done["figures"]["rotated"], rotated);
+    let report = done["report"].as_str().unwrap();
+    assert!(std::path::Path::new(report).exists(), "{report}");
+    // The URL's token never reaches a log.
+    assert!(!scene.log("rotate").contains("secret-token"));
+    scene.everything_verified(run_id).await;
+    scene.finish().await;
+}
