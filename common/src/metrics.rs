@@ -108,14 +108,30 @@ impl Metrics {
             .without_scope_info()
             .without_target_info()
             .build();
-        let provider = SdkMeterProvider::builder()
+        let mut builder = SdkMeterProvider::builder()
             .with_resource(
                 opentelemetry_sdk::Resource::builder()
                     .with_service_name(service.to_owned())
                     .build(),
             )
-            .with_reader(prometheus.clone())
-            .build();
+            .with_reader(prometheus.clone());
+        if crate::telemetry::otlp_configured() {
+            crate::telemetry::install_crypto_provider();
+            // Exported every OTEL_METRIC_EXPORT_INTERVAL (60 s by default) and at shutdown;
+            // the exporter's blocking HTTP client is built off the async executor.
+            match std::thread::spawn(|| opentelemetry_otlp::MetricExporter::builder().build())
+                .join()
+            {
+                Ok(Ok(exporter)) => {
+                    builder = builder.with_reader(
+                        opentelemetry_sdk::metrics::PeriodicReader::builder(exporter).build(),
+                    );
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "OTLP metric export not set up"),
+                Err(_) => tracing::warn!("OTLP metric export not set up"),
+            }
+        }
+        let provider = builder.build();
         let m: Meter = provider.meter("rekey");
         Arc::new(Self {
             decrypt_errors: m
@@ -232,9 +248,10 @@ impl Metrics {
         }
     }
 
-    /// Flushes and stops the instruments (at process exit).
+    /// Exports what an OTLP reader holds and stops (blocking: call it as the process ends).
     pub fn shutdown(&self) {
-        let _ = self.provider.shutdown();
+        let provider = self.provider.clone();
+        let _ = std::thread::spawn(move || provider.shutdown()).join();
     }
 }
 

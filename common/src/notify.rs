@@ -93,8 +93,7 @@ impl Notifier {
         let Some(url) = url else {
             return Ok(Self::default());
         };
-        // reqwest is built without a TLS provider of its own: use ring, as lapin does.
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        crate::telemetry::install_crypto_provider();
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(5))
             .build()

@@ -15,6 +15,7 @@ use rekey_common::keys::master::MasterKey;
 use rekey_common::ledger::{self, RunKind, RunSettings, RunState};
 use rekey_common::notify::Notifier;
 use rekey_common::telemetry::LogFormat;
+use tracing::Instrument;
 
 use crate::keys_cmd::{self, KeysCommand};
 use crate::run_cmd;
@@ -500,6 +501,9 @@ pub async fn follow(
     if !detach {
         loop {
             let shutdown = rekey_common::shutdown::signal();
+            // The run's trace: every publication, gate and (through the message headers)
+            // every batch is part of it.
+            let span = tracing::info_span!("run", run_id);
             let state = crate::drive::drive(
                 &ctx.pool,
                 &ctx.settings,
@@ -511,6 +515,7 @@ pub async fn follow(
                 },
                 shutdown,
             )
+            .instrument(span)
             .await?;
             crate::drive::record_final(&metrics, &ctx.pool, run_id).await?;
             let run = ledger::get_run(&**ctx.pool.get().await?, run_id)
@@ -599,6 +604,8 @@ pub async fn follow(
             tokio::time::sleep(linger).await;
         }
     }
+    // Exports what an OTLP reader still holds.
+    metrics.shutdown();
     let ok = detach || s.run.state == RunState::Completed;
     Ok(if ok {
         ExitCode::SUCCESS

@@ -23,6 +23,7 @@ use rekey_common::keys::store;
 use rekey_common::ledger::{self, Progress, Run, RunKind, RunState};
 use rekey_common::metrics::Metrics;
 use rekey_common::notify::{Event, Notifier};
+use tracing::Instrument;
 
 use crate::{gate, plan, probe, report};
 use rekey_common::messages::{BatchMessage, BatchReport, FORMAT_VERSION};
@@ -152,7 +153,17 @@ async fn publish_window(
             attempt: r.get(5),
         };
         rekey_common::failpoint!("coordinator.before_publish");
-        broker::publish(channel, &topo.batches, &msg.encode(), None)
+        // A span per publication; its trace context travels in the message's headers, so
+        // that the worker's batch span joins the run's trace.
+        let span = tracing::info_span!(
+            "publish",
+            run_id,
+            stage = msg.stage_no,
+            batch_no = msg.batch_no
+        );
+        let headers = rekey_common::telemetry::inject(&span);
+        broker::publish(channel, &topo.batches, &msg.encode(), headers)
+            .instrument(span)
             .await
             .with_context(|| format!("publish batch {} of run {run_id}", msg.batch_no))?;
     }
@@ -729,6 +740,7 @@ pub async fn start_stage_in(
 }
 
 /// Sweeps stragglers (re-batching them) or decides the stage's gates.
+#[tracing::instrument(name = "gate", skip_all, fields(run_id = run.id, stage = stage.stage_no))]
 async fn gate_stage(
     pool: &Pool,
     settings: &Settings,

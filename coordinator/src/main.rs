@@ -8,14 +8,16 @@ use clap::Parser;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = rekey_coordinator::cli::Cli::parse();
-    rekey_common::telemetry::init(cli.log_format);
+    let telemetry = rekey_common::telemetry::init_for(cli.log_format, "rekey");
     rekey_common::failpoint::setup();
-    match rekey_coordinator::cli::run(cli).await {
+    let code = match rekey_coordinator::cli::run(cli).await {
         Ok(code) => code,
         Err(err) => {
             // The one place a command's error is reported; `{:#}` prints the context chain.
             eprintln!("error: {err:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    telemetry.shutdown();
+    code
 }

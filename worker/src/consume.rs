@@ -22,10 +22,11 @@ use rekey_common::audit::{self, AuditEntry};
 use rekey_common::broker::{self, Topology};
 use rekey_common::messages::{BatchMessage, BatchReport, FORMAT_VERSION, Outcome};
 use rekey_common::metrics::{self, Metrics, key_label};
-use rekey_common::{Settings, db};
+use rekey_common::{Settings, db, telemetry};
 use serde_json::json;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 use crate::ring::RingHandle;
 use crate::rotate_batch::{BatchError, BatchResult, BatchSettings, rotate_batch};
@@ -146,6 +147,7 @@ pub async fn run(
         match serve(&conn, &shared, &opts, &mut shutdown).await {
             Ok(Served::Shutdown) => {
                 broker::close(&conn, "worker shutting down").await;
+                shared.metrics.shutdown();
                 tracing::info!("worker stopped");
                 return Ok(());
             }
@@ -271,13 +273,31 @@ fn record_metrics(m: &Metrics, r: &BatchResult) {
 /// Handles one delivery from decode to ack. Never panics on bad input.
 async fn handle(shared: &Shared, publish_ch: &Channel, delivery: Delivery) {
     shared.metrics.batches_in_progress.add(1, &[]);
-    handle_in(shared, publish_ch, delivery).await;
+    // The batch's span, a child of the coordinator's publish span when the message carries
+    // its trace context.
+    let span = tracing::info_span!(
+        "batch",
+        run_id = tracing::field::Empty,
+        stage = tracing::field::Empty,
+        batch_no = tracing::field::Empty,
+        worker = %shared.batch.worker_id,
+    );
+    telemetry::extract(&span, delivery.properties.headers().as_ref());
+    handle_in(shared, publish_ch, delivery)
+        .instrument(span)
+        .await;
     shared.metrics.batches_in_progress.add(-1, &[]);
 }
 
 async fn handle_in(shared: &Shared, publish_ch: &Channel, delivery: Delivery) {
     let msg = match BatchMessage::decode(&delivery.data) {
-        Ok(m) => m,
+        Ok(m) => {
+            let span = tracing::Span::current();
+            span.record("run_id", m.run_id);
+            span.record("stage", m.stage_no);
+            span.record("batch_no", m.batch_no);
+            m
+        }
         Err(e) => {
             count(shared, "poison");
             dead_letter(shared, publish_ch, &delivery, None, &format!("{e}")).await;

@@ -43,7 +43,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    rekey_common::telemetry::init(args.log_format);
+    let telemetry = rekey_common::telemetry::init_for(args.log_format, "rekey-worker");
     rekey_common::failpoint::setup();
     // Before anything that takes time: a SIGTERM from here on drains and exits 0.
     let shutdown = consume::shutdown_signal();
@@ -65,11 +65,13 @@ async fn main() -> ExitCode {
     if let Some(id) = args.worker_id {
         opts.worker_id = id;
     }
-    match consume::run(settings, opts, shutdown).await {
+    let code = match consume::run(settings, opts, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    telemetry.shutdown();
+    code
 }

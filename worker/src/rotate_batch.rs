@@ -320,7 +320,7 @@ async fn claim(
 }
 
 /// Rotates one batch. Returns what happened; errors say whether a retry can help.
-#[tracing::instrument(skip_all, fields(run_id = msg.run_id, batch_no = msg.batch_no, worker = %settings.worker_id))]
+#[tracing::instrument(name = "rotate", skip_all)]
 pub async fn rotate_batch(
     pool: &Pool,
     ring: &RingHandle,

@@ -400,3 +400,146 @@ async fn a_staged_run_posts_its_events_to_the_webhook_in_order_retrying_a_failur
     scene.everything_verified(run_id).await;
     scene.finish().await;
 }
+
+/// A span from an OTLP/JSON export: service, name, trace id and its attributes (as text).
+#[derive(Debug)]
+struct SpanSeen {
+    service: String,
+    name: String,
+    trace: String,
+    attrs: std::collections::HashMap<String, String>,
+}
+
+fn attr_text(v: &serde_json::Value) -> String {
+    ["stringValue", "intValue", "doubleValue", "boolValue"]
+        .iter()
+        .find_map(|k| v.get(k))
+        .map(|x| x.as_str().map_or(x.to_string(), str::to_owned))
+        .unwrap_or_default()
+}
+
+fn spans_in(body: &serde_json::Value) -> Vec<SpanSeen> {
+    let mut out = Vec::new();
+    for rs in body["resourceSpans"].as_array().into_iter().flatten() {
+        let service = rs["resource"]["attributes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|a| a["key"] == "service.name")
+            .map(|a| attr_text(&a["value"]))
+            .unwrap_or_default();
+        for ss in rs["scopeSpans"].as_array().into_iter().flatten() {
+            for s in ss["spans"].as_array().into_iter().flatten() {
+                out.push(SpanSeen {
+                    service: service.clone(),
+                    name: s["name"].as_str().unwrap_or_default().to_owned(),
+                    trace: s["traceId"].as_str().unwrap_or_default().to_owned(),
+                    attrs: s["attributes"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|a| {
+                            (
+                                a["key"].as_str().unwrap_or_default().to_owned(),
+                                attr_text(&a["value"]),
+                            )
+                        })
+                        .collect(),
+                });
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn otlp_receives_the_run_trace_with_every_batch_joined_to_it_and_the_metrics() {
+    let otlp = crate::receiver::Receiver::start(0).await;
+    let mut scene = Scene::new(3_000, false).await;
+    for (k, v) in [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.url("")),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json".to_owned()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "200".to_owned()),
+        ("OTEL_METRIC_EXPORT_INTERVAL", "500".to_owned()),
+    ] {
+        scene.env.vars.push((k, v));
+    }
+    let mut fleet = scene.fleet(1, 2, VecDeque::new());
+    let c = scene.rekey("rotate", &rotate_args("100", &[]), None);
+    let (status, out) = scene
+        .until_exit(c, &mut fleet, Duration::from_secs(240))
+        .await;
+    assert!(status.success(), "{out}\n{}", scene.log("rotate"));
+    // SIGTERM: the worker drains, then exports what it still holds.
+    let ended = fleet.stop(Duration::from_secs(30)).await;
+    assert!(ended.iter().all(|d| d.status.success()), "{ended:?}");
+    let run_id = scene.last_run().await.to_string();
+    let got = otlp.got.lock().unwrap().clone();
+    let bodies = |path: &str| -> Vec<serde_json::Value> {
+        got.iter()
+            .filter(|r| r.path == path)
+            .map(|r| serde_json::from_slice(&r.body).expect("OTLP/JSON"))
+            .collect()
+    };
+    let spans: Vec<SpanSeen> = bodies("/v1/traces").iter().flat_map(spans_in).collect();
+    let run = spans
+        .iter()
+        .find(|s| s.service == "rekey" && s.name == "run" && s.attrs.get("run_id") == Some(&run_id))
+        .unwrap_or_else(|| {
+            panic!(
+                "no run span among {} spans; requests {:?}; log {}",
+                spans.len(),
+                got.iter()
+                    .map(|r| (r.path.clone(), r.body.len()))
+                    .collect::<Vec<_>>(),
+                scene.log("rotate")
+            )
+        });
+    let batches: Vec<&SpanSeen> = spans
+        .iter()
+        .filter(|s| s.service == "rekey-worker" && s.name == "batch")
+        .collect();
+    let done = scene
+        .scalar(
+            "SELECT count(*) FROM rekey.batches WHERE state = 'done'",
+            &[],
+        )
+        .await;
+    assert!(
+        batches.len() as i64 >= done,
+        "{} batch spans, {done} batches",
+        batches.len()
+    );
+    for b in &batches {
+        assert_eq!(
+            b.trace, run.trace,
+            "a batch span outside the run's trace: {b:?}"
+        );
+        assert_eq!(b.attrs.get("run_id"), Some(&run_id));
+        for field in ["stage", "batch_no", "worker"] {
+            assert!(b.attrs.contains_key(field), "{field} missing: {b:?}");
+        }
+    }
+    assert!(
+        spans
+            .iter()
+            .any(|s| s.name == "publish" && s.trace == run.trace)
+    );
+    assert!(
+        spans
+            .iter()
+            .any(|s| s.name == "gate" && s.trace == run.trace)
+    );
+    let metrics: String = bodies("/v1/metrics")
+        .iter()
+        .map(|b| b.to_string())
+        .collect();
+    for name in ["rows_rotated_total", "batches_total", "rekey_run_state"] {
+        assert!(
+            metrics.contains(&format!("\"{name}\"")),
+            "{name} not exported over OTLP"
+        );
+    }
+    scene.everything_verified(run_id.parse().unwrap()).await;
+    scene.finish().await;
+}
