@@ -645,24 +645,10 @@ pub async fn run(
     } else {
         None
     };
-    let stages = opts
-        .stages
-        .iter()
-        .map(i32::to_string)
-        .collect::<Vec<_>>()
-        .join(",");
     let mut cmd = tokio::process::Command::new(&rekey);
     env(&mut cmd);
+    cmd.args(crate::procs::unattended_rotate(&opts.stages, "2s"));
     cmd.args([
-        "rotate",
-        "--stages",
-        &stages,
-        "--observe",
-        "0",
-        "--auto-advance",
-        "--key-propagation",
-        "2s",
-        "--skip-preflight",
         "--batch-size",
         &opts.batch_size.to_string(),
         "--batch-bytes",

@@ -337,30 +337,16 @@ pub async fn run(
         .query_one("SELECT COALESCE(max(id), 0) FROM rekey.runs", &[])
         .await?
         .get(0);
-    let stages = opts
-        .stages
-        .iter()
-        .map(i32::to_string)
-        .collect::<Vec<_>>()
-        .join(",");
-    let rotate_args: Vec<String> = [
-        "rotate",
-        "--stages",
-        &stages,
-        "--observe",
-        "0",
-        "--auto-advance",
-        "--key-propagation",
-        "1s",
-        "--skip-preflight",
-        "--batch-bytes",
-        &opts.batch_bytes.to_string(),
-        "--lease-secs",
-        "15",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut rotate_args = procs::unattended_rotate(&opts.stages, "1s");
+    rotate_args.extend(
+        [
+            "--batch-bytes",
+            &opts.batch_bytes.to_string(),
+            "--lease-secs",
+            "15",
+        ]
+        .map(str::to_owned),
+    );
     progress(&format!(
         "rotating with {} workers; faults for up to {:?}, about every {:?}: {}",
         opts.workers,

@@ -26,6 +26,29 @@ pub fn binaries(bin_dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
     Ok((rekey, worker))
 }
 
+/// `rekey rotate` arguments for an unattended run: `stages`, no observation, each stage
+/// promoted by itself, `propagation` of key propagation, no preflight.
+pub fn unattended_rotate(stages: &[i32], propagation: &str) -> Vec<String> {
+    let stages = stages
+        .iter()
+        .map(i32::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    [
+        "rotate",
+        "--stages",
+        &stages,
+        "--observe",
+        "0",
+        "--auto-advance",
+        "--key-propagation",
+        propagation,
+        "--skip-preflight",
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
 /// The directory of this executable: where `cargo build` puts the other binaries.
 pub fn own_dir() -> PathBuf {
     std::env::current_exe()
