@@ -178,6 +178,41 @@ impl fmt::Debug for MasterKeySource {
     }
 }
 
+/// A secret from a file named by `setting` (a mounted Docker or Kubernetes secret): its
+/// first line. Errors name the setting and the path, never the contents.
+fn read_secret_file(setting: &str, path: &str) -> anyhow::Result<SecretString> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("{setting}: cannot read {path}: {}", e.kind()))?;
+    let line = text.lines().next().unwrap_or("").trim_end_matches('\r');
+    if line.is_empty() {
+        bail!("{setting}: {path} is empty");
+    }
+    Ok(SecretString::from(line.to_owned()))
+}
+
+/// `url` with its password replaced by `password` (percent-encoded). The URL must name a
+/// user (`scheme://user@host/…`).
+fn with_password(url: &str, password: &SecretString) -> anyhow::Result<String> {
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or_else(|| anyhow::anyhow!("the URL has no scheme"))?;
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let (userinfo, host) = authority
+        .rsplit_once('@')
+        .ok_or_else(|| anyhow::anyhow!("the URL names no user (user@host)"))?;
+    let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+    let mut encoded = String::new();
+    for b in password.expose_secret().bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            encoded.push(b as char);
+        } else {
+            encoded.push_str(&format!("%{b:02X}"));
+        }
+    }
+    Ok(format!("{scheme}://{user}:{encoded}@{host}{tail}"))
+}
+
 /// Everything a rekey process is configured with.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -238,21 +273,32 @@ impl Settings {
             None => FileSettings::default(),
         };
 
-        let database_url = env
+        let mut database_url = env
             .get("REKEY_DATABASE_URL")
             .cloned()
             .or(file.database_url)
             .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned());
+        if let Some(f) = env.get("REKEY_DATABASE_PASSWORD_FILE").filter(|v| !v.is_empty()) {
+            database_url = with_password(
+                &database_url,
+                &read_secret_file("REKEY_DATABASE_PASSWORD_FILE", f)?,
+            )
+            .context("REKEY_DATABASE_URL cannot take the password from REKEY_DATABASE_PASSWORD_FILE")?;
+        }
         tokio_postgres::Config::from_str(&database_url).map_err(|_| {
             anyhow::anyhow!("REKEY_DATABASE_URL is not a valid PostgreSQL connection URL")
         })?;
-        let amqp_url = env
+        let mut amqp_url = env
             .get("REKEY_AMQP_URL")
             .cloned()
             .or(file.amqp_url)
             .unwrap_or_else(|| DEFAULT_AMQP_URL.to_owned());
         if !(amqp_url.starts_with("amqp://") || amqp_url.starts_with("amqps://")) {
             bail!("REKEY_AMQP_URL must start with amqp:// or amqps://");
+        }
+        if let Some(f) = env.get("REKEY_AMQP_PASSWORD_FILE").filter(|v| !v.is_empty()) {
+            amqp_url = with_password(&amqp_url, &read_secret_file("REKEY_AMQP_PASSWORD_FILE", f)?)
+                .context("REKEY_AMQP_URL cannot take the password from REKEY_AMQP_PASSWORD_FILE")?;
         }
 
         let master_key = if let Some(v) = env.get("REKEY_MASTER_KEY").filter(|v| !v.is_empty()) {
@@ -407,6 +453,54 @@ mod tests {
             .iter()
             .map(|(k, v)| ((*k).into(), (*v).into()))
             .collect()
+    }
+
+    #[test]
+    fn passwords_come_from_files_percent_encoded_and_never_into_an_error() {
+        let dir = std::env::temp_dir().join(format!("rekey-pw-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (db, mq, empty) = (dir.join("db"), dir.join("mq"), dir.join("empty"));
+        std::fs::write(&db, "s3cr:et/@pw\n").unwrap();
+        std::fs::write(&mq, "rabbit-pw").unwrap();
+        std::fs::write(&empty, "\n").unwrap();
+        let s = Settings::from_sources(
+            None,
+            &env(&[
+                ("REKEY_DATABASE_URL", "postgres://rekey@db:5432/app?sslmode=disable"),
+                ("REKEY_DATABASE_PASSWORD_FILE", db.to_str().unwrap()),
+                ("REKEY_AMQP_URL", "amqp://rekey:old@mq:5672/%2f"),
+                ("REKEY_AMQP_PASSWORD_FILE", mq.to_str().unwrap()),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            s.database_url.expose_secret(),
+            "postgres://rekey:s3cr%3Aet%2F%40pw@db:5432/app?sslmode=disable"
+        );
+        let cfg = tokio_postgres::Config::from_str(s.database_url.expose_secret()).unwrap();
+        assert_eq!(cfg.get_password(), Some(&b"s3cr:et/@pw"[..]));
+        assert_eq!(s.amqp_url.expose_secret(), "amqp://rekey:rabbit-pw@mq:5672/%2f");
+        assert!(!format!("{s:?}").contains("rabbit-pw"));
+        // Errors name the setting and the file, never a secret.
+        for (var, path) in [
+            ("REKEY_DATABASE_PASSWORD_FILE", empty.to_str().unwrap()),
+            ("REKEY_AMQP_PASSWORD_FILE", "/nonexistent/pw"),
+        ] {
+            let e = Settings::from_sources(None, &env(&[(var, path)])).unwrap_err();
+            let text = format!("{e:#}");
+            assert!(text.contains(var) && text.contains(path), "{text}");
+        }
+        let e = Settings::from_sources(
+            None,
+            &env(&[
+                ("REKEY_DATABASE_URL", "postgres://db:5432/app"),
+                ("REKEY_DATABASE_PASSWORD_FILE", db.to_str().unwrap()),
+            ]),
+        )
+        .unwrap_err();
+        let text = format!("{e:#}");
+        assert!(text.contains("names no user") && !text.contains("s3cr"), "{text}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
