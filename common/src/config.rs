@@ -278,12 +278,17 @@ impl Settings {
             .cloned()
             .or(file.database_url)
             .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned());
-        if let Some(f) = env.get("REKEY_DATABASE_PASSWORD_FILE").filter(|v| !v.is_empty()) {
+        if let Some(f) = env
+            .get("REKEY_DATABASE_PASSWORD_FILE")
+            .filter(|v| !v.is_empty())
+        {
             database_url = with_password(
                 &database_url,
                 &read_secret_file("REKEY_DATABASE_PASSWORD_FILE", f)?,
             )
-            .context("REKEY_DATABASE_URL cannot take the password from REKEY_DATABASE_PASSWORD_FILE")?;
+            .context(
+                "REKEY_DATABASE_URL cannot take the password from REKEY_DATABASE_PASSWORD_FILE",
+            )?;
         }
         tokio_postgres::Config::from_str(&database_url).map_err(|_| {
             anyhow::anyhow!("REKEY_DATABASE_URL is not a valid PostgreSQL connection URL")
@@ -296,7 +301,10 @@ impl Settings {
         if !(amqp_url.starts_with("amqp://") || amqp_url.starts_with("amqps://")) {
             bail!("REKEY_AMQP_URL must start with amqp:// or amqps://");
         }
-        if let Some(f) = env.get("REKEY_AMQP_PASSWORD_FILE").filter(|v| !v.is_empty()) {
+        if let Some(f) = env
+            .get("REKEY_AMQP_PASSWORD_FILE")
+            .filter(|v| !v.is_empty())
+        {
             amqp_url = with_password(&amqp_url, &read_secret_file("REKEY_AMQP_PASSWORD_FILE", f)?)
                 .context("REKEY_AMQP_URL cannot take the password from REKEY_AMQP_PASSWORD_FILE")?;
         }
@@ -466,7 +474,10 @@ mod tests {
         let s = Settings::from_sources(
             None,
             &env(&[
-                ("REKEY_DATABASE_URL", "postgres://rekey@db:5432/app?sslmode=disable"),
+                (
+                    "REKEY_DATABASE_URL",
+                    "postgres://rekey@db:5432/app?sslmode=disable",
+                ),
                 ("REKEY_DATABASE_PASSWORD_FILE", db.to_str().unwrap()),
                 ("REKEY_AMQP_URL", "amqp://rekey:old@mq:5672/%2f"),
                 ("REKEY_AMQP_PASSWORD_FILE", mq.to_str().unwrap()),
@@ -479,7 +490,10 @@ mod tests {
         );
         let cfg = tokio_postgres::Config::from_str(s.database_url.expose_secret()).unwrap();
         assert_eq!(cfg.get_password(), Some(&b"s3cr:et/@pw"[..]));
-        assert_eq!(s.amqp_url.expose_secret(), "amqp://rekey:rabbit-pw@mq:5672/%2f");
+        assert_eq!(
+            s.amqp_url.expose_secret(),
+            "amqp://rekey:rabbit-pw@mq:5672/%2f"
+        );
         assert!(!format!("{s:?}").contains("rabbit-pw"));
         // Errors name the setting and the file, never a secret.
         for (var, path) in [
@@ -499,7 +513,10 @@ mod tests {
         )
         .unwrap_err();
         let text = format!("{e:#}");
-        assert!(text.contains("names no user") && !text.contains("s3cr"), "{text}");
+        assert!(
+            text.contains("names no user") && !text.contains("s3cr"),
+            "{text}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

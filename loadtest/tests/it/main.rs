@@ -6,6 +6,7 @@
 //! point tests need `--all-features`.
 
 mod binaries;
+mod deploy;
 mod faults;
 mod observability;
 mod receiver;

@@ -1,0 +1,168 @@
+//! The deployment files checked with what runs here (no container engine): the compose file
+//! against the Compose Specification's JSON schema, and every command, flag, port,
+//! environment variable and file path in it against what the binaries and the repository
+//! actually have.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::Value;
+
+use crate::binaries::bin;
+
+fn repo(path: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
+}
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(repo(path)).unwrap_or_else(|e| panic!("read {path}: {e}"))
+}
+
+fn compose() -> Value {
+    let yaml: serde_norway::Value = serde_norway::from_str(&read("docker-compose.yml")).unwrap();
+    serde_json::to_value(yaml).unwrap()
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| a.iter().map(|s| s.as_str().unwrap().to_owned()).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn the_compose_file_follows_the_compose_specification() {
+    // docs/compose-spec.schema.json: the Compose Specification schema as shipped in
+    // docker-compose 1.29.2 (compose/config/compose_spec.json).
+    let schema: Value = serde_json::from_str(&read("docs/compose-spec.schema.json")).unwrap();
+    let validator = jsonschema::validator_for(&schema).unwrap();
+    let doc = compose();
+    let errors: Vec<String> = validator
+        .iter_errors(&doc)
+        .map(|e| format!("{} at {}", e, e.instance_path()))
+        .collect();
+    assert!(errors.is_empty(), "{errors:#?}");
+    // And it would catch a mistake.
+    let mut bad = doc.clone();
+    bad["services"]["worker"]["stop_grace_period"] = serde_json::json!(["2m"]);
+    assert!(!validator.is_valid(&bad));
+}
+
+#[test]
+fn every_service_command_port_variable_and_path_matches_what_rekey_accepts() {
+    let doc = compose();
+    let services = doc["services"].as_object().unwrap();
+    for want in [
+        "postgres",
+        "rabbitmq",
+        "migrate",
+        "worker",
+        "coordinator",
+        "prometheus",
+        "grafana",
+    ] {
+        assert!(services.contains_key(want), "no {want} service");
+    }
+    // Scalable workers: nothing that pins one container (name, host port).
+    let worker = &doc["services"]["worker"];
+    assert!(worker.get("container_name").is_none() && worker.get("ports").is_none());
+
+    // rekey's own services: the binary and its arguments are accepted (`--help` after the
+    // arguments makes clap check them without running anything).
+    let mut metrics_ports = BTreeSet::new();
+    for (name, svc) in services {
+        if svc["image"] != "rekey:latest" {
+            continue;
+        }
+        let entry = strings(&svc["entrypoint"]);
+        let binary = entry.first().cloned().unwrap_or_else(|| "rekey".into());
+        let args = strings(&svc["command"]);
+        let out = Command::new(bin(&binary))
+            .args(&args)
+            .arg("--help")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{name}: `{binary} {}` is refused: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if let Some(i) = args.iter().position(|a| a == "--metrics-addr") {
+            metrics_ports.insert(args[i + 1].rsplit(':').next().unwrap().to_owned());
+        }
+        // Every variable is one rekey reads.
+        let sources = [
+            read("common/src/config.rs"),
+            read("worker/src/main.rs"),
+            read("coordinator/src/cli.rs"),
+        ]
+        .concat();
+        for (var, _) in svc["environment"].as_object().unwrap() {
+            if var.starts_with("REKEY_") {
+                assert!(
+                    sources.contains(&format!("\"{var}\"")),
+                    "{name}: {var} is read nowhere"
+                );
+            }
+        }
+        // Secrets are mounted where the variables say.
+        let secrets = strings(&svc["secrets"]);
+        for (var, value) in svc["environment"].as_object().unwrap() {
+            if let Some(secret) = value.as_str().and_then(|v| v.strip_prefix("/run/secrets/")) {
+                assert!(
+                    secrets.iter().any(|s| s == secret),
+                    "{name}: {var} names secret {secret}, which is not mounted"
+                );
+            }
+        }
+    }
+    // The workers' metrics port is the one Prometheus scrapes; the coordinator's too.
+    assert_eq!(metrics_ports, BTreeSet::from(["9464".to_owned()]));
+    let prometheus = read("prometheus/prometheus.yml");
+    assert!(prometheus.contains("port: 9464") && prometheus.contains("coordinator:9465"));
+    assert!(read("docker-compose.yml").contains("rotate --metrics-addr 0.0.0.0:9465"));
+    let dockerfile = read("Dockerfile");
+    assert!(dockerfile.contains("EXPOSE 9464 9465"));
+    // The image runs as a non-root user and holds the three binaries.
+    assert!(dockerfile.contains("USER 10001"));
+    for b in ["rekey", "rekey-worker", "rekey-loadtest"] {
+        assert!(
+            dockerfile.contains(&format!("--bin {b} "))
+                || dockerfile.contains(&format!("--bin {b}\n"))
+        );
+    }
+
+    // Files: every secret is one the secrets script writes; every mounted repository path
+    // exists; Prometheus' rule file and Grafana's dashboard are where they are mounted from.
+    let script = read("scripts/compose-secrets.sh");
+    for (name, s) in doc["secrets"].as_object().unwrap() {
+        let file = s["file"].as_str().unwrap();
+        let base = file
+            .strip_prefix("./secrets/")
+            .expect("secrets live in ./secrets");
+        assert!(
+            script.contains(&format!("write {base} ")),
+            "{name}: the script never writes {file}"
+        );
+    }
+    for (name, svc) in services {
+        for v in strings(&svc["volumes"]) {
+            if let Some(path) = v.strip_prefix("./") {
+                let path = path.split(':').next().unwrap();
+                assert!(
+                    repo(path).exists(),
+                    "{name} mounts ./{path}, which does not exist"
+                );
+            }
+        }
+    }
+    assert!(repo("prometheus/alerts.yml").exists() && prometheus.contains("- alerts.yml"));
+    assert!(repo("grafana/dashboards/encryption-health.json").exists());
+    assert!(
+        read("grafana/provisioning/dashboards/rekey.yml").contains("/var/lib/grafana/dashboards")
+    );
+    assert!(
+        read("docker-compose.yml").contains("./grafana/dashboards:/var/lib/grafana/dashboards:ro")
+    );
+}
