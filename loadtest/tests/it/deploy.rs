@@ -166,3 +166,36 @@ fn every_service_command_port_variable_and_path_matches_what_rekey_accepts() {
         read("docker-compose.yml").contains("./grafana/dashboards:/var/lib/grafana/dashboards:ro")
     );
 }
+
+#[test]
+fn the_compose_topology_as_plain_processes_rotates_and_verifies() {
+    let bin_dir = bin("rekey").parent().unwrap().to_path_buf();
+    let out = Command::new("timeout")
+        .arg("600")
+        .arg("bash")
+        .arg(repo("scripts/topology.sh"))
+        .env("BIN_DIR", &bin_dir)
+        .env("ROWS", "3000")
+        .env_remove("REKEY_CONFIG")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("3 workers"), "{stdout}");
+    assert!(stdout.contains("the audit log is intact"), "{stdout}");
+    assert!(
+        stdout.contains("the topology rotated and verified 3000 records"),
+        "{stdout}"
+    );
+    // .ci/run installs Prometheus (for promtool), so the scrape is checked there too.
+    if Command::new("prometheus").arg("--version").output().is_ok() {
+        assert!(
+            stdout.contains("Prometheus scraped sum(rows_rotated_total) = 5653"),
+            "{stdout}"
+        );
+    }
+}
