@@ -52,15 +52,28 @@ pub fn redacted(url: &str) -> String {
 /// Connects once, naming the setting and the address (never the password) on failure.
 pub async fn connect(url: &SecretString, name: &str) -> anyhow::Result<Connection> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(url.expose_secret(), props)
-        .await
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot reach RabbitMQ at {} (set by REKEY_AMQP_URL): {}",
-                redacted(url.expose_secret()),
-                scrub(&e.to_string(), url.expose_secret())
-            )
-        })
+    // `cacertfile` (RabbitMQ's URI parameter) names CA certificates to trust for amqps://.
+    let (uri, ca_file) = crate::tls::take_param(url.expose_secret(), "cacertfile");
+    let connected = match ca_file {
+        None => Connection::connect(&uri, props).await,
+        Some(f) => {
+            let pem = crate::tls::read_ca("REKEY_AMQP_URL (cacertfile)", &f)?;
+            let tls = lapin::tcp::OwnedTLSConfig {
+                identity: None,
+                cert_chain: Some(pem),
+            };
+            let runtime = lapin::runtime::default_runtime()
+                .map_err(|e| anyhow::anyhow!("no runtime for the broker connection: {e}"))?;
+            Connection::connect_with_config(&uri, props, tls, runtime).await
+        }
+    };
+    connected.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot reach RabbitMQ at {} (set by REKEY_AMQP_URL): {}",
+            redacted(url.expose_secret()),
+            scrub(&e.to_string(), url.expose_secret())
+        )
+    })
 }
 
 /// Removes a URL (and so its password) from an error text, in case a library echoes it.

@@ -26,20 +26,39 @@ pub fn pool(settings: &Settings, max_size: usize) -> anyhow::Result<Pool> {
 }
 
 pub fn pool_for_url(url: &str, max_size: usize) -> anyhow::Result<Pool> {
-    let mut cfg = tokio_postgres::Config::from_str(url).map_err(|_| {
+    // TLS settings in the URL (see `tls`): `sslrootcert` is ours, and rustls verifies the
+    // host name in every mode, so `verify-ca` and `verify-full` mean `require` here.
+    let (url, ca_file) = crate::tls::take_param(url, "sslrootcert");
+    let url = url
+        .replace("sslmode=verify-full", "sslmode=require")
+        .replace("sslmode=verify-ca", "sslmode=require");
+    let mut cfg = tokio_postgres::Config::from_str(&url).map_err(|_| {
         anyhow::anyhow!("REKEY_DATABASE_URL is not a valid PostgreSQL connection URL")
     })?;
     if cfg.get_application_name().is_none() {
         cfg.application_name("rekey");
     }
     cfg.connect_timeout(std::time::Duration::from_secs(10));
-    let mgr = Manager::from_config(
-        cfg,
-        NoTls,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
+    let manager_config = ManagerConfig {
+        recycling_method: RecyclingMethod::Fast,
+    };
+    let mgr = if cfg.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+        let ca = ca_file
+            .as_deref()
+            .map(|f| crate::tls::read_ca("REKEY_DATABASE_URL (sslrootcert)", f))
+            .transpose()?;
+        Manager::from_config(
+            cfg,
+            crate::tls::postgres_connector(ca.as_deref())?,
+            manager_config,
+        )
+    } else {
+        anyhow::ensure!(
+            ca_file.is_none(),
+            "REKEY_DATABASE_URL names sslrootcert without sslmode=require"
+        );
+        Manager::from_config(cfg, NoTls, manager_config)
+    };
     Pool::builder(mgr)
         .max_size(max_size)
         .build()

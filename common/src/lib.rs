@@ -16,6 +16,7 @@
 //! - [`notify`]: run events posted to a webhook, retried, never blocking the run.
 //! - [`sizing`]: rows per batch from the bytes a batch should hold.
 //! - [`telemetry`]: logging setup for the binaries.
+//! - [`tls`]: TLS for PostgreSQL and RabbitMQ (rustls), configured in the URLs.
 //! - [`testing`]: test support (a fresh database per test), used by every crate's tests.
 //!
 //! **Architecture invariant:** `envelope`, `keys::wrap`, `keys::ring` and `secret` do no
@@ -39,5 +40,6 @@ pub mod sizing;
 pub mod stages;
 pub mod telemetry;
 pub mod testing;
+pub mod tls;
 
 pub use config::Settings;

@@ -247,6 +247,7 @@ pub struct PrivateBroker {
     dir: PathBuf,
     node: String,
     port: u16,
+    tls_port: Option<u16>,
     dist_port: u16,
     child: Option<Child>,
 }
@@ -271,24 +272,46 @@ fn server_script() -> anyhow::Result<PathBuf> {
     )
 }
 
+/// A server certificate and key (PEM) for a private server's TLS listener.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
 impl PrivateBroker {
     /// Starts a node and waits until it accepts AMQP connections.
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(None).await
+    }
+
+    /// As [`start`](Self::start), with an `amqps` listener too (see [`tls_url`](Self::tls_url)).
+    pub async fn start_with(tls: Option<&ServerTls>) -> anyhow::Result<Self> {
         let tag = format!("{}-{}", std::process::id(), rand::random::<u32>());
         let dir = std::env::temp_dir().join(format!("rekey-rabbit-{tag}"));
         std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
         let port = free_port()?;
         let mut b = Self {
             node: format!("rekey-{tag}@localhost"),
+            tls_port: None,
             port,
             dist_port: free_port()?,
             dir,
             child: None,
         };
-        std::fs::write(
-            b.dir.join("rabbitmq.conf"),
-            format!("listeners.tcp.local = 127.0.0.1:{port}\n"),
-        )?;
+        let mut conf = format!("listeners.tcp.local = 127.0.0.1:{port}\n");
+        if let Some(t) = tls {
+            let tls_port = free_port()?;
+            b.tls_port = Some(tls_port);
+            std::fs::write(b.dir.join("server.pem"), &t.cert_pem)?;
+            std::fs::write(b.dir.join("server.key"), &t.key_pem)?;
+            conf.push_str(&format!(
+                "listeners.ssl.default = 127.0.0.1:{tls_port}\nssl_options.certfile = {}\nssl_options.keyfile = {}\nssl_options.verify = verify_none\nssl_options.fail_if_no_peer_cert = false\n",
+                b.dir.join("server.pem").display(),
+                b.dir.join("server.key").display()
+            ));
+        }
+        std::fs::write(b.dir.join("rabbitmq.conf"), conf)?;
         std::fs::write(b.dir.join("enabled_plugins"), "[].\n")?;
         std::fs::write(b.dir.join("rabbitmq-env.conf"), "")?;
         b.boot().await?;
@@ -298,6 +321,12 @@ impl PrivateBroker {
     /// The node's AMQP address (guest/guest, from 127.0.0.1 only).
     pub fn url(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// The node's `amqps` address (host name `localhost`), when started with TLS.
+    pub fn tls_url(&self) -> Option<String> {
+        self.tls_port
+            .map(|p| format!("amqps://guest:guest@localhost:{p}/%2f"))
     }
 
     async fn boot(&mut self) -> anyhow::Result<()> {
@@ -384,6 +413,138 @@ impl Drop for PrivateBroker {
         if let Some(pid) = self.child.as_ref().and_then(Child::id) {
             signal(pid, "KILL", true);
         }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A PostgreSQL server of its own (a temporary data directory, a free port, trust
+/// authentication), started from the installed server binaries as a plain process, with
+/// TLS on when given a certificate. Dropping it stops the server and removes the directory.
+#[derive(Debug)]
+pub struct PrivatePostgres {
+    dir: PathBuf,
+    bin: PathBuf,
+    pub port: u16,
+}
+
+impl PrivatePostgres {
+    pub async fn start(tls: Option<&ServerTls>) -> anyhow::Result<Self> {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .context("PostgreSQL server binaries not found under /usr/lib/postgresql")?
+            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+            .filter(|p| p.join("initdb").exists())
+            .max()
+            .context("no initdb under /usr/lib/postgresql/*/bin")?;
+        let dir = std::env::temp_dir().join(format!(
+            "rekey-pg-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir)?;
+        let pg = Self {
+            port: free_port()?,
+            dir,
+            bin,
+        };
+        let data = pg.dir.join("data");
+        let root = std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+        if root {
+            // The server refuses to run as root.
+            run_std(
+                std::process::Command::new("chown")
+                    .arg("postgres")
+                    .arg(&pg.dir),
+            )?;
+        }
+        run_std(
+            pg.as_owner(root, "initdb")
+                .args(["-U", "postgres", "--auth=trust", "-D"])
+                .arg(&data),
+        )?;
+        let mut conf = format!(
+            "port = {}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n",
+            pg.port,
+            pg.dir.display()
+        );
+        if let Some(t) = tls {
+            std::fs::write(pg.dir.join("server.crt"), &t.cert_pem)?;
+            std::fs::write(pg.dir.join("server.key"), &t.key_pem)?;
+            if root {
+                run_std(
+                    std::process::Command::new("chown")
+                        .arg("postgres")
+                        .arg(pg.dir.join("server.crt"))
+                        .arg(pg.dir.join("server.key")),
+                )?;
+            }
+            run_std(
+                std::process::Command::new("chmod")
+                    .arg("600")
+                    .arg(pg.dir.join("server.key")),
+            )?;
+            conf.push_str(&format!(
+                "ssl = on\nssl_cert_file = '{}'\nssl_key_file = '{}'\n",
+                pg.dir.join("server.crt").display(),
+                pg.dir.join("server.key").display()
+            ));
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))?;
+        std::io::Write::write_all(&mut f, conf.as_bytes())?;
+        run_std(
+            pg.as_owner(root, "pg_ctl")
+                .arg("-D")
+                .arg(&data)
+                .arg("-l")
+                .arg(pg.dir.join("server.log"))
+                .args(["-w", "start"]),
+        )?;
+        Ok(pg)
+    }
+
+    fn as_owner(&self, root: bool, tool: &str) -> std::process::Command {
+        let path = self.bin.join(tool);
+        if root {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(path);
+            c
+        } else {
+            std::process::Command::new(path)
+        }
+    }
+
+    /// A URL for the `postgres` database as user `postgres`, host name `localhost`.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@localhost:{}/postgres", self.port)
+    }
+}
+
+fn run_std(cmd: &mut std::process::Command) -> anyhow::Result<()> {
+    let out = cmd.output().with_context(|| format!("run {cmd:?}"))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let root = std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+        let _ = self
+            .as_owner(root, "pg_ctl")
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-m", "immediate", "stop"])
+            .output();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -12,3 +12,4 @@ mod observability;
 mod receiver;
 mod scene;
 mod seed;
+mod tls;
