@@ -71,7 +71,7 @@ pub async fn connect(url: &SecretString, name: &str) -> anyhow::Result<Connectio
         anyhow::anyhow!(
             "cannot reach RabbitMQ at {} (set by REKEY_AMQP_URL): {}",
             redacted(url.expose_secret()),
-            scrub(&e.to_string(), url.expose_secret())
+            scrub(&scrub(&e.to_string(), url.expose_secret()), &uri)
         )
     })
 }
