@@ -30,6 +30,20 @@ fn pki(dir: &std::path::Path) -> (std::path::PathBuf, ServerTls) {
     )
 }
 
+/// Whether the server says this connection is encrypted.
+async fn encrypted(pool: &deadpool_postgres::Pool) -> bool {
+    pool.get()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn postgres_and_rabbitmq_over_tls_with_a_configured_ca() {
     let dir = std::env::temp_dir().join(format!("rekey-tls-{}", uuid::Uuid::new_v4().simple()));
@@ -47,17 +61,7 @@ async fn postgres_and_rabbitmq_over_tls_with_a_configured_ca() {
         1,
     )
     .unwrap();
-    let ssl: bool = pool
-        .get()
-        .await
-        .unwrap()
-        .query_one(
-            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let ssl = encrypted(&pool).await;
     assert!(ssl, "the connection is encrypted");
     // verify-full is accepted (rustls verifies the host name in every mode).
     let pool = rekey_common::db::pool_for_url(
@@ -80,17 +84,7 @@ async fn postgres_and_rabbitmq_over_tls_with_a_configured_ca() {
     assert!(!err.contains("hunter2"), "{err}");
     // Without sslmode=require, no TLS, as before.
     let pool = rekey_common::db::pool_for_url(&pg.url(), 1).unwrap();
-    let ssl: bool = pool
-        .get()
-        .await
-        .unwrap()
-        .query_one(
-            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let ssl = encrypted(&pool).await;
     assert!(!ssl);
     // A CA file that is not one is named.
     let err = rekey_common::db::pool_for_url(

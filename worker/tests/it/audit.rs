@@ -2,8 +2,8 @@
 //! stage seals verify; an edited entry and a deleted entry (batch or control) are named.
 
 use rekey_common::audit::{VerifyOptions, VerifyReport, verify};
-use rekey_common::ledger::{RunSettings, RunState};
-use rekey_coordinator::run_cmd::{self, RotateOptions};
+use rekey_common::ledger::RunState;
+use rekey_coordinator::run_cmd;
 
 use crate::helpers::Env;
 
@@ -37,17 +37,7 @@ async fn the_audit_chain_verifies_after_a_staged_rotation_and_names_an_edited_an
         &env.db.pool,
         &env.settings,
         &env.master,
-        &RotateOptions {
-            batch_size: 300,
-            stages: vec![1, 100],
-            gating: RunSettings {
-                observe_first_secs: 0,
-                observe_secs: 0,
-                auto_advance: true,
-                ..Default::default()
-            },
-            ..Default::default()
-        },
+        &crate::staged::staged(&[1, 100], 0, 0, true),
     )
     .await
     .unwrap();

@@ -15,7 +15,12 @@ use tokio::task::JoinHandle;
 
 use crate::helpers::Env;
 
-fn staged(stages: &[i32], observe_first: u64, observe: u64, auto_advance: bool) -> RotateOptions {
+pub(crate) fn staged(
+    stages: &[i32],
+    observe_first: u64,
+    observe: u64,
+    auto_advance: bool,
+) -> RotateOptions {
     RotateOptions {
         batch_size: 500,
         stages: stages.to_vec(),
