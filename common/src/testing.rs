@@ -25,6 +25,22 @@ pub fn admin_url() -> String {
 }
 
 impl TestDb {
+    /// The single `int8` a query returns (panics on any error: for tests).
+    pub async fn scalar(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> i64 {
+        self.pool
+            .get()
+            .await
+            .unwrap()
+            .query_one(sql, params)
+            .await
+            .unwrap()
+            .get(0)
+    }
+
     /// Creates `rekey_test_<random>`, applies rekey's and the demo migrations.
     pub async fn new() -> Self {
         let admin_url = admin_url();

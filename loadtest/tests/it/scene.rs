@@ -180,15 +180,7 @@ impl Scene {
         sql: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> i64 {
-        self.db
-            .pool
-            .get()
-            .await
-            .unwrap()
-            .query_one(sql, params)
-            .await
-            .unwrap()
-            .get(0)
+        self.db.scalar(sql, params).await
     }
 
     pub(crate) async fn last_run(&self) -> i64 {
