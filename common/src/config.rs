@@ -41,8 +41,19 @@ impl Target {
             .join(".")
     }
 
-    /// The one write-back statement of a batch: `$1` the ids (`int8[]`), `$2…` one
-    /// `bytea[]` per column in order, a NULL element leaving that value unchanged.
+    /// The row version a batch reads beside each row and hands back to
+    /// [`write_back_sql`](Self::write_back_sql): the row's `xmin` (the transaction that
+    /// wrote this version of the row), as `int8`. Any write to the row makes a new version
+    /// with another `xmin`; locking it (`FOR SHARE`, a foreign key check) does not.
+    pub const VERSION_SQL: &'static str = "xmin::text::int8";
+
+    /// The one write-back statement of a batch, a compare-and-swap: `$1` the ids
+    /// (`int8[]`), `$2…` one `bytea[]` per column in order (a NULL element leaves that value
+    /// unchanged), then the versions the rows had when read (`int8[]`, see
+    /// [`VERSION_SQL`](Self::VERSION_SQL)). A row written by anyone else since it was read
+    /// is left alone; the statement returns the ids it wrote. Under READ COMMITTED an
+    /// UPDATE that meets a row being written waits for that writer and then rechecks the
+    /// condition against the row's newest version, so no application write is ever lost.
     pub fn write_back_sql(&self) -> String {
         let id = quote_ident(&self.id_column);
         let cols: Vec<String> = self.columns.iter().map(|c| quote_ident(c)).collect();
@@ -56,11 +67,14 @@ impl Target {
             .collect();
         let aliases: Vec<String> = (0..cols.len()).map(|i| format!("c{i}")).collect();
         format!(
-            "UPDATE {} AS t SET {} FROM unnest($1::int8[], {}) AS u(id, {}) WHERE t.{id} = u.id",
+            "UPDATE {} AS t SET {} FROM unnest($1::int8[], {}, ${}::int8[]) AS u(id, {}, v) \
+             WHERE t.{id} = u.id AND t.{} = u.v RETURNING t.{id}",
             self.quoted_table(),
             sets.join(", "),
             args.join(", "),
-            aliases.join(", ")
+            cols.len() + 2,
+            aliases.join(", "),
+            Self::VERSION_SQL,
         )
     }
 

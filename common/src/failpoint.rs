@@ -13,8 +13,8 @@
 pub const POINTS: [&str; 7] = [
     // The batch's ledger row is locked and checked, nothing else done.
     "worker.after_claim",
-    // The batch's rows are locked (`FOR UPDATE`), not yet written.
-    "worker.after_lock",
+    // The batch's rows are read (not locked), nothing computed or written.
+    "worker.after_read",
     // The new values are written, the transaction not yet committed.
     "worker.after_write",
     // The transaction committed; the message is not yet acked.

@@ -311,8 +311,10 @@ async fn ceiling(
     .await
 }
 
-/// (b) A bare client rotation to `target`: lock and read a range, decrypt and re-encrypt
-/// off the executor, write back with one `UPDATE … FROM unnest`, commit.
+/// (b) A bare client rotation to `target`: read a range with the rows' versions, decrypt and
+/// re-encrypt off the executor, write back with the same compare-and-swap `UPDATE … FROM
+/// unnest` as the workers ([`Target::write_back_sql`]; nothing else writes during (b), so
+/// every row is written), commit.
 async fn bare(
     pool: &Pool,
     ring: Arc<KeyRing>,
@@ -332,27 +334,34 @@ async fn bare(
             let rows = tx
                 .query(
                     &format!(
-                        "SELECT {id}, {} FROM {} WHERE {id} BETWEEN $1 AND $2 ORDER BY {id} FOR UPDATE",
+                        "SELECT {id}, {}, {} FROM {} WHERE {id} BETWEEN $1 AND $2 ORDER BY {id}",
+                        Target::VERSION_SQL,
                         cols.join(", "),
                         t.quoted_table()
                     ),
                     &[&lo, &hi],
                 )
                 .await?;
+            let versions: Vec<i64> = rows.iter().map(|r| r.get(1)).collect();
             let data: Vec<(i64, Vec<Option<Vec<u8>>>)> = rows
                 .iter()
-                .map(|r| (r.get(0), (1..=cols.len()).map(|i| r.get(i)).collect()))
+                .map(|r| (r.get(0), (2..cols.len() + 2).map(|i| r.get(i)).collect()))
                 .collect();
             let t2 = t.clone();
-            let (ids, new_values, n_values) = tokio::task::spawn_blocking(move || {
-                reencrypt(&ring, target, &t2, &data)
-            })
-            .await??;
+            let (ids, new_values, n_values) =
+                tokio::task::spawn_blocking(move || reencrypt(&ring, target, &t2, &data)).await??;
             let mut params: Vec<&(dyn ToSql + Sync)> = vec![&ids];
             for v in &new_values {
                 params.push(v);
             }
-            tx.execute(&t.write_back_sql(), &params).await?;
+            params.push(&versions);
+            let n = tx.query(&t.write_back_sql(), &params).await?.len();
+            anyhow::ensure!(
+                n == ids.len(),
+                "wrote {n} of {} rows of {} ids {lo}..={hi}: something else wrote during (b)",
+                ids.len(),
+                t.table
+            );
             tx.commit().await?;
             Ok((ids.len() as i64, n_values))
         }

@@ -73,7 +73,14 @@ pub async fn update_emails(
     Ok(report)
 }
 
-async fn write_one(pool: &Pool, ring: &KeyRing, id: i64, plaintext: &[u8]) -> anyhow::Result<bool> {
+/// Writes one `demo.users.email` under `ring`'s encryption key, with its digest, in a
+/// transaction of its own, as the application does; false when the row does not exist.
+pub async fn write_one(
+    pool: &Pool,
+    ring: &KeyRing,
+    id: i64,
+    plaintext: &[u8],
+) -> anyhow::Result<bool> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     if !write_in(&tx, ring, id, plaintext).await? {

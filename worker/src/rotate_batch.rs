@@ -1,11 +1,15 @@
 //! The transaction that rotates one batch. In one Postgres transaction it claims the batch
-//! in the ledger (a batch already done is skipped), locks the batch's rows in id order
-//! (`FOR UPDATE`, never `SKIP LOCKED`), opens each value with the key its header names,
-//! seals it under the target key, opens the new value once more to verify it, writes all
-//! values back in one `UPDATE … FROM unnest(…)`, records values that failed to decrypt
-//! without changing them, appends aggregated audit entries, marks the batch done with its
-//! counts, and commits. A dry run does the same and rolls the rows back, then records its
-//! counts in a transaction of its own.
+//! in the ledger (a batch already done is skipped), reads the batch's rows with their row
+//! versions (without locking them), opens each value with the key its header names, seals
+//! it under the target key, opens the new value once more to verify it, and writes all
+//! values back in one compare-and-swap `UPDATE … FROM unnest(…)` that only writes rows
+//! still at the version read. Rows the application wrote in between are read again, this
+//! time locked (`FOR UPDATE`, in id order), and rotated if they are still under an old key.
+//! Then it records values that failed to decrypt without changing them, appends aggregated
+//! audit entries, marks the batch done with its counts, and commits. So the application's
+//! rows are locked only from the write-back to the commit, never during the read and the
+//! crypto, and no application write is ever overwritten. A dry run does the same and rolls
+//! the rows back, then records its counts in a transaction of its own.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -138,6 +142,8 @@ struct ValueError {
 #[derive(Debug, Default)]
 struct Computed {
     ids: Vec<i64>,
+    /// For each of `ids`, its index in the rows computed from.
+    rows_idx: Vec<usize>,
     /// Per column, per updated row: the new envelope, or `None` to leave the value alone.
     new_values: Vec<Vec<Option<Vec<u8>>>>,
     errors: Vec<ValueError>,
@@ -165,7 +171,7 @@ fn compute(
         ..Default::default()
     };
     out.counts.n_rows = rows.len() as i64;
-    for (row_id, values) in rows {
+    for (ri, (row_id, values)) in rows.iter().enumerate() {
         let mut changed: Vec<Option<Vec<u8>>> = vec![None; columns.len()];
         let mut any = false;
         for (ci, value) in values.iter().enumerate() {
@@ -227,12 +233,94 @@ fn compute(
         }
         if any {
             out.ids.push(*row_id);
+            out.rows_idx.push(ri);
             for (ci, v) in changed.into_iter().enumerate() {
                 out.new_values[ci].push(v);
             }
         }
     }
     Ok(out)
+}
+
+impl Computed {
+    /// Takes back what `rows` (the rows this was computed from) contributed for the rows in
+    /// `forget`, which were not written: their counts, audit entries and new values. Only
+    /// rows in `ids` can be forgotten (a row with nothing to write is never missed).
+    fn forget(
+        &mut self,
+        rows: &[(i64, Vec<Option<Vec<u8>>>)],
+        target: Uuid,
+        forget: &HashSet<i64>,
+    ) {
+        let mut dec = |key: (Option<Uuid>, &'static str, bool)| {
+            if let Some(n) = self.audit.get_mut(&key) {
+                *n -= 1;
+                if *n == 0 {
+                    self.audit.remove(&key);
+                }
+            }
+        };
+        let mut keep = vec![true; self.ids.len()];
+        for (pos, (id, ri)) in self.ids.iter().zip(&self.rows_idx).enumerate() {
+            if !forget.contains(id) {
+                continue;
+            }
+            keep[pos] = false;
+            let c = &mut self.counts;
+            c.n_rows -= 1;
+            for (ci, value) in rows[*ri].1.iter().enumerate() {
+                let Some(value) = value else {
+                    c.n_null -= 1;
+                    continue;
+                };
+                c.n_values -= 1;
+                let header_key = envelope::key_id(value).ok();
+                if self.new_values[ci][pos].is_some() {
+                    c.n_rotated -= 1;
+                    dec((header_key, "decrypt", true));
+                    dec((Some(target), "encrypt", true));
+                    dec((Some(target), "verify", true));
+                } else if let Some(e) = self
+                    .errors
+                    .iter()
+                    .position(|e| e.row_id == *id && e.column == ci)
+                {
+                    self.errors.swap_remove(e);
+                    c.n_errors -= 1;
+                    dec((header_key, "decrypt", false));
+                } else {
+                    c.n_skipped -= 1;
+                }
+            }
+        }
+        let mut k = keep.iter();
+        self.ids.retain(|_| *k.next().expect("same length"));
+        let mut k = keep.iter();
+        self.rows_idx.retain(|_| *k.next().expect("same length"));
+        for col in &mut self.new_values {
+            let mut k = keep.iter();
+            col.retain(|_| *k.next().expect("same length"));
+        }
+    }
+
+    /// Adds what another computation (of other rows) did. Its `ids` are taken as written.
+    fn absorb(&mut self, other: Computed) {
+        self.ids.extend(other.ids);
+        self.errors.extend(other.errors);
+        for (k, n) in other.audit {
+            *self.audit.entry(k).or_default() += n;
+        }
+        let (c, o) = (&mut self.counts, other.counts);
+        c.n_rows += o.n_rows;
+        c.n_values += o.n_values;
+        c.n_rotated += o.n_rotated;
+        c.n_skipped += o.n_skipped;
+        c.n_null += o.n_null;
+        c.n_errors += o.n_errors;
+        self.unknown_keys.extend(other.unknown_keys);
+        // `new_values` and `rows_idx` describe only the first computation's rows; the other's
+        // values are already written.
+    }
 }
 
 /// The ledger's view of a batch and its run, read under the batch row's lock.
@@ -373,7 +461,7 @@ async fn rotate_in(
         return Ok((Outcome::Skipped, Counts::default(), Vec::new()));
     }
 
-    // Lock the batch's rows of this stage in id order.
+    // Read the batch's rows of this stage with their versions; nothing is locked yet.
     let target = &claim.target;
     let table = target.quoted_table();
     let id_col = quote_ident(&target.id_column);
@@ -393,7 +481,8 @@ async fn rotate_in(
         )
     };
     let select = format!(
-        "SELECT {id_col}, {} FROM {table} WHERE {id_col} BETWEEN $1 AND $2{stage_filter} ORDER BY {id_col} FOR UPDATE",
+        "SELECT {id_col}, {}, {} FROM {table} WHERE {id_col} BETWEEN $1 AND $2{stage_filter} ORDER BY {id_col}",
+        Target::VERSION_SQL,
         cols.join(", ")
     );
     let (lo_b, hi_b) = (i64::from(b_lo), i64::from(b_hi) - 1);
@@ -406,11 +495,8 @@ async fn rotate_in(
         )
         .await?
     };
-    rekey_common::failpoint!("worker.after_lock");
-    let rows: Vec<(i64, Vec<Option<Vec<u8>>>)> = rows
-        .into_iter()
-        .map(|r| (r.get(0), (1..=cols.len()).map(|i| r.get(i)).collect()))
-        .collect();
+    rekey_common::failpoint!("worker.after_read");
+    let (rows, versions) = split_rows(rows, cols.len());
 
     let mut ring = ring_handle.get();
     if !ring.contains(&claim.target_key_id) {
@@ -432,18 +518,62 @@ async fn rotate_in(
     }
 
     if !computed.ids.is_empty() {
-        let update = target.write_back_sql();
-        let mut params: Vec<&(dyn ToSql + Sync)> = vec![&computed.ids];
-        for v in &computed.new_values {
-            params.push(v);
-        }
-        let n = tx.execute(&update, &params).await?;
-        if n != computed.ids.len() as u64 {
-            return Err(BatchError::Transient(anyhow::anyhow!(
-                "wrote {n} rows of {} in {}; rolled back",
-                computed.ids.len(),
-                target.table
-            )));
+        let read_versions: Vec<i64> = computed.rows_idx.iter().map(|i| versions[*i]).collect();
+        let written = write_back(
+            &tx,
+            target,
+            &computed.ids,
+            &computed.new_values,
+            &read_versions,
+        )
+        .await?;
+        if written.len() != computed.ids.len() {
+            // The application wrote these rows after they were read: take back what was
+            // computed for them, and do them again with their rows locked.
+            let written: HashSet<i64> = written.into_iter().collect();
+            let missed: Vec<i64> = computed
+                .ids
+                .iter()
+                .copied()
+                .filter(|id| !written.contains(id))
+                .collect();
+            computed.forget(
+                &rows,
+                claim.target_key_id,
+                &missed.iter().copied().collect(),
+            );
+            let again = tx
+                .query(
+                    &format!(
+                        "SELECT {id_col}, {}, {} FROM {table} WHERE {id_col} = ANY($1) ORDER BY {id_col} FOR UPDATE",
+                        Target::VERSION_SQL,
+                        cols.join(", ")
+                    ),
+                    &[&missed],
+                )
+                .await?;
+            let (rows2, versions2) = split_rows(again, cols.len());
+            let redo = run_compute(ring.clone(), &claim, &rows2, settings).await?;
+            tracing::debug!(
+                batch_no = msg.batch_no,
+                missed = missed.len(),
+                rotated_again = redo.ids.len(),
+                "rows written by the application during the batch: read again under lock"
+            );
+            if !redo.ids.is_empty() {
+                let v2: Vec<i64> = redo.rows_idx.iter().map(|i| versions2[*i]).collect();
+                let n = write_back(&tx, target, &redo.ids, &redo.new_values, &v2)
+                    .await?
+                    .len();
+                if n != redo.ids.len() {
+                    return Err(BatchError::Transient(anyhow::anyhow!(
+                        "wrote {n} locked rows of {} in {}; rolled back",
+                        redo.ids.len(),
+                        target.table
+                    )));
+                }
+            }
+            computed.absorb(redo);
         }
     }
     rekey_common::failpoint!("worker.after_write");
@@ -473,6 +603,40 @@ async fn rotate_in(
         computed.counts,
         computed.audit.into_iter().collect(),
     ))
+}
+
+/// Rows as read (id, version, values…) → (id, values) and the versions, in the same order.
+#[allow(clippy::type_complexity)]
+fn split_rows(
+    rows: Vec<tokio_postgres::Row>,
+    n_cols: usize,
+) -> (Vec<(i64, Vec<Option<Vec<u8>>>)>, Vec<i64>) {
+    let mut versions = Vec::with_capacity(rows.len());
+    let rows = rows
+        .into_iter()
+        .map(|r| {
+            versions.push(r.get(1));
+            (r.get(0), (2..n_cols + 2).map(|i| r.get(i)).collect())
+        })
+        .collect();
+    (rows, versions)
+}
+
+/// The compare-and-swap write-back ([`Target::write_back_sql`]): the ids it wrote.
+async fn write_back(
+    tx: &tokio_postgres::Transaction<'_>,
+    target: &Target,
+    ids: &Vec<i64>,
+    new_values: &[Vec<Option<Vec<u8>>>],
+    versions: &Vec<i64>,
+) -> Result<Vec<i64>, BatchError> {
+    let mut params: Vec<&(dyn ToSql + Sync)> = vec![ids];
+    for v in new_values {
+        params.push(v);
+    }
+    params.push(versions);
+    let rows = tx.query(&target.write_back_sql(), &params).await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
 async fn run_compute(
@@ -587,4 +751,137 @@ async fn record(
     // it takes is held only for the commit, not across the ledger write.
     flush_counts(tx, ring).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rekey_common::keys::KeyState;
+    use rekey_common::keys::ring::FieldKey;
+    use rekey_common::secret::KeyMaterial;
+
+    fn key(ring: &mut KeyRing, state: KeyState) -> Uuid {
+        let id = Uuid::new_v4();
+        ring.insert(FieldKey::new(
+            id,
+            state,
+            &KeyMaterial::generate(),
+            0,
+            1 << 32,
+        ));
+        id
+    }
+
+    type Rows = Vec<(i64, Vec<Option<Vec<u8>>>)>;
+
+    /// Rows of two columns mixing every kind of value: under the old key, under the target,
+    /// null, corrupt, under a key the ring does not hold.
+    fn rows(ring: &KeyRing, old: Uuid, target: Uuid, stranger: &KeyRing, ids: &[i64]) -> Rows {
+        let cols = ["email", "phone"];
+        ids.iter()
+            .map(|&id| {
+                let values = cols
+                    .iter()
+                    .enumerate()
+                    .map(|(ci, col)| {
+                        let loc = FieldLocation {
+                            table: "demo.users",
+                            column: col,
+                            row_id: id,
+                        };
+                        let seal = |ring: &KeyRing, k: Uuid| {
+                            envelope::seal_with(ring.get(&k).unwrap(), &loc, b"plaintext").unwrap()
+                        };
+                        match (id as usize + ci) % 6 {
+                            0 => None,
+                            1 => Some(seal(ring, target)),
+                            2 => {
+                                let mut v = seal(ring, old);
+                                let last = v.len() - 1;
+                                v[last] ^= 1;
+                                Some(v)
+                            }
+                            3 => {
+                                let k = stranger.encrypt_key().unwrap();
+                                Some(envelope::seal_with(k, &loc, b"plaintext").unwrap())
+                            }
+                            _ => Some(seal(ring, old)),
+                        }
+                    })
+                    .collect();
+                (id, values)
+            })
+            .collect()
+    }
+
+    fn audit_sorted(c: &Computed) -> OpCounts {
+        let mut v: Vec<_> = c.audit.iter().map(|(k, n)| (*k, *n)).collect();
+        v.sort_by_key(|((k, op, ok), _)| (*k, *op, *ok));
+        v
+    }
+
+    #[test]
+    fn forgetting_missed_rows_and_absorbing_their_redo_gives_the_counts_of_one_pass() {
+        let mut ring = KeyRing::default();
+        let old = key(&mut ring, KeyState::DecryptOnly);
+        let target = key(&mut ring, KeyState::Active);
+        let mut stranger = KeyRing::default();
+        let s = key(&mut stranger, KeyState::Active);
+        stranger.set_encrypt_key(s).unwrap();
+        let ids: Vec<i64> = (1..=60).collect();
+        let all = rows(&ring, old, target, &stranger, &ids);
+        let columns = vec!["email".to_owned(), "phone".to_owned()];
+        let whole = compute(&ring, target, None, "demo.users", &columns, &all).unwrap();
+        assert!(whole.counts.n_rotated > 0 && whole.counts.n_errors > 0);
+        assert!(whole.counts.n_skipped > 0 && whole.counts.n_null > 0);
+
+        // Every third written row was "missed": forget it, then compute those rows again.
+        let missed: HashSet<i64> = whole.ids.iter().copied().step_by(3).collect();
+        let mut first = compute(&ring, target, None, "demo.users", &columns, &all).unwrap();
+        first.forget(&all, target, &missed);
+        assert_eq!(first.ids.len(), whole.ids.len() - missed.len());
+        assert!(first.ids.iter().all(|id| !missed.contains(id)));
+        assert!(first.new_values.iter().all(|c| c.len() == first.ids.len()));
+        assert_eq!(first.rows_idx.len(), first.ids.len());
+        for (id, ri) in first.ids.iter().zip(&first.rows_idx) {
+            assert_eq!(all[*ri].0, *id, "indexes still point at their rows");
+        }
+        let again: Rows = all
+            .iter()
+            .filter(|(id, _)| missed.contains(id))
+            .cloned()
+            .collect();
+        let redo = compute(&ring, target, None, "demo.users", &columns, &again).unwrap();
+        first.absorb(redo);
+
+        assert_eq!(first.counts, whole.counts);
+        assert_eq!(audit_sorted(&first), audit_sorted(&whole));
+        assert_eq!(first.errors.len(), whole.errors.len());
+        let mut a = first.ids.clone();
+        a.sort_unstable();
+        assert_eq!(a, whole.ids);
+    }
+
+    #[test]
+    fn forgetting_a_row_the_application_put_under_the_target_leaves_it_skipped() {
+        let mut ring = KeyRing::default();
+        let old = key(&mut ring, KeyState::DecryptOnly);
+        let target = key(&mut ring, KeyState::Active);
+        let stranger = KeyRing::default();
+        // Rows 4 and 5: both columns under the old key (ids ≡ 4, 5 mod 6 give kinds 4/5, 5/0).
+        let all = rows(&ring, old, target, &stranger, &[4]);
+        let columns = vec!["email".to_owned(), "phone".to_owned()];
+        let mut c = compute(&ring, target, None, "demo.users", &columns, &all).unwrap();
+        assert_eq!(c.counts.n_rotated, 2);
+        c.forget(&all, target, &HashSet::from([4]));
+        assert_eq!(c.counts, Counts::default());
+        assert!(c.audit.is_empty(), "{:?}", c.audit);
+        // Meanwhile the application wrote both values under the target key.
+        let now = rows(&ring, target, target, &stranger, &[4]);
+        c.absorb(compute(&ring, target, None, "demo.users", &columns, &now).unwrap());
+        assert_eq!(c.counts.n_rotated, 0);
+        assert_eq!(c.counts.n_skipped, 2);
+        assert_eq!(c.counts.n_rows, 1);
+        assert!(c.audit.is_empty());
+    }
 }
