@@ -439,12 +439,15 @@ async fn rotate_in(
     settings: &BatchSettings,
 ) -> Result<(Outcome, Counts, OpCounts), BatchError> {
     let tx = client.transaction().await?;
-    tx.batch_execute(&format!(
+    let limits = format!(
         "SET LOCAL lock_timeout = {}; SET LOCAL statement_timeout = {}",
         settings.lock_timeout_ms, settings.statement_timeout_ms
-    ))
-    .await?;
-    let claim = claim(&tx, msg).await?;
+    );
+    // Sent together (tokio-postgres pipelines requests polled at once; they run in order).
+    let (_, claim) = tokio::try_join!(
+        async { tx.batch_execute(&limits).await.map_err(BatchError::from) },
+        claim(&tx, msg)
+    )?;
     match claim.batch_state.as_str() {
         "done" | "failed" => return Ok((Outcome::AlreadyDone, Counts::default(), Vec::new())),
         _ => {}
@@ -683,7 +686,10 @@ async fn record(
     ring: &KeyRing,
     settings: &BatchSettings,
 ) -> Result<(), BatchError> {
-    if !computed.errors.is_empty() {
+    let errors = async {
+        if computed.errors.is_empty() {
+            return Ok::<(), BatchError>(());
+        }
         let cols: Vec<&str> = computed
             .errors
             .iter()
@@ -704,7 +710,8 @@ async fn record(
             &[&msg.run_id, &msg.batch_no, &claim.target.table, &cols, &rows, &keys, &kinds],
         )
         .await?;
-    }
+        Ok(())
+    };
     let mut entries: Vec<AuditEntry> = computed
         .audit
         .iter()
@@ -723,33 +730,41 @@ async fn record(
         (&a.operation, a.success, a.key_id).cmp(&(&b.operation, b.success, b.key_id))
     });
     // The batch's own audit chain; its tail goes into the ledger row in this transaction.
-    let tail = audit::record_batch(tx, &entries).await?;
+    let (_, tail) = tokio::try_join!(errors, async {
+        audit::record_batch(tx, &entries)
+            .await
+            .map_err(BatchError::from)
+    })?;
     let (tail_id, tail_hash) = tail.last.unzip();
     let c = computed.counts;
-    tx.execute(
+    let done_params: [&(dyn ToSql + Sync); 12] = [
+        &msg.run_id,
+        &msg.batch_no,
+        &settings.worker_id,
+        &c.n_rows,
+        &c.n_values,
+        &c.n_rotated,
+        &c.n_skipped,
+        &c.n_null,
+        &c.n_errors,
+        &tail_id,
+        &tail_hash,
+        &tail.entries,
+    ];
+    let done = tx.execute(
         "UPDATE rekey.batches SET state = 'done', done_at = now(), lease_until = NULL, worker = $3,
                 n_rows = $4, n_values = $5, n_rotated = $6, n_skipped = $7, n_null = $8, n_errors = $9, error = NULL,
                 audit_tail_id = $10, audit_tail = $11, audit_entries = $12
           WHERE run_id = $1 AND batch_no = $2",
-        &[
-            &msg.run_id,
-            &msg.batch_no,
-            &settings.worker_id,
-            &c.n_rows,
-            &c.n_values,
-            &c.n_rotated,
-            &c.n_skipped,
-            &c.n_null,
-            &c.n_errors,
-            &tail_id,
-            &tail_hash,
-            &tail.entries,
-        ],
-    )
-    .await?;
-    // Last before the commit: every batch updates the key's counter row, so the row lock
-    // it takes is held only for the commit, not across the ledger write.
-    flush_counts(tx, ring).await?;
+        &done_params,
+    );
+    // Last before the commit (pipelined after the ledger write, so it runs after it):
+    // every batch updates the key's counter row, so the row lock it takes is held only
+    // for the commit.
+    tokio::try_join!(
+        async { done.await.map_err(BatchError::from) },
+        flush_counts(tx, ring)
+    )?;
     Ok(())
 }
 
