@@ -158,6 +158,10 @@ pub struct RunSettings {
     pub breach_pct: f64,
     /// Latency increases smaller than this many milliseconds are noise, never impact.
     pub min_impact_ms: f64,
+    /// The throttle's noise floor: it answers increases above this many milliseconds.
+    pub throttle_min_ms: f64,
+    /// Start each stage at one batch in flight and double while latency stays good.
+    pub slow_start: bool,
     /// The probe query's latency before the run (median, milliseconds).
     pub probe_baseline_ms: Option<f64>,
     /// The probe's 95th percentile before the run (milliseconds): the throttle's baseline.
@@ -183,6 +187,8 @@ impl Default for RunSettings {
             throttle_pct: 15.0,
             breach_pct: 20.0,
             min_impact_ms: 2.0,
+            throttle_min_ms: 0.5,
+            slow_start: true,
             probe_baseline_ms: None,
             probe_baseline_p95_ms: None,
             max_audit_gap_secs: 300.0,

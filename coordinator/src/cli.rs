@@ -88,6 +88,8 @@ pub enum Command {
         /// A stage's decrypt error rate must stay below this fraction.
         #[arg(long, default_value_t = 0.001)]
         max_error_rate: f64,
+        #[command(flatten)]
+        latency: LatencyArgs,
         /// Everything but the write, in a run of its own kind (one stage, 100%).
         #[arg(long)]
         dry_run: bool,
@@ -175,6 +177,26 @@ pub enum Command {
         #[arg(long)]
         keep: bool,
     },
+}
+
+/// The latency budget: when the probe's latency rises above it the coordinator throttles;
+/// a sustained rise over the breach threshold fails the stage's performance gate.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LatencyArgs {
+    /// Throttle when the probe's latency (median or 95th percentile) is this many percent
+    /// above its baseline; 0 turns the throttle off.
+    #[arg(long, default_value_t = 15.0)]
+    pub throttle_pct: f64,
+    /// Rises of the probe's latency smaller than this many milliseconds never throttle.
+    #[arg(long, default_value_t = 0.5)]
+    pub throttle_min_ms: f64,
+    /// A stage is breached when the probe's median stays this many percent above its
+    /// baseline for 3 samples in a row.
+    #[arg(long, default_value_t = 20.0)]
+    pub breach_pct: f64,
+    /// Start each stage at full speed instead of at one batch in flight.
+    #[arg(long)]
+    pub no_slow_start: bool,
 }
 
 /// How the coordinator paces a run it drives.
@@ -327,6 +349,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             auto_advance,
             auto_rollback,
             max_error_rate,
+            latency,
             dry_run,
             target_key,
             key_propagation,
@@ -370,6 +393,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     auto_rollback,
                     max_error_rate,
                     batch_bytes: batch_bytes.max(0),
+                    throttle_pct: latency.throttle_pct.max(0.0),
+                    throttle_min_ms: latency.throttle_min_ms.max(0.0),
+                    breach_pct: latency.breach_pct,
+                    slow_start: !latency.no_slow_start,
                     ..Default::default()
                 },
             };

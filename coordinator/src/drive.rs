@@ -43,8 +43,10 @@ pub struct DriveOptions {
     pub min_step: Duration,
     /// Show an indicatif bar (terminal) or plain lines (elsewhere), or nothing.
     pub progress: ProgressMode,
-    /// How often the latency probe runs while a stage rotates.
+    /// How often the throttle decides, on the probe's samples since its last decision.
     pub probe_every: Duration,
+    /// How often the background probe queries while a stage rotates.
+    pub probe_spacing: Duration,
     /// Where the run's gauges go (served by `--metrics-addr`).
     pub metrics: Option<Arc<Metrics>>,
     /// Where run events go (the webhook, if configured).
@@ -67,6 +69,7 @@ impl Default for DriveOptions {
             min_step: Duration::from_millis(100),
             progress: ProgressMode::Auto,
             probe_every: Duration::from_secs(2),
+            probe_spacing: Duration::from_millis(100),
             metrics: None,
             notifier: Notifier::default(),
         }
@@ -311,9 +314,12 @@ pub async fn drive(
                     return anyhow::Ok(state);
                 }
                 let stepped_at = Instant::now();
+                let nap = stage_state
+                    .paced_for()
+                    .map_or(opts.tick, |d| d.min(opts.tick));
                 tokio::select! {
                     _ = &mut shutdown => return Ok(RunState::Running),
-                    _ = tokio::time::sleep(opts.tick) => {}
+                    _ = tokio::time::sleep(nap) => {}
                     next = reports.next() => {
                         take_report(next).await?;
                         // Reports only wake the driver (the ledger is the truth): gather
@@ -366,10 +372,27 @@ pub async fn drive(
 struct StageRuntime {
     stage_no: Option<i32>,
     perf: gate::PerfTracker,
-    throttle_level: u32,
+    /// Set when the stage starts rotating.
+    throttle: Option<gate::Throttle>,
+    prober: Option<probe::Prober>,
+    last_publish: Option<Instant>,
     last_probe: Option<Instant>,
     last_observation: Option<Instant>,
     ring: Option<rekey_common::keys::ring::KeyRing>,
+}
+
+impl StageRuntime {
+    /// While pacing: how long until the next batch may be published, if it must wait.
+    fn paced_for(&self) -> Option<Duration> {
+        let gap = self.throttle.as_ref()?.gap;
+        if gap.is_zero() {
+            return None;
+        }
+        // Once the gap has passed, the next batch waits only for room in the window,
+        // which a report announces: no early wake-up then.
+        let left = gap.saturating_sub(self.last_publish?.elapsed());
+        (!left.is_zero()).then_some(left)
+    }
 }
 
 /// One step of the run's state machine. Returns the run's state when driving should stop.
@@ -406,19 +429,47 @@ async fn step(
         };
     }
     drop(client);
+    if stage.state != "running" {
+        // Gating or observing (perhaps for a day): the throttle's probe is not needed.
+        rt.prober = None;
+    }
     match stage.state.as_str() {
         "pending" => {
             start_stage(pool, settings, &run, stage_no).await?;
         }
         "running" => {
+            let throttle = rt.throttle.get_or_insert_with(|| {
+                gate::Throttle::new(opts.max_in_flight, run.settings.slow_start)
+            });
+            if rt.prober.is_none() {
+                rt.prober = Some(probe::Prober::start(
+                    pool.clone(),
+                    run.targets.clone(),
+                    settings.probe_query.clone(),
+                    opts.probe_spacing,
+                ));
+                rt.last_probe = Some(Instant::now());
+            }
             if rt
                 .last_probe
                 .is_none_or(|t| t.elapsed() >= opts.probe_every)
             {
                 rt.last_probe = Some(Instant::now());
-                let lat =
-                    probe::measure(pool, &run.targets, settings.probe_query.as_deref(), 10).await?;
-                let throttle = rt.perf.record(&run.settings, lat.median_ms, lat.p95_ms);
+                let mut samples = rt.prober.as_ref().map(|p| p.take()).unwrap_or_default();
+                let lat = if samples.len() >= 3 {
+                    probe::Latency::of(&mut samples)
+                } else {
+                    // The background probe fell behind (a slow probe query): measure now.
+                    probe::measure(
+                        pool,
+                        &run.targets,
+                        settings.probe_query.as_deref(),
+                        5,
+                        Duration::ZERO,
+                    )
+                    .await?
+                };
+                let over = rt.perf.record(&run.settings, lat.median_ms, lat.p95_ms);
                 if let Some(m) = &opts.metrics {
                     record_probe(
                         m,
@@ -431,31 +482,39 @@ async fn step(
                     )
                     .await;
                 }
-                // Each throttled sample quarters the window, down to one batch in flight;
-                // each good one doubles it again.
-                let max_level = 63 - opts.max_in_flight.max(1).leading_zeros();
-                let was = rt.throttle_level;
-                rt.throttle_level = if throttle {
-                    (rt.throttle_level + 2).min(max_level)
-                } else {
-                    rt.throttle_level.saturating_sub(1)
-                };
-                let window = (opts.max_in_flight >> rt.throttle_level).max(1);
+                let in_flight = ledger::progress(&**pool.get().await?, run_id)
+                    .await?
+                    .published;
+                let was = throttle.clone();
+                throttle.adjust(over, in_flight);
+                rt.perf.figures.max_gap_ms = rt
+                    .perf
+                    .figures
+                    .max_gap_ms
+                    .max(throttle.gap.as_millis() as u64);
                 // A warning when throttling starts and a note when it ends; the steps in
                 // between are debug (the report counts the throttled samples).
-                if was == 0 && rt.throttle_level > 0 {
+                if over && rt.perf.figures.throttled_samples == 1 {
                     tracing::warn!(
                         run_id,
                         stage_no,
                         latency_ms = lat.median_ms,
                         p95_ms = lat.p95_ms,
-                        window,
+                        window = throttle.window,
+                        gap_ms = throttle.gap.as_millis() as u64,
                         "application latency up: throttling"
                     );
-                } else if was > 0 && rt.throttle_level == 0 {
+                } else if was.engaged() && !throttle.engaged() {
                     tracing::info!(run_id, stage_no, p95_ms = lat.p95_ms, "throttle released");
-                } else if throttle {
-                    tracing::debug!(run_id, stage_no, p95_ms = lat.p95_ms, window, "throttling");
+                } else if *throttle != was {
+                    tracing::debug!(
+                        run_id,
+                        stage_no,
+                        p95_ms = lat.p95_ms,
+                        window = throttle.window,
+                        gap_ms = throttle.gap.as_millis() as u64,
+                        "throttle"
+                    );
                 }
                 if rt.perf.figures.breached {
                     let reason = format!(
@@ -485,8 +544,14 @@ async fn step(
                     .map(Some);
                 }
             }
-            let window = (opts.max_in_flight >> rt.throttle_level).max(1);
-            publish_window(pool, channel, topo, run_id, opts, window).await?;
+            let throttle = rt.throttle.clone().expect("set above");
+            let window = throttle.window;
+            // Pacing: at most one batch per gap.
+            let paced = !throttle.gap.is_zero()
+                && rt.last_publish.is_some_and(|t| t.elapsed() < throttle.gap);
+            if !paced && publish_window(pool, channel, topo, run_id, opts, window).await? > 0 {
+                rt.last_publish = Some(Instant::now());
+            }
             let p = ledger::progress_of(&**pool.get().await?, run_id, Some(stage_no)).await?;
             let total = ledger::progress(&**pool.get().await?, run_id).await?;
             if let Some(m) = &opts.metrics {
@@ -765,8 +830,13 @@ async fn gate_stage(
     } else {
         &run.targets
     };
-    for t in sweep_targets {
-        let ids = gate::stragglers(&**client, run, t, stage_no).await?;
+    // The tables are scanned at once, each on a connection of its own.
+    let found = futures::future::try_join_all(sweep_targets.iter().map(|t| async move {
+        let c = pool.get().await?;
+        gate::stragglers(&**c, run, t, stage_no).await
+    }))
+    .await?;
+    for (t, ids) in sweep_targets.iter().zip(found) {
         left += ids.len() as i64;
         plans.extend(gate::sweep_batches(
             &t.table,

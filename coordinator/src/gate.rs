@@ -99,6 +99,8 @@ pub struct PerfFigures {
     pub impact_pct: f64,
     pub max_impact_pct: f64,
     pub throttled_samples: usize,
+    /// The longest gap between publications the throttle paced the stage at (0: never).
+    pub max_gap_ms: u64,
     /// Consecutive samples over the breach threshold, at most.
     pub max_consecutive_over_breach: usize,
     pub breached: bool,
@@ -111,6 +113,59 @@ pub struct PerfTracker {
     pub impacts: Vec<f64>,
     consecutive_over_breach: usize,
     pub figures: PerfFigures,
+}
+
+/// The throttle's state: how many batches may be in flight, and while pacing, how often one
+/// may be published. Each sample over the threshold halves the batches actually in flight
+/// (the window may be far above what the workers take), then, at one batch, paces: at most
+/// one batch per 200 ms, 400 ms, … 3.2 s. Each good sample undoes one step, the gap first.
+/// A stage starts at one batch in flight and doubles while latency stays good (a slow
+/// start), so that a rotation never opens at full speed on a database it has not measured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Throttle {
+    max: i64,
+    pub window: i64,
+    pub gap: std::time::Duration,
+}
+
+/// The shortest and longest gap between publications when pacing.
+pub const MIN_GAP: std::time::Duration = std::time::Duration::from_millis(200);
+pub const MAX_GAP: std::time::Duration = std::time::Duration::from_millis(3200);
+
+impl Throttle {
+    /// A stage's throttle: slow start from one batch when `slow_start`, else from `max`.
+    pub fn new(max: i64, slow_start: bool) -> Self {
+        let max = max.max(1);
+        Self {
+            max,
+            window: if slow_start { 1 } else { max },
+            gap: std::time::Duration::ZERO,
+        }
+    }
+
+    /// After a probe sample: `over` whether latency is over the threshold, `in_flight` the
+    /// batches in flight now.
+    pub fn adjust(&mut self, over: bool, in_flight: i64) {
+        if over {
+            if self.window > 1 {
+                self.window = (self.window.min(in_flight.max(1)) / 2).max(1);
+            } else {
+                self.gap = (self.gap * 2).clamp(MIN_GAP, MAX_GAP);
+            }
+        } else if !self.gap.is_zero() {
+            self.gap /= 2;
+            if self.gap < MIN_GAP {
+                self.gap = std::time::Duration::ZERO;
+            }
+        } else {
+            self.window = (self.window * 2).min(self.max);
+        }
+    }
+
+    /// Whether the throttle holds the run below its configured pace.
+    pub fn engaged(&self) -> bool {
+        self.window < self.max || !self.gap.is_zero()
+    }
 }
 
 /// Samples over the breach threshold in a row that make a breach ("sustained").
@@ -126,13 +181,20 @@ impl PerfTracker {
         let impact = baseline
             .map(|b| crate::probe::impact_pct(b, ms, settings.min_impact_ms))
             .unwrap_or(0.0);
+        // The throttle's own noise floor: it answers small rises too (the probe's baseline is
+        // a fraction of a millisecond), a breach only rises over `min_impact_ms`.
+        let floor = settings.throttle_min_ms;
+        let throttle_impact = baseline
+            .map(|b| crate::probe::impact_pct(b, ms, floor))
+            .unwrap_or(0.0);
         let tail_impact = settings
             .probe_baseline_p95_ms
-            .map(|b| crate::probe::impact_pct(b, p95_ms, settings.min_impact_ms))
+            .map(|b| crate::probe::impact_pct(b, p95_ms, floor))
             .unwrap_or(0.0);
         self.samples_ms.push(ms);
         self.impacts.push(impact);
-        let throttle = impact > settings.throttle_pct || tail_impact > settings.throttle_pct;
+        let throttle = settings.throttle_pct > 0.0
+            && (throttle_impact > settings.throttle_pct || tail_impact > settings.throttle_pct);
         if impact > settings.breach_pct {
             self.consecutive_over_breach += 1;
         } else {
@@ -504,6 +566,71 @@ mod tests {
         }
         assert!(!t.figures.breached, "the median did not move");
         assert!(!t.record(&s, 10.0, 11.0), "p95 back to normal");
+    }
+
+    #[test]
+    fn the_throttle_halves_what_is_in_flight_then_paces_and_recovers_step_by_step() {
+        use std::time::Duration;
+        let mut t = Throttle::new(64, false);
+        assert!(!t.engaged());
+        // 64 allowed, 4 actually in flight: the first step is to 2, not to 32.
+        t.adjust(true, 4);
+        assert_eq!((t.window, t.gap), (2, Duration::ZERO));
+        t.adjust(true, 2);
+        assert_eq!(t.window, 1);
+        t.adjust(true, 1);
+        assert_eq!(t.gap, MIN_GAP);
+        for _ in 0..10 {
+            t.adjust(true, 1);
+        }
+        assert_eq!(t.gap, MAX_GAP, "the gap is capped");
+        // Good samples take the gap back first (3.2 s → 1.6 → 0.8 → 0.4 → 0.2 → none),
+        // then double the window.
+        for _ in 0..5 {
+            assert!(t.gap > Duration::ZERO);
+            t.adjust(false, 1);
+        }
+        assert_eq!((t.window, t.gap), (1, Duration::ZERO));
+        t.adjust(false, 1);
+        assert_eq!(t.window, 2);
+        for _ in 0..10 {
+            t.adjust(false, 2);
+        }
+        assert_eq!(t.window, 64);
+        assert!(!t.engaged());
+    }
+
+    #[test]
+    fn a_stage_starts_slowly_at_one_batch_in_flight() {
+        let mut t = Throttle::new(64, true);
+        assert_eq!(t.window, 1);
+        assert!(t.engaged());
+        t.adjust(false, 1);
+        t.adjust(false, 2);
+        assert_eq!(t.window, 4);
+    }
+
+    #[test]
+    fn small_rises_throttle_but_only_rises_over_the_noise_floor_breach() {
+        let s = ledger::RunSettings {
+            probe_baseline_ms: Some(0.15),
+            probe_baseline_p95_ms: Some(0.35),
+            ..Default::default()
+        };
+        let mut t = PerfTracker::default();
+        assert!(!t.record(&s, 0.16, 0.40), "+0.05 ms is noise");
+        for _ in 0..5 {
+            assert!(t.record(&s, 0.9, 1.5), "+0.75 ms on the median throttles");
+        }
+        assert!(!t.figures.breached, "under the 2 ms breach floor");
+        let off = ledger::RunSettings {
+            throttle_pct: 0.0,
+            ..s
+        };
+        assert!(
+            !t.record(&off, 5.0, 9.0),
+            "a throttle_pct of 0 turns the throttle off"
+        );
     }
 
     #[test]

@@ -157,9 +157,14 @@ pub async fn start_rotation(
     gating.planned_rows = planned_rows(&*tx, &settings.targets).await?;
     if gating.probe_baseline_ms.is_none() {
         // The application's latency before the run: the baseline of the performance gate.
-        let lat =
-            crate::probe::measure(pool, &settings.targets, settings.probe_query.as_deref(), 40)
-                .await?;
+        let lat = crate::probe::measure(
+            pool,
+            &settings.targets,
+            settings.probe_query.as_deref(),
+            40,
+            std::time::Duration::from_millis(50),
+        )
+        .await?;
         gating.probe_baseline_ms = Some(lat.median_ms);
         gating.probe_baseline_p95_ms = Some(lat.p95_ms);
     }

@@ -44,6 +44,11 @@ pub struct BenchOptions {
     pub traffic_rate: u32,
     /// How long the traffic runs before (c) to give the baseline latency.
     pub baseline: Duration,
+    /// The throttle of (c): `rekey rotate --throttle-pct` (0: off), `--throttle-min-ms`,
+    /// and slow start (else `--no-slow-start`).
+    pub throttle_pct: f64,
+    pub throttle_min_ms: f64,
+    pub slow_start: bool,
     /// Where `rekey` and `rekey-worker` are (default: beside this executable).
     pub bin_dir: PathBuf,
     /// Passed on to `rekey` and `rekey-worker`.
@@ -108,6 +113,10 @@ pub struct BenchReport {
     /// Rows per batch for each table, as (a), (b) and (c) cut them.
     pub rows_per_batch: Vec<(String, i64)>,
     pub stages: Vec<i32>,
+    /// (c)'s throttle: percent over the probe's baseline (0: off), noise floor, slow start.
+    pub throttle_pct: f64,
+    pub throttle_min_ms: f64,
+    pub slow_start: bool,
     pub seed_seconds: f64,
     pub data_mib: f64,
     pub ceiling: PhaseResult,
@@ -512,6 +521,9 @@ pub async fn run(
         batch_size: opts.batch_size,
         batch_bytes: opts.batch_bytes,
         stages: opts.stages.clone(),
+        throttle_pct: opts.throttle_pct,
+        throttle_min_ms: opts.throttle_min_ms,
+        slow_start: opts.slow_start,
         ..Default::default()
     };
 
@@ -662,9 +674,16 @@ pub async fn run(
         &opts.batch_size.to_string(),
         "--batch-bytes",
         &opts.batch_bytes.to_string(),
+        "--throttle-pct",
+        &opts.throttle_pct.to_string(),
+        "--throttle-min-ms",
+        &opts.throttle_min_ms.to_string(),
         "--json",
     ])
     .stdout(std::process::Stdio::piped());
+    if !opts.slow_start {
+        cmd.arg("--no-slow-start");
+    }
     let t = Instant::now();
     let busy_before = machine_busy_seconds();
     let started_at = epoch.elapsed().as_secs_f64();
@@ -858,6 +877,20 @@ pub fn print(r: &BenchReport) {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    if r.throttle_pct > 0.0 {
+        println!(
+            "  (c) throttle at +{}% of the probe's latency (rises under {} ms ignored), {}",
+            r.throttle_pct,
+            r.throttle_min_ms,
+            if r.slow_start {
+                "slow start"
+            } else {
+                "no slow start"
+            }
+        );
+    } else {
+        println!("  (c) throttle off");
+    }
     for p in [&r.ceiling, &r.bare, &r.full] {
         println!(
             "  ({}) {:<8} {:>10} rows in {:>7.1} s  {:>9.0} rows/s",

@@ -84,8 +84,17 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         traffic_rate: u32,
         /// Traffic alone before (c), for the baseline latency.
-        #[arg(long, default_value = "20s")]
+        #[arg(long, default_value = "40s")]
         baseline: String,
+        /// `rekey rotate --throttle-pct` in (c); 0 turns the throttle off.
+        #[arg(long, default_value_t = 15.0)]
+        throttle_pct: f64,
+        /// `rekey rotate --throttle-min-ms` in (c).
+        #[arg(long, default_value_t = 0.5)]
+        throttle_min_ms: f64,
+        /// `rekey rotate --no-slow-start` in (c).
+        #[arg(long)]
+        no_slow_start: bool,
         /// Where `rekey` and `rekey-worker` are (default: beside this program).
         #[arg(long)]
         bin_dir: Option<PathBuf>,
@@ -313,6 +322,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             stages,
             traffic_rate,
             baseline,
+            throttle_pct,
+            throttle_min_ms,
+            no_slow_start,
             bin_dir,
             no_verify,
             out,
@@ -335,6 +347,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 stages,
                 traffic_rate,
                 baseline: parse_secs(&baseline)?,
+                throttle_pct,
+                throttle_min_ms,
+                slow_start: !no_slow_start,
                 bin_dir,
                 config: cli.config.clone(),
                 verify: !no_verify,
