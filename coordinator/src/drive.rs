@@ -439,7 +439,11 @@ async fn step(
         }
         "running" => {
             let throttle = rt.throttle.get_or_insert_with(|| {
-                gate::Throttle::new(opts.max_in_flight, run.settings.slow_start)
+                // Slow start answers the probe: without a throttle it would only slow.
+                gate::Throttle::new(
+                    opts.max_in_flight,
+                    run.settings.slow_start && run.settings.throttle_pct > 0.0,
+                )
             });
             if rt.prober.is_none() {
                 rt.prober = Some(probe::Prober::start(

@@ -120,6 +120,22 @@ pub async fn start_rotation(
             tokio::time::sleep(std::time::Duration::from_secs_f64(wait)).await;
         }
     }
+    // The application's latency before the run, the baseline of the performance gate and
+    // the throttle: measured before the new key becomes active and outside the transaction
+    // that plans the run, which holds the key store's lock.
+    let baseline = match opts.gating.probe_baseline_ms {
+        Some(_) => None,
+        None => Some(
+            crate::probe::measure(
+                pool,
+                &settings.targets,
+                settings.probe_query.as_deref(),
+                40,
+                std::time::Duration::from_millis(50),
+            )
+            .await?,
+        ),
+    };
     let tx = client.transaction().await?;
     tx.execute("SELECT pg_advisory_xact_lock(hashtext('rekey keys'))", &[])
         .await?;
@@ -155,16 +171,7 @@ pub async fn start_rotation(
     let seed = opts.seed.unwrap_or_else(rand::random);
     let mut gating = opts.gating.clone();
     gating.planned_rows = planned_rows(&*tx, &settings.targets).await?;
-    if gating.probe_baseline_ms.is_none() {
-        // The application's latency before the run: the baseline of the performance gate.
-        let lat = crate::probe::measure(
-            pool,
-            &settings.targets,
-            settings.probe_query.as_deref(),
-            40,
-            std::time::Duration::from_millis(50),
-        )
-        .await?;
+    if let Some(lat) = baseline {
         gating.probe_baseline_ms = Some(lat.median_ms);
         gating.probe_baseline_p95_ms = Some(lat.p95_ms);
     }

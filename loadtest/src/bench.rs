@@ -99,6 +99,11 @@ pub struct LatencyImpact {
     /// (p99 during − p99 before) / p99 before, in percent.
     pub p99_impact_pct: f64,
     pub p50_impact_pct: f64,
+    /// All operations during (a) and during (b), the same traffic.
+    #[serde(default)]
+    pub during_ceiling: Percentiles,
+    #[serde(default)]
+    pub during_bare: Percentiles,
 }
 
 /// Everything the bench measured.
@@ -322,8 +327,8 @@ async fn ceiling(
 
 /// (b) A bare client rotation to `target`: read a range with the rows' versions, decrypt and
 /// re-encrypt off the executor, write back with the same compare-and-swap `UPDATE … FROM
-/// unnest` as the workers ([`Target::write_back_sql`]; nothing else writes during (b), so
-/// every row is written), commit.
+/// unnest` as the workers ([`Target::write_back_sql`]; a row the application wrote since
+/// the read is left alone), commit.
 async fn bare(
     pool: &Pool,
     ring: Arc<KeyRing>,
@@ -364,13 +369,8 @@ async fn bare(
                 params.push(v);
             }
             params.push(&versions);
-            let n = tx.query(&t.write_back_sql(), &params).await?.len();
-            anyhow::ensure!(
-                n == ids.len(),
-                "wrote {n} of {} rows of {} ids {lo}..={hi}: something else wrote during (b)",
-                ids.len(),
-                t.table
-            );
+            // Rows the application wrote since the read are left to it (no sweep here).
+            tx.query(&t.write_back_sql(), &params).await?;
             tx.commit().await?;
             Ok((ids.len() as i64, n_values))
         }
@@ -546,6 +546,39 @@ pub async fn run(
         .await?
         .get(0);
 
+    // The application's traffic runs during (a) and (b) as well: all three phases share the
+    // machine with it, and its latency during (a) shows what rewriting the rows costs the
+    // application when Postgres alone does it.
+    let traffic_pool = rekey_common::db::pool(settings, 8)?;
+    let traffic_opts = |stop: Option<tokio::sync::watch::Receiver<bool>>| TrafficOptions {
+        rate: opts.traffic_rate,
+        duration: if stop.is_some() {
+            Duration::from_secs(24 * 3600)
+        } else {
+            opts.baseline
+        },
+        refresh: Duration::from_secs(1),
+        seed: opts.seed,
+        stop,
+        ..Default::default()
+    };
+    let background = |seed: u64| {
+        (opts.traffic_rate > 0).then(|| {
+            let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+            let (p, m) = (traffic_pool.clone(), master.clone());
+            let o = TrafficOptions {
+                seed,
+                ..traffic_opts(Some(stop_rx))
+            };
+            let offset = epoch.elapsed().as_secs_f64();
+            (
+                stop_tx,
+                offset,
+                tokio::spawn(async move { traffic::run(&p, m, &o).await }),
+            )
+        })
+    };
+
     // (a) the ceiling.
     progress("(a) in-database ceiling: UPDATE … SET col = col || '' by id range");
     let (items, sizes) = work(&pool, opts.batch_size, opts.batch_bytes).await?;
@@ -553,9 +586,11 @@ pub async fn run(
     let meter = Meter::start(epoch);
     let started_at = epoch.elapsed().as_secs_f64();
     let t = Instant::now();
+    let traffic_a = background(opts.seed + 1);
     let (rows, values) = ceiling(&pool, items, parallel, &meter).await?;
     report.ceiling = phase("ceiling", rows, values, t.elapsed(), started_at);
     push_timeline(&mut report, "ceiling", meter.finish().await);
+    let during_ceiling = finish_traffic(&mut report, traffic_a).await?;
     seed::vacuum(&pool).await?;
 
     // (b) the bare client rotation, to a key made active for it.
@@ -572,35 +607,32 @@ pub async fn run(
             &settings.actor,
         )
         .await?;
-        store::activate(&tx, k.id, &settings.actor).await?;
         tx.commit().await?;
         k.id
     };
+    // The key is published as pending first, so that the application's traffic (which
+    // reloads its keys every second) can read what (b) writes under it.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    {
+        let mut c = pool.get().await?;
+        let tx = c.transaction().await?;
+        store::activate(&tx, bare_key, &settings.actor).await?;
+        tx.commit().await?;
+    }
     let ring = Arc::new(store::load_ring(&**pool.get().await?, &master).await?);
     let (items, _) = work(&pool, opts.batch_size, opts.batch_bytes).await?;
     let meter = Meter::start(epoch);
     let started_at = epoch.elapsed().as_secs_f64();
     let t = Instant::now();
+    let traffic_b = background(opts.seed + 2);
     let (rows, values) = bare(&pool, ring.clone(), bare_key, items, parallel, &meter).await?;
     report.bare = phase("bare", rows, values, t.elapsed(), started_at);
     push_timeline(&mut report, "bare", meter.finish().await);
+    let during_bare = finish_traffic(&mut report, traffic_b).await?;
     store::add_encryptions(&**pool.get().await?, &ring.take_encryption_counts()).await?;
     seed::vacuum(&pool).await?;
 
     // (c) the full rotation, with traffic before and during.
-    let traffic_pool = rekey_common::db::pool(settings, 8)?;
-    let traffic_opts = |stop: Option<tokio::sync::watch::Receiver<bool>>| TrafficOptions {
-        rate: opts.traffic_rate,
-        duration: if stop.is_some() {
-            Duration::from_secs(24 * 3600)
-        } else {
-            opts.baseline
-        },
-        refresh: Duration::from_secs(1),
-        seed: opts.seed,
-        stop,
-        ..Default::default()
-    };
     let before = if opts.traffic_rate > 0 {
         progress(&format!(
             "application traffic alone for {:?} ({} ops/s)",
@@ -756,6 +788,8 @@ pub async fn run(
                 decrypt_errors: b.decrypt_errors + d.decrypt_errors,
                 p99_impact_pct: percent(d.all.p99_ms, b.all.p99_ms),
                 p50_impact_pct: percent(d.all.p50_ms, b.all.p50_ms),
+                during_ceiling: during_ceiling.unwrap_or_default(),
+                during_bare: during_bare.unwrap_or_default(),
             });
         }
     }
@@ -796,6 +830,24 @@ fn push_timeline(report: &mut BenchReport, name: &str, samples: Vec<(f64, f64)>)
     report
         .throughput
         .extend(samples.into_iter().map(|(t, r)| (t, name.to_owned(), r)));
+}
+
+/// Stops traffic started with a phase and records its latency timeline.
+async fn finish_traffic(
+    report: &mut BenchReport,
+    traffic: Option<(
+        tokio::sync::watch::Sender<bool>,
+        f64,
+        tokio::task::JoinHandle<anyhow::Result<TrafficReport>>,
+    )>,
+) -> anyhow::Result<Option<Percentiles>> {
+    let Some((stop, offset, handle)) = traffic else {
+        return Ok(None);
+    };
+    let _ = stop.send(true);
+    let r = handle.await??;
+    push_latency(report, offset, &r);
+    Ok(Some(r.all))
 }
 
 fn push_latency(report: &mut BenchReport, offset: f64, r: &TrafficReport) {
@@ -930,6 +982,13 @@ pub fn print(r: &BenchReport) {
             l.reads_during.p99_ms,
             l.writes_before.p99_ms,
             l.writes_during.p99_ms
+        );
+        println!(
+            "    the same traffic during (a): p99 {:.2} ms ({:+.0}%), during (b): p99 {:.2} ms ({:+.0}%)",
+            l.during_ceiling.p99_ms,
+            percent(l.during_ceiling.p99_ms, l.before.p99_ms),
+            l.during_bare.p99_ms,
+            percent(l.during_bare.p99_ms, l.before.p99_ms),
         );
     }
     println!(

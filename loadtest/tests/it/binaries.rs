@@ -150,8 +150,11 @@ async fn seed_rotate_with_two_worker_processes_verify_and_stop_them_with_sigterm
             "--observe",
             "0",
             "--auto-advance",
+            // 0.2% of the values are corrupt; the 1% canary holds about 170 values, so a
+            // threshold of 1% would be crossed by two corrupt values in it (about one run
+            // in twenty): the threshold here only has to pass what the seed planted.
             "--max-error-rate",
-            "0.01",
+            "0.05",
             "--json",
         ],
     );
