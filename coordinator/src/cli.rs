@@ -70,7 +70,7 @@ pub enum Command {
         batch_size: i64,
         /// Bytes of encrypted values a batch holds, about (sampled per table): small values
         /// get long batches, large ones short batches; 0: every batch holds --batch-size rows.
-        #[arg(long, default_value_t = 1 << 20)]
+        #[arg(long, default_value_t = rekey_common::sizing::DEFAULT_BATCH_BYTES)]
         batch_bytes: i64,
         /// Cumulative percentages of records per stage, ending at 100.
         #[arg(long, value_delimiter = ',', default_value = "1,25,50,75,100")]

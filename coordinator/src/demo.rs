@@ -147,7 +147,7 @@ pub async fn run(
             observe_first_secs: observe.as_secs(),
             observe_secs: observe.as_secs(),
             auto_advance: true,
-            batch_bytes: 1 << 20,
+            batch_bytes: rekey_common::sizing::DEFAULT_BATCH_BYTES,
             ..Default::default()
         },
         ..Default::default()

@@ -75,7 +75,7 @@ enum Command {
         #[arg(long, default_value_t = 10_000)]
         batch_size: i64,
         /// Bytes of values per batch (0: --batch-size rows each), in all three phases.
-        #[arg(long, default_value_t = 1 << 20)]
+        #[arg(long, default_value_t = rekey_common::sizing::DEFAULT_BATCH_BYTES)]
         batch_bytes: i64,
         /// Stages of the rotation in (c).
         #[arg(long, value_delimiter = ',', default_value = "100")]
