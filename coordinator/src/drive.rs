@@ -452,7 +452,8 @@ async fn step(
                     settings.probe_query.clone(),
                     opts.probe_spacing,
                 ));
-                rt.last_probe = Some(Instant::now());
+                // The first judgement comes at once (a few probes measured on the spot), so
+                // that even a stage shorter than the probe interval has a sample.
             }
             if rt
                 .last_probe
