@@ -164,8 +164,18 @@ pub struct RunSettings {
     pub slow_start: bool,
     /// The probe query's latency before the run (median, milliseconds).
     pub probe_baseline_ms: Option<f64>,
-    /// The probe's 95th percentile before the run (milliseconds): the throttle's baseline.
+    /// The probe's 95th percentile before the run (milliseconds; its reads, or the
+    /// configured probe query).
     pub probe_baseline_p95_ms: Option<f64>,
+    /// The probe's 99th percentile before the run (milliseconds): the throttle's baseline
+    /// for the probe's reads (or the configured probe query) …
+    pub probe_baseline_p99_ms: Option<f64>,
+    /// … and for its writes.
+    pub probe_write_baseline_p99_ms: Option<f64>,
+    /// The application's own 99th percentile latency before the run (milliseconds), as the
+    /// operator knows it: the throttle's budget is `throttle_pct` of it (of the probe's own
+    /// p99 when unknown), and at least `throttle_min_ms`.
+    pub app_p99_ms: Option<f64>,
     /// Longest allowed gap between audit entries while a stage runs (the playbook: 5 min).
     pub max_audit_gap_secs: f64,
     /// Rows read back and decrypted per table at each observation check.
@@ -173,6 +183,38 @@ pub struct RunSettings {
     /// A batch holds about this many bytes of values (the run's `batch_size` is then the
     /// most rows a batch holds); 0: every batch holds `batch_size` rows.
     pub batch_bytes: i64,
+}
+
+impl RunSettings {
+    /// The probe's p99 before the run for reads, or writes when `write`.
+    fn probe_p99(&self, write: bool) -> Option<f64> {
+        let reads = self
+            .probe_baseline_p99_ms
+            .or(self.probe_baseline_p95_ms)
+            .or(self.probe_baseline_ms);
+        if write {
+            self.probe_write_baseline_p99_ms.or(reads)
+        } else {
+            reads
+        }
+    }
+
+    /// The latency the throttle allows the probe to add to its p99 (milliseconds): an
+    /// absolute allowance, the same for reads and writes, since the application's p99 is
+    /// one figure.
+    pub fn throttle_budget_ms(&self) -> Option<f64> {
+        let base = self.probe_p99(false)?;
+        (self.throttle_pct > 0.0).then(|| {
+            (self.throttle_pct / 100.0 * self.app_p99_ms.unwrap_or(base)).max(self.throttle_min_ms)
+        })
+    }
+
+    /// A probe slower than this (milliseconds) counts against the throttle: the p99 before
+    /// the run of its kind (read or write) plus the budget. None: the throttle is off or
+    /// there is no baseline.
+    pub fn throttle_threshold_ms(&self, write: bool) -> Option<f64> {
+        Some(self.probe_p99(write)? + self.throttle_budget_ms()?)
+    }
 }
 
 impl Default for RunSettings {
@@ -191,6 +233,9 @@ impl Default for RunSettings {
             slow_start: true,
             probe_baseline_ms: None,
             probe_baseline_p95_ms: None,
+            probe_baseline_p99_ms: None,
+            probe_write_baseline_p99_ms: None,
+            app_p99_ms: None,
             max_audit_gap_secs: 300.0,
             observe_sample: 50,
             batch_bytes: 0,

@@ -36,6 +36,7 @@ pub const NAMES: &[&str] = &[
     "rekey_probe_latency_ms",
     "rekey_probe_impact_pct",
     "rekey_throttle_window",
+    "rekey_throttle_gap_ms",
 ];
 
 /// The run states `rekey_run_state` reports (1 for the current one, 0 for the others).
@@ -86,11 +87,13 @@ pub struct Metrics {
     pub run_error_rate: Gauge<f64>,
     pub batches_in_flight: Gauge<u64>,
     pub queue_depth: Gauge<u64>,
-    /// The latency probe's median and 95th percentile (`quantile`), milliseconds.
+    /// The latency probe's median, 95th and 99th percentile (`quantile`), milliseconds.
     pub probe_latency: Gauge<f64>,
     pub probe_impact: Gauge<f64>,
     /// Batches the throttle lets be in flight.
     pub throttle_window: Gauge<u64>,
+    /// While pacing, the gap between batch publications (milliseconds; 0: not pacing).
+    pub throttle_gap: Gauge<f64>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -208,6 +211,10 @@ impl Metrics {
             throttle_window: m
                 .u64_gauge("rekey_throttle_window")
                 .with_description("Batches the throttle lets be in flight")
+                .build(),
+            throttle_gap: m
+                .f64_gauge("rekey_throttle_gap_ms")
+                .with_description("While pacing, milliseconds between batch publications")
                 .build(),
             provider,
             prometheus,
@@ -341,6 +348,7 @@ mod tests {
             .record(1.5, &[KeyValue::new("quantile", "0.5")]);
         m.probe_impact.record(3.0, &[KeyValue::new("run_id", 1)]);
         m.throttle_window.record(64, &[KeyValue::new("run_id", 1)]);
+        m.throttle_gap.record(700.0, &[KeyValue::new("run_id", 1)]);
         let text = m.render();
         for name in NAMES {
             assert!(

@@ -183,13 +183,18 @@ pub enum Command {
 /// a sustained rise over the breach threshold fails the stage's performance gate.
 #[derive(Debug, Clone, clap::Args)]
 pub struct LatencyArgs {
-    /// Throttle when the probe's latency (median or 95th percentile) is this many percent
-    /// above its baseline; 0 turns the throttle off.
+    /// The latency budget, in percent of the application's p99 (`--app-p99-ms`; of the
+    /// probe's own p99 when not given): the throttle holds the probe's p99 within this much
+    /// of its p99 before the run. 0 turns the throttle off.
     #[arg(long, default_value_t = 15.0)]
     pub throttle_pct: f64,
-    /// Rises of the probe's latency smaller than this many milliseconds never throttle.
+    /// The budget is at least this many milliseconds (the probe's noise floor).
     #[arg(long, default_value_t = 0.5)]
     pub throttle_min_ms: f64,
+    /// The application's own 99th percentile latency before the run, in milliseconds (from
+    /// its dashboards): sizes the budget of `--throttle-pct`.
+    #[arg(long)]
+    pub app_p99_ms: Option<f64>,
     /// A stage is breached when the probe's median stays this many percent above its
     /// baseline for 3 samples in a row.
     #[arg(long, default_value_t = 20.0)]
@@ -395,6 +400,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     batch_bytes: batch_bytes.max(0),
                     throttle_pct: latency.throttle_pct.max(0.0),
                     throttle_min_ms: latency.throttle_min_ms.max(0.0),
+                    app_p99_ms: latency.app_p99_ms.filter(|ms| *ms > 0.0),
                     breach_pct: latency.breach_pct,
                     slow_start: !latency.no_slow_start,
                     ..Default::default()

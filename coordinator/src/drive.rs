@@ -69,7 +69,7 @@ impl Default for DriveOptions {
             min_step: Duration::from_millis(100),
             progress: ProgressMode::Auto,
             probe_every: Duration::from_secs(2),
-            probe_spacing: Duration::from_millis(100),
+            probe_spacing: Duration::from_millis(50),
             metrics: None,
             notifier: Notifier::default(),
         }
@@ -461,20 +461,31 @@ async fn step(
             {
                 rt.last_probe = Some(Instant::now());
                 let mut samples = rt.prober.as_ref().map(|p| p.take()).unwrap_or_default();
-                let lat = if samples.len() >= 3 {
-                    probe::Latency::of(&mut samples)
-                } else {
+                if samples.len() < 3 {
                     // The background probe fell behind (a slow probe query): measure now.
-                    probe::measure(
-                        pool,
-                        &run.targets,
-                        settings.probe_query.as_deref(),
-                        5,
-                        Duration::ZERO,
-                    )
-                    .await?
+                    samples.extend(
+                        probe::samples(
+                            pool,
+                            &run.targets,
+                            settings.probe_query.as_deref(),
+                            5,
+                            Duration::ZERO,
+                        )
+                        .await?,
+                    );
+                }
+                // The breach and the metrics judge the reads (the baseline's median is the
+                // reads'); the throttle judges every probe against its own kind's p99.
+                let lat = {
+                    let mut reads: Vec<f64> =
+                        samples.iter().filter(|s| !s.write).map(|s| s.ms).collect();
+                    if reads.is_empty() {
+                        reads = samples.iter().map(|s| s.ms).collect();
+                    }
+                    probe::Latency::of(&mut reads)
                 };
-                let over = rt.perf.record(&run.settings, lat.median_ms, lat.p95_ms);
+                rt.perf.record(&run.settings, lat.median_ms);
+                let (over, under) = rt.perf.probes(&run.settings, &samples);
                 if let Some(m) = &opts.metrics {
                     record_probe(
                         m,
@@ -491,31 +502,41 @@ async fn step(
                     .await?
                     .published;
                 let was = throttle.clone();
-                throttle.adjust(over, in_flight);
+                throttle.adjust(over, under, in_flight);
                 rt.perf.figures.max_gap_ms = rt
                     .perf
                     .figures
                     .max_gap_ms
                     .max(throttle.gap.as_millis() as u64);
-                // A warning when throttling starts and a note when it ends; the steps in
-                // between are debug (the report counts the throttled samples).
-                if over && rt.perf.figures.throttled_samples == 1 {
+                if let Some(m) = &opts.metrics {
+                    m.throttle_gap.record(
+                        throttle.gap.as_secs_f64() * 1000.0,
+                        &[KeyValue::new("run_id", run_id)],
+                    );
+                }
+                // A warning when latency first slows the stage and a note when the
+                // throttle lets go; the steps in between are debug (the report counts them).
+                if over > 0 && rt.perf.figures.throttled_samples == 1 {
                     tracing::warn!(
                         run_id,
                         stage_no,
-                        latency_ms = lat.median_ms,
-                        p95_ms = lat.p95_ms,
+                        probes_over = over,
+                        probes = over + under,
+                        p99_ms = lat.p99_ms,
+                        read_threshold_ms = run.settings.throttle_threshold_ms(false),
+                        write_threshold_ms = run.settings.throttle_threshold_ms(true),
                         window = throttle.window,
                         gap_ms = throttle.gap.as_millis() as u64,
                         "application latency up: throttling"
                     );
                 } else if was.engaged() && !throttle.engaged() {
-                    tracing::info!(run_id, stage_no, p95_ms = lat.p95_ms, "throttle released");
-                } else if *throttle != was {
+                    tracing::info!(run_id, stage_no, p99_ms = lat.p99_ms, "throttle released");
+                } else if throttle.window != was.window || throttle.gap != was.gap {
                     tracing::debug!(
                         run_id,
                         stage_no,
-                        p95_ms = lat.p95_ms,
+                        probes_over = over,
+                        p99_ms = lat.p99_ms,
                         window = throttle.window,
                         gap_ms = throttle.gap.as_millis() as u64,
                         "throttle"
@@ -688,6 +709,8 @@ async fn record_probe(
         .record(lat.median_ms, &[KeyValue::new("quantile", "0.5")]);
     m.probe_latency
         .record(lat.p95_ms, &[KeyValue::new("quantile", "0.95")]);
+    m.probe_latency
+        .record(lat.p99_ms, &[KeyValue::new("quantile", "0.99")]);
     m.probe_impact.record(impact_pct, &label);
     for q in [&topo.batches, &topo.dead_letters, &topo.reports] {
         if let Ok(n) = broker::queue_depth(channel, q).await {

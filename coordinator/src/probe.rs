@@ -1,7 +1,9 @@
 //! The performance probe: the latency an application sees, measured before a run as a
-//! baseline and during each stage. By default it is point reads by random id on every
-//! target table (what an application does most); `probe_query` in `rekey.toml` replaces it
-//! with a query of the operator's choosing.
+//! baseline and during each stage. By default it alternates point reads by random id on
+//! every target table (what an application does most) with a one-row write and commit in
+//! `rekey.latency_probe` (a commit waits for the WAL flush behind a rotation's writes,
+//! which is what an application's writes feel first); `probe_query` in `rekey.toml`
+//! replaces both with a query of the operator's choosing.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -12,12 +14,47 @@ use rand::RngExt;
 use rekey_common::config::{Target, quote_ident};
 use serde::Serialize;
 
-/// One measurement: several probe queries, their median and 95th percentile.
+/// One measurement: several probe queries, their median, 95th and 99th percentile.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Latency {
     pub median_ms: f64,
     pub p95_ms: f64,
+    pub p99_ms: f64,
     pub n: usize,
+}
+
+/// One probe: its latency (milliseconds) and whether it was the write.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sample {
+    pub ms: f64,
+    pub write: bool,
+}
+
+/// Probes before a run, for its baseline: 200 of each kind, enough for a 99th percentile
+/// (the second slowest of 200), 10 ms apart (about 4 s).
+pub const BASELINE_PROBES: usize = 400;
+pub const BASELINE_SPACING: Duration = Duration::from_millis(10);
+
+/// The baseline: reads (or the configured query) and writes, each on its own, since their
+/// tails differ by several times and a read's stall would hide in the writes' tail.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Baseline {
+    pub reads: Latency,
+    pub writes: Option<Latency>,
+}
+
+impl Baseline {
+    pub fn of(samples: &[Sample]) -> Option<Self> {
+        let mut reads: Vec<f64> = samples.iter().filter(|s| !s.write).map(|s| s.ms).collect();
+        let mut writes: Vec<f64> = samples.iter().filter(|s| s.write).map(|s| s.ms).collect();
+        let writes = (!writes.is_empty()).then(|| Latency::of(&mut writes));
+        let reads = if reads.is_empty() {
+            writes?
+        } else {
+            Latency::of(&mut reads)
+        };
+        Some(Self { reads, writes })
+    }
 }
 
 /// The probe's prepared queries on one connection.
@@ -26,6 +63,9 @@ struct Probe {
     /// Per target table: the point read and its id bounds.
     bounds: Vec<(tokio_postgres::Statement, i64, i64)>,
     custom: Option<tokio_postgres::Statement>,
+    /// The write, and this connection's row for it.
+    write: tokio_postgres::Statement,
+    slot: i32,
     next: usize,
 }
 
@@ -69,44 +109,76 @@ impl Probe {
             ),
             None => None,
         };
+        let write = client
+            .prepare(
+                "INSERT INTO rekey.latency_probe (slot, probed_at) VALUES ($1, now())
+                 ON CONFLICT (slot) DO UPDATE SET probed_at = EXCLUDED.probed_at",
+            )
+            .await
+            .context("prepare the probe's write to rekey.latency_probe (a schema from before `rekey migrate`?)")?;
         Ok(Self {
             client,
             bounds,
             custom,
+            write,
+            slot: rand::rng().random_range(0..256),
             next: 0,
         })
     }
 
-    /// One probe query (the next table in turn); its latency in milliseconds.
-    async fn once(&mut self) -> anyhow::Result<f64> {
+    /// One probe: the configured query, or in turn a write and a point read (the next
+    /// table in turn).
+    async fn once(&mut self) -> anyhow::Result<Sample> {
         let t0 = Instant::now();
+        self.next += 1;
+        let mut write = false;
         if let Some(stmt) = &self.custom {
             self.client
                 .query(stmt, &[])
                 .await
                 .context("run the probe query")?;
-        } else if !self.bounds.is_empty() {
-            let (stmt, lo, hi) = &self.bounds[self.next % self.bounds.len()];
-            self.next += 1;
+        } else if self.next % 2 == 1 || self.bounds.is_empty() {
+            write = true;
+            self.client
+                .execute(&self.write, &[&self.slot])
+                .await
+                .context("run the probe's write")?;
+        } else {
+            let (stmt, lo, hi) = &self.bounds[(self.next / 2) % self.bounds.len()];
             let id = rand::rng().random_range(*lo..=*hi);
             self.client
                 .query(stmt, &[&id])
                 .await
                 .context("run the probe query")?;
         }
-        Ok(t0.elapsed().as_secs_f64() * 1000.0)
+        Ok(Sample {
+            ms: t0.elapsed().as_secs_f64() * 1000.0,
+            write,
+        })
     }
 }
 
-/// Runs `n` probes (spread over the target tables), `spacing` apart, and returns their
-/// latency.
+/// Runs `n` probes (spread over the target tables, reads and writes in turn), `spacing`
+/// apart, and returns their latency by kind.
 pub async fn measure(
     pool: &Pool,
     targets: &[Target],
     custom: Option<&str>,
     n: usize,
     spacing: Duration,
-) -> anyhow::Result<Latency> {
+) -> anyhow::Result<Baseline> {
+    let samples = samples(pool, targets, custom, n, spacing).await?;
+    Baseline::of(&samples).context("no probe samples")
+}
+
+/// Runs `n` probes (at least one), `spacing` apart.
+pub async fn samples(
+    pool: &Pool,
+    targets: &[Target],
+    custom: Option<&str>,
+    n: usize,
+    spacing: Duration,
+) -> anyhow::Result<Vec<Sample>> {
     let mut probe = Probe::prepare(pool, targets, custom).await?;
     let mut samples = Vec::with_capacity(n);
     for i in 0..n.max(1) {
@@ -115,17 +187,18 @@ pub async fn measure(
         }
         samples.push(probe.once().await?);
     }
-    Ok(Latency::of(&mut samples))
+    Ok(samples)
 }
 
 impl Latency {
-    /// The median and 95th percentile of `samples` (milliseconds; not empty).
+    /// The median, 95th and 99th percentile of `samples` (milliseconds; not empty).
     pub fn of(samples: &mut [f64]) -> Self {
         samples.sort_by(f64::total_cmp);
         let pick = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
         Latency {
             median_ms: pick(0.5),
             p95_ms: pick(0.95),
+            p99_ms: pick(0.99),
             n: samples.len(),
         }
     }
@@ -136,7 +209,7 @@ impl Latency {
 /// Stops when dropped.
 #[derive(Debug)]
 pub struct Prober {
-    samples: Arc<Mutex<Vec<f64>>>,
+    samples: Arc<Mutex<Vec<Sample>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -164,11 +237,11 @@ impl Prober {
                 loop {
                     tick.tick().await;
                     match probe.once().await {
-                        Ok(ms) => {
+                        Ok(sample) => {
                             let mut s = out.lock().expect("probe samples");
                             // Bounded: the driver takes them every few seconds.
                             if s.len() < 10_000 {
-                                s.push(ms);
+                                s.push(sample);
                             }
                         }
                         Err(e) => {
@@ -183,7 +256,7 @@ impl Prober {
     }
 
     /// The samples since the last call.
-    pub fn take(&self) -> Vec<f64> {
+    pub fn take(&self) -> Vec<Sample> {
         std::mem::take(&mut *self.samples.lock().expect("probe samples"))
     }
 }
@@ -191,6 +264,55 @@ impl Prober {
 impl Drop for Prober {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// Probe latencies of a whole stage in logarithmic buckets (9% wide, 0.01 ms to minutes),
+/// for its percentiles in constant memory however long the stage runs.
+#[derive(Debug, Clone)]
+pub struct Histogram {
+    counts: Vec<u64>,
+    n: u64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Self {
+            counts: vec![0; Self::BUCKETS],
+            n: 0,
+        }
+    }
+}
+
+impl Histogram {
+    const BUCKETS: usize = 220;
+    const PER_OCTAVE: f64 = 8.0;
+    const LOWEST_MS: f64 = 0.01;
+
+    pub fn record(&mut self, ms: f64) {
+        let i = ((ms.max(Self::LOWEST_MS) / Self::LOWEST_MS).log2() * Self::PER_OCTAVE).ceil();
+        self.counts[(i.max(0.0) as usize).min(Self::BUCKETS - 1)] += 1;
+        self.n += 1;
+    }
+
+    pub fn count(&self) -> u64 {
+        self.n
+    }
+
+    /// The upper bound of the bucket holding quantile `q` (milliseconds); None when empty.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        if self.n == 0 {
+            return None;
+        }
+        let rank = ((self.n as f64) * q).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, c) in self.counts.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                return Some(Self::LOWEST_MS * (i as f64 / Self::PER_OCTAVE).exp2());
+            }
+        }
+        None
     }
 }
 
@@ -204,6 +326,22 @@ pub fn impact_pct(baseline_ms: f64, now_ms: f64, min_ms: f64) -> f64 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_histogram_gives_percentiles_within_a_bucket() {
+        let mut h = super::Histogram::default();
+        assert_eq!(h.quantile(0.99), None);
+        for i in 1..=1000 {
+            h.record(i as f64 / 100.0); // 0.01 … 10 ms
+        }
+        h.record(1e9); // beyond the last bucket: counted there
+        assert_eq!(h.count(), 1001);
+        let p50 = h.quantile(0.5).unwrap();
+        let p99 = h.quantile(0.99).unwrap();
+        assert!((5.0..5.0 * 1.1).contains(&p50), "p50 {p50}");
+        assert!((9.9..9.9 * 1.1).contains(&p99), "p99 {p99}");
+        assert!(h.quantile(1.0).unwrap() > 1e5);
+    }
+
     #[test]
     fn small_absolute_changes_are_not_impact() {
         assert_eq!(super::impact_pct(0.2, 0.5, 2.0), 0.0);

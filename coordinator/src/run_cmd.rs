@@ -130,8 +130,8 @@ pub async fn start_rotation(
                 pool,
                 &settings.targets,
                 settings.probe_query.as_deref(),
-                40,
-                std::time::Duration::from_millis(50),
+                crate::probe::BASELINE_PROBES,
+                crate::probe::BASELINE_SPACING,
             )
             .await?,
         ),
@@ -172,8 +172,10 @@ pub async fn start_rotation(
     let mut gating = opts.gating.clone();
     gating.planned_rows = planned_rows(&*tx, &settings.targets).await?;
     if let Some(lat) = baseline {
-        gating.probe_baseline_ms = Some(lat.median_ms);
-        gating.probe_baseline_p95_ms = Some(lat.p95_ms);
+        gating.probe_baseline_ms = Some(lat.reads.median_ms);
+        gating.probe_baseline_p95_ms = Some(lat.reads.p95_ms);
+        gating.probe_baseline_p99_ms = Some(lat.reads.p99_ms);
+        gating.probe_write_baseline_p99_ms = lat.writes.map(|w| w.p99_ms);
     }
     let run = ledger::create_run(
         &*tx,

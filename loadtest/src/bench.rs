@@ -49,6 +49,10 @@ pub struct BenchOptions {
     pub throttle_pct: f64,
     pub throttle_min_ms: f64,
     pub slow_start: bool,
+    /// Skip (a) and (b).
+    pub only_full: bool,
+    /// Pass the traffic's p99 before (c) to `rekey rotate --app-p99-ms`.
+    pub tell_app_p99: bool,
     /// Where `rekey` and `rekey-worker` are (default: beside this executable).
     pub bin_dir: PathBuf,
     /// Passed on to `rekey` and `rekey-worker`.
@@ -122,6 +126,12 @@ pub struct BenchReport {
     pub throttle_pct: f64,
     pub throttle_min_ms: f64,
     pub slow_start: bool,
+    /// `rekey rotate --app-p99-ms` in (c): the traffic's p99 before (c), as an operator
+    /// reads their application's p99 off its dashboards.
+    pub app_p99_ms_told: Option<f64>,
+    /// (c)'s performance figures per stage, from its gate decisions: the probe's p99
+    /// before and during, the throttle's threshold, probes over it, the longest gap.
+    pub throttle_figures: Vec<serde_json::Value>,
     pub seed_seconds: f64,
     pub data_mib: f64,
     pub ceiling: PhaseResult,
@@ -579,60 +589,68 @@ pub async fn run(
         })
     };
 
-    // (a) the ceiling.
-    progress("(a) in-database ceiling: UPDATE … SET col = col || '' by id range");
-    let (items, sizes) = work(&pool, opts.batch_size, opts.batch_bytes).await?;
-    report.rows_per_batch = sizes;
-    let meter = Meter::start(epoch);
-    let started_at = epoch.elapsed().as_secs_f64();
-    let t = Instant::now();
-    let traffic_a = background(opts.seed + 1);
-    let (rows, values) = ceiling(&pool, items, parallel, &meter).await?;
-    report.ceiling = phase("ceiling", rows, values, t.elapsed(), started_at);
-    push_timeline(&mut report, "ceiling", meter.finish().await);
-    let during_ceiling = finish_traffic(&mut report, traffic_a).await?;
-    seed::vacuum(&pool).await?;
+    let (during_ceiling, during_bare) = if opts.only_full {
+        (None, None)
+    } else {
+        // (a) the ceiling.
+        progress("(a) in-database ceiling: UPDATE … SET col = col || '' by id range");
+        let (items, sizes) = work(&pool, opts.batch_size, opts.batch_bytes).await?;
+        report.rows_per_batch = sizes;
+        let meter = Meter::start(epoch);
+        let started_at = epoch.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let traffic_a = background(opts.seed + 1);
+        let (rows, values) = ceiling(&pool, items, parallel, &meter).await?;
+        report.ceiling = phase("ceiling", rows, values, t.elapsed(), started_at);
+        push_timeline(&mut report, "ceiling", meter.finish().await);
+        let during_ceiling = finish_traffic(&mut report, traffic_a).await?;
+        seed::vacuum(&pool).await?;
 
-    // (b) the bare client rotation, to a key made active for it.
-    progress("(b) bare client rotation: read, decrypt, re-encrypt, bulk write");
-    let bare_key = {
-        let mut c = pool.get().await?;
-        let tx = c.transaction().await?;
-        let k = store::generate(
-            &tx,
-            &master,
-            KeyKind::Field,
-            "bench bare rotation",
-            &settings.key_policy,
-            &settings.actor,
-        )
-        .await?;
-        tx.commit().await?;
-        k.id
+        // (b) the bare client rotation, to a key made active for it.
+        progress("(b) bare client rotation: read, decrypt, re-encrypt, bulk write");
+        let bare_key = {
+            let mut c = pool.get().await?;
+            let tx = c.transaction().await?;
+            let k = store::generate(
+                &tx,
+                &master,
+                KeyKind::Field,
+                "bench bare rotation",
+                &settings.key_policy,
+                &settings.actor,
+            )
+            .await?;
+            tx.commit().await?;
+            k.id
+        };
+        // The key is published as pending first, so that the application's traffic (which
+        // reloads its keys every second) can read what (b) writes under it.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        {
+            let mut c = pool.get().await?;
+            let tx = c.transaction().await?;
+            store::activate(&tx, bare_key, &settings.actor).await?;
+            tx.commit().await?;
+        }
+        let ring = Arc::new(store::load_ring(&**pool.get().await?, &master).await?);
+        let (items, _) = work(&pool, opts.batch_size, opts.batch_bytes).await?;
+        let meter = Meter::start(epoch);
+        let started_at = epoch.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let traffic_b = background(opts.seed + 2);
+        let (rows, values) = bare(&pool, ring.clone(), bare_key, items, parallel, &meter).await?;
+        report.bare = phase("bare", rows, values, t.elapsed(), started_at);
+        push_timeline(&mut report, "bare", meter.finish().await);
+        let during_bare = finish_traffic(&mut report, traffic_b).await?;
+        store::add_encryptions(&**pool.get().await?, &ring.take_encryption_counts()).await?;
+        seed::vacuum(&pool).await?;
+        (during_ceiling, during_bare)
     };
-    // The key is published as pending first, so that the application's traffic (which
-    // reloads its keys every second) can read what (b) writes under it.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    {
-        let mut c = pool.get().await?;
-        let tx = c.transaction().await?;
-        store::activate(&tx, bare_key, &settings.actor).await?;
-        tx.commit().await?;
-    }
-    let ring = Arc::new(store::load_ring(&**pool.get().await?, &master).await?);
-    let (items, _) = work(&pool, opts.batch_size, opts.batch_bytes).await?;
-    let meter = Meter::start(epoch);
-    let started_at = epoch.elapsed().as_secs_f64();
-    let t = Instant::now();
-    let traffic_b = background(opts.seed + 2);
-    let (rows, values) = bare(&pool, ring.clone(), bare_key, items, parallel, &meter).await?;
-    report.bare = phase("bare", rows, values, t.elapsed(), started_at);
-    push_timeline(&mut report, "bare", meter.finish().await);
-    let during_bare = finish_traffic(&mut report, traffic_b).await?;
-    store::add_encryptions(&**pool.get().await?, &ring.take_encryption_counts()).await?;
-    seed::vacuum(&pool).await?;
 
-    // (c) the full rotation, with traffic before and during.
+    // (c) the full rotation, with traffic before and during. Before the baseline, the
+    // database writes out what seeding, (a) and (b) left dirty (a checkpoint they started
+    // would otherwise spread its writes over the baseline for minutes).
+    quiesce(&pool).await;
     let before = if opts.traffic_rate > 0 {
         progress(&format!(
             "application traffic alone for {:?} ({} ops/s)",
@@ -716,6 +734,10 @@ pub async fn run(
     if !opts.slow_start {
         cmd.arg("--no-slow-start");
     }
+    if let Some(b) = before.as_ref().filter(|_| opts.tell_app_p99) {
+        report.app_p99_ms_told = Some(b.all.p99_ms);
+        cmd.args(["--app-p99-ms", &format!("{:.3}", b.all.p99_ms)]);
+    }
     let t = Instant::now();
     let busy_before = machine_busy_seconds();
     let started_at = epoch.elapsed().as_secs_f64();
@@ -757,6 +779,18 @@ pub async fn run(
         "full",
         ledger_rates(&pool, run_id, started_at).await?,
     );
+    report.throttle_figures = pool
+        .get()
+        .await?
+        .query(
+            "SELECT c->'figures' FROM rekey.stages s, jsonb_array_elements(s.gate->'checks') c
+              WHERE s.run_id = $1 AND c->>'name' = 'performance_impact' ORDER BY s.stage_no",
+            &[&run_id],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
     report.coordinator = coord_mem.await?;
     for mut w in workers {
         if let Some(pid) = w.id() {
@@ -794,8 +828,10 @@ pub async fn run(
         }
     }
     crate::procs::delete_queues(settings, &prefix).await;
-    report.full_vs_ceiling = report.full.rows_per_sec / report.ceiling.rows_per_sec.max(1e-9);
-    report.full_vs_bare = report.full.rows_per_sec / report.bare.rows_per_sec.max(1e-9);
+    if !opts.only_full {
+        report.full_vs_ceiling = report.full.rows_per_sec / report.ceiling.rows_per_sec.max(1e-9);
+        report.full_vs_bare = report.full.rows_per_sec / report.bare.rows_per_sec.max(1e-9);
+    }
 
     if opts.verify {
         progress("verifying every value against its recorded plaintext");
@@ -812,6 +848,24 @@ pub async fn run(
         report.verify = Some(verify::verify(&pool, &ring, Some(target), 10_000).await?);
     }
     Ok(report)
+}
+
+/// A checkpoint now, so that the baseline is measured on a quiet database. Needs the
+/// `pg_checkpoint` role (or a superuser); without it the bench goes on, noting why.
+async fn quiesce(pool: &Pool) {
+    let done = async {
+        pool.get()
+            .await?
+            .batch_execute("CHECKPOINT")
+            .await
+            .map_err(anyhow::Error::from)
+    }
+    .await;
+    if let Err(e) = done {
+        eprintln!(
+            "bench: no checkpoint before the baseline ({e:#}); it may include the writes of seeding"
+        );
+    }
 }
 
 fn phase(name: &str, rows: i64, values: i64, d: Duration, started_at: f64) -> PhaseResult {
@@ -943,7 +997,19 @@ pub fn print(r: &BenchReport) {
     } else {
         println!("  (c) throttle off");
     }
+    if let Some(ms) = r.app_p99_ms_told {
+        println!("  (c) rekey rotate --app-p99-ms {ms:.2} (the traffic's p99 before (c))");
+    }
     for p in [&r.ceiling, &r.bare, &r.full] {
+        if p.name.is_empty() {
+            let which = if std::ptr::eq(p, &r.ceiling) {
+                "a"
+            } else {
+                "b"
+            };
+            println!("  ({which}) skipped");
+            continue;
+        }
         println!(
             "  ({}) {:<8} {:>10} rows in {:>7.1} s  {:>9.0} rows/s",
             match p.name.as_str() {
@@ -957,12 +1023,16 @@ pub fn print(r: &BenchReport) {
             p.rows_per_sec
         );
     }
-    println!(
-        "  (c)/(a) {:.0}%   (c)/(b) {:.0}%   rekey rotate process {:.1} s",
-        r.full_vs_ceiling * 100.0,
-        r.full_vs_bare * 100.0,
-        r.full_process_seconds
-    );
+    if r.ceiling.name.is_empty() {
+        println!("  rekey rotate process {:.1} s", r.full_process_seconds);
+    } else {
+        println!(
+            "  (c)/(a) {:.0}%   (c)/(b) {:.0}%   rekey rotate process {:.1} s",
+            r.full_vs_ceiling * 100.0,
+            r.full_vs_bare * 100.0,
+            r.full_process_seconds
+        );
+    }
     if let Some(l) = &r.latency {
         println!(
             "  app latency at {} ops/s: p50 {:.2} → {:.2} ms ({:+.0}%), p99 {:.2} → {:.2} ms ({:+.0}%), errors {} / {}",
@@ -983,12 +1053,28 @@ pub fn print(r: &BenchReport) {
             l.writes_before.p99_ms,
             l.writes_during.p99_ms
         );
+        if !r.ceiling.name.is_empty() {
+            println!(
+                "    the same traffic during (a): p99 {:.2} ms ({:+.0}%), during (b): p99 {:.2} ms ({:+.0}%)",
+                l.during_ceiling.p99_ms,
+                percent(l.during_ceiling.p99_ms, l.before.p99_ms),
+                l.during_bare.p99_ms,
+                percent(l.during_bare.p99_ms, l.before.p99_ms),
+            );
+        }
+    }
+    for (i, f) in r.throttle_figures.iter().enumerate() {
+        let ms = |k: &str| f.get(k).and_then(serde_json::Value::as_f64);
+        let n = |k: &str| f.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
         println!(
-            "    the same traffic during (a): p99 {:.2} ms ({:+.0}%), during (b): p99 {:.2} ms ({:+.0}%)",
-            l.during_ceiling.p99_ms,
-            percent(l.during_ceiling.p99_ms, l.before.p99_ms),
-            l.during_bare.p99_ms,
-            percent(l.during_bare.p99_ms, l.before.p99_ms),
+            "  (c) stage {i} probe: p99 {} → {} ms, threshold {} ms, {} of {} probes over ({:.2}%), longest gap {} ms",
+            ms("baseline_p99_ms").map_or("-".into(), |v| format!("{v:.2}")),
+            ms("p99_ms").map_or("-".into(), |v| format!("{v:.2}")),
+            ms("throttle_threshold_ms").map_or("-".into(), |v| format!("{v:.2}")),
+            n("probes_over"),
+            n("probes"),
+            n("probes_over") as f64 / n("probes").max(1) as f64 * 100.0,
+            n("max_gap_ms")
         );
     }
     println!(

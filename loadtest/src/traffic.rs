@@ -313,6 +313,44 @@ pub async fn run(
     let ring = Arc::new(std::sync::RwLock::new(Arc::new(
         store::load_ring(&**pool.get().await?, &master).await?,
     )));
+    // The application's connections are open before the clock starts (a running
+    // application's are), so that connecting does not count as latency.
+    // Connections others hold are not waited for (the pool may be shared).
+    {
+        let mut warm = Vec::new();
+        for _ in 0..pool.status().max_size.min(opts.max_in_flight.max(1)) {
+            match tokio::time::timeout(Duration::from_millis(200), pool.get()).await {
+                Ok(c) => {
+                    let c = c?;
+                    c.simple_query("SELECT 1").await?;
+                    warm.push(c);
+                }
+                Err(_) => break,
+            }
+        }
+    }
+    // The key ring is reloaded beside the operations, as an application does, not in
+    // their way: a reload the operations waited for would be the traffic's own p99.
+    let _stop_reloading = AbortOnDrop({
+        let (pool, master, ring, every) =
+            (pool.clone(), master.clone(), ring.clone(), opts.refresh);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                if let Ok(c) = pool.get().await
+                    && let Ok(r) = store::load_ring(&**c, &master).await
+                {
+                    let old =
+                        std::mem::replace(&mut *ring.write().expect("ring lock"), Arc::new(r));
+                    // Encryptions counted by the ring being replaced still count.
+                    let _ = store::add_encryptions(&**c, &old.take_encryption_counts()).await;
+                }
+            }
+        })
+    });
     let decrypt_errors = Arc::new(AtomicU64::new(0));
     let permits = Arc::new(tokio::sync::Semaphore::new(opts.max_in_flight.max(1)));
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Op, Instant, Instant, bool)>();
@@ -321,19 +359,10 @@ pub async fn run(
     let period = Duration::from_secs_f64(1.0 / f64::from(opts.rate.max(1)));
     let mut ticker = tokio::time::interval(period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let mut last_refresh = Instant::now();
     let mut started_ops = 0u64;
     let stopped = || opts.stop.as_ref().is_some_and(|s| *s.borrow());
     while started.elapsed() < opts.duration && !stopped() {
         let due = ticker.tick().await;
-        if last_refresh.elapsed() > opts.refresh {
-            last_refresh = Instant::now();
-            if let Ok(c) = pool.get().await
-                && let Ok(r) = store::load_ring(&**c, &master).await
-            {
-                *ring.write().expect("ring lock") = Arc::new(r);
-            }
-        }
         let op = if rng.random_bool(opts.read_fraction.clamp(0.0, 1.0)) || max_user == 0 {
             Op::Read(rng.random_range(0..bounds.len()))
         } else {
@@ -413,6 +442,15 @@ pub async fn run(
         errors,
         timeline,
     })
+}
+
+/// Aborts a background task when dropped (the traffic's key reloader).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Reads one row and decrypts its encrypted columns, as the application does.

@@ -3,3 +3,4 @@
 mod helpers;
 mod keys_cli;
 mod plan;
+mod probe;
