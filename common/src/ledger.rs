@@ -172,6 +172,8 @@ pub struct RunSettings {
     pub probe_baseline_p99_ms: Option<f64>,
     /// … and for its writes.
     pub probe_write_baseline_p99_ms: Option<f64>,
+    /// The probe writes as well as reads (`rekey.latency_probe`).
+    pub probe_writes: bool,
     /// The application's own 99th percentile latency before the run (milliseconds), as the
     /// operator knows it: the throttle's budget is `throttle_pct` of it (of the probe's own
     /// p99 when unknown), and at least `throttle_min_ms`.
@@ -235,6 +237,7 @@ impl Default for RunSettings {
             probe_baseline_p95_ms: None,
             probe_baseline_p99_ms: None,
             probe_write_baseline_p99_ms: None,
+            probe_writes: false,
             app_p99_ms: None,
             max_audit_gap_secs: 300.0,
             observe_sample: 50,

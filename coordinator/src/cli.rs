@@ -195,6 +195,12 @@ pub struct LatencyArgs {
     /// its dashboards): sizes the budget of `--throttle-pct`.
     #[arg(long)]
     pub app_p99_ms: Option<f64>,
+    /// The probe alternates its point reads with a one-row write and commit (in
+    /// `rekey.latency_probe`), each kind judged against its own p99 before the run: it
+    /// then sees the WAL-flush waits a rotation adds to the application's commits, and
+    /// throttles harder (measured: far harder after a quiet baseline).
+    #[arg(long)]
+    pub probe_writes: bool,
     /// A stage is breached when the probe's median stays this many percent above its
     /// baseline for 3 samples in a row.
     #[arg(long, default_value_t = 20.0)]
@@ -401,6 +407,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     throttle_pct: latency.throttle_pct.max(0.0),
                     throttle_min_ms: latency.throttle_min_ms.max(0.0),
                     app_p99_ms: latency.app_p99_ms.filter(|ms| *ms > 0.0),
+                    probe_writes: latency.probe_writes,
                     breach_pct: latency.breach_pct,
                     slow_start: !latency.no_slow_start,
                     ..Default::default()

@@ -450,6 +450,7 @@ async fn step(
                     pool.clone(),
                     run.targets.clone(),
                     settings.probe_query.clone(),
+                    run.settings.probe_writes,
                     opts.probe_spacing,
                 ));
                 // The first judgement comes at once (a few probes measured on the spot), so
@@ -468,6 +469,7 @@ async fn step(
                             pool,
                             &run.targets,
                             settings.probe_query.as_deref(),
+                            run.settings.probe_writes,
                             5,
                             Duration::ZERO,
                         )

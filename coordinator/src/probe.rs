@@ -1,8 +1,8 @@
 //! The performance probe: the latency an application sees, measured before a run as a
-//! baseline and during each stage. By default it alternates point reads by random id on
-//! every target table (what an application does most) with a one-row write and commit in
-//! `rekey.latency_probe` (a commit waits for the WAL flush behind a rotation's writes,
-//! which is what an application's writes feel first); `probe_query` in `rekey.toml`
+//! baseline and during each stage. By default it is point reads by random id on every
+//! target table (what an application does most); with `--probe-writes` they alternate with
+//! a one-row write and commit in `rekey.latency_probe` (a commit waits for the WAL flush
+//! behind a rotation's writes, which a read does not see); `probe_query` in `rekey.toml`
 //! replaces both with a query of the operator's choosing.
 
 use std::sync::{Arc, Mutex};
@@ -63,9 +63,8 @@ struct Probe {
     /// Per target table: the point read and its id bounds.
     bounds: Vec<(tokio_postgres::Statement, i64, i64)>,
     custom: Option<tokio_postgres::Statement>,
-    /// The write, and this connection's row for it.
-    write: tokio_postgres::Statement,
-    slot: i32,
+    /// The write, and this connection's row for it (with `--probe-writes`).
+    write: Option<(tokio_postgres::Statement, i32)>,
     next: usize,
 }
 
@@ -74,6 +73,7 @@ impl Probe {
         pool: &Pool,
         targets: &[Target],
         custom: Option<&str>,
+        writes: bool,
     ) -> anyhow::Result<Self> {
         let client = pool.get().await.context("connect for the latency probe")?;
         let mut bounds = Vec::new();
@@ -109,19 +109,23 @@ impl Probe {
             ),
             None => None,
         };
-        let write = client
-            .prepare(
-                "INSERT INTO rekey.latency_probe (slot, probed_at) VALUES ($1, now())
-                 ON CONFLICT (slot) DO UPDATE SET probed_at = EXCLUDED.probed_at",
-            )
-            .await
-            .context("prepare the probe's write to rekey.latency_probe (a schema from before `rekey migrate`?)")?;
+        let write = if writes && custom.is_none() {
+            let stmt = client
+                .prepare(
+                    "INSERT INTO rekey.latency_probe (slot, probed_at) VALUES ($1, now())
+                     ON CONFLICT (slot) DO UPDATE SET probed_at = EXCLUDED.probed_at",
+                )
+                .await
+                .context("prepare the probe's write to rekey.latency_probe (a schema from before `rekey migrate`?)")?;
+            Some((stmt, rand::rng().random_range(0..256)))
+        } else {
+            None
+        };
         Ok(Self {
             client,
             bounds,
             custom,
             write,
-            slot: rand::rng().random_range(0..256),
             next: 0,
         })
     }
@@ -137,13 +141,17 @@ impl Probe {
                 .query(stmt, &[])
                 .await
                 .context("run the probe query")?;
-        } else if self.next % 2 == 1 || self.bounds.is_empty() {
+        } else if let Some((stmt, slot)) = self
+            .write
+            .as_ref()
+            .filter(|_| self.next % 2 == 1 || self.bounds.is_empty())
+        {
             write = true;
             self.client
-                .execute(&self.write, &[&self.slot])
+                .execute(stmt, &[slot])
                 .await
                 .context("run the probe's write")?;
-        } else {
+        } else if !self.bounds.is_empty() {
             let (stmt, lo, hi) = &self.bounds[(self.next / 2) % self.bounds.len()];
             let id = rand::rng().random_range(*lo..=*hi);
             self.client
@@ -164,10 +172,11 @@ pub async fn measure(
     pool: &Pool,
     targets: &[Target],
     custom: Option<&str>,
+    writes: bool,
     n: usize,
     spacing: Duration,
 ) -> anyhow::Result<Baseline> {
-    let samples = samples(pool, targets, custom, n, spacing).await?;
+    let samples = samples(pool, targets, custom, writes, n, spacing).await?;
     Baseline::of(&samples).context("no probe samples")
 }
 
@@ -176,10 +185,11 @@ pub async fn samples(
     pool: &Pool,
     targets: &[Target],
     custom: Option<&str>,
+    writes: bool,
     n: usize,
     spacing: Duration,
 ) -> anyhow::Result<Vec<Sample>> {
-    let mut probe = Probe::prepare(pool, targets, custom).await?;
+    let mut probe = Probe::prepare(pool, targets, custom, writes).await?;
     let mut samples = Vec::with_capacity(n);
     for i in 0..n.max(1) {
         if i > 0 && !spacing.is_zero() {
@@ -218,6 +228,7 @@ impl Prober {
         pool: Pool,
         targets: Vec<Target>,
         custom: Option<String>,
+        writes: bool,
         every: Duration,
     ) -> Self {
         let samples = Arc::new(Mutex::new(Vec::new()));
@@ -226,7 +237,9 @@ impl Prober {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                let mut probe = match Probe::prepare(&pool, &targets, custom.as_deref()).await {
+                let mut probe = match Probe::prepare(&pool, &targets, custom.as_deref(), writes)
+                    .await
+                {
                     Ok(p) => p,
                     Err(e) => {
                         tracing::debug!(error = %format!("{e:#}"), "latency probe: no connection");

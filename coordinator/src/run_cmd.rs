@@ -130,6 +130,7 @@ pub async fn start_rotation(
                 pool,
                 &settings.targets,
                 settings.probe_query.as_deref(),
+                opts.gating.probe_writes,
                 crate::probe::BASELINE_PROBES,
                 crate::probe::BASELINE_SPACING,
             )

@@ -52,7 +52,7 @@ async fn the_probe_alternates_point_reads_with_a_committed_write_of_its_own_row(
         )
         .await
         .unwrap();
-    let samples = probe::samples(&db.pool, &settings.targets, None, 10, Duration::ZERO)
+    let samples = probe::samples(&db.pool, &settings.targets, None, true, 10, Duration::ZERO)
         .await
         .unwrap();
     assert_eq!(samples.len(), 10);
@@ -79,11 +79,24 @@ async fn the_probe_alternates_point_reads_with_a_committed_write_of_its_own_row(
         .batch_execute("DELETE FROM demo.users")
         .await
         .unwrap();
-    probe::samples(&db.pool, &settings.targets, None, 4, Duration::ZERO)
+    probe::samples(&db.pool, &settings.targets, None, true, 4, Duration::ZERO)
         .await
         .unwrap();
     let (n, rows) = writes(&db).await;
     assert_eq!(n, 9);
+    // Without --probe-writes (the default) the probe only reads.
+    db.pool
+        .get()
+        .await
+        .unwrap()
+        .batch_execute("INSERT INTO demo.users (id, name) VALUES (1, 'u')")
+        .await
+        .unwrap();
+    let reads = probe::samples(&db.pool, &settings.targets, None, false, 6, Duration::ZERO)
+        .await
+        .unwrap();
+    assert!(reads.iter().all(|s| !s.write));
+    assert_eq!(writes(&db).await.0, 9, "no write without --probe-writes");
     assert!(
         (1..=2).contains(&rows),
         "a row per probe connection, at most 256: {rows}"
@@ -99,6 +112,7 @@ async fn a_configured_probe_query_replaces_both() {
         &db.pool,
         &settings.targets,
         Some("SELECT 1"),
+        true,
         6,
         Duration::ZERO,
     )
