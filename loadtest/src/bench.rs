@@ -985,7 +985,7 @@ pub fn print(r: &BenchReport) {
     );
     if r.throttle_pct > 0.0 {
         println!(
-            "  (c) throttle at +{}% of the probe's latency (rises under {} ms ignored), {}",
+            "  (c) throttle: the probe's p99 held within {}% of the application's p99 (at least {} ms), {}",
             r.throttle_pct,
             r.throttle_min_ms,
             if r.slow_start {
