@@ -49,8 +49,26 @@ pub fn redacted(url: &str) -> String {
     rest.split('?').next().unwrap_or(rest).to_owned()
 }
 
-/// Connects once, naming the setting and the address (never the password) on failure.
+/// Connects once, naming `REKEY_AMQP_URL` and the address (never the password) on failure.
 pub async fn connect(url: &SecretString, name: &str) -> anyhow::Result<Connection> {
+    connect_from(url, "set by REKEY_AMQP_URL", name).await
+}
+
+/// Connects once to the URL of these settings, naming where it came from on failure.
+pub async fn connect_settings(
+    settings: &crate::Settings,
+    name: &str,
+) -> anyhow::Result<Connection> {
+    connect_from(&settings.amqp_url, &settings.amqp_url_from, name).await
+}
+
+/// Connects once; on failure names the address (never the password) and `from`, where the
+/// URL came from ("set by REKEY_AMQP_URL", …).
+pub async fn connect_from(
+    url: &SecretString,
+    from: &str,
+    name: &str,
+) -> anyhow::Result<Connection> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
     // `cacertfile` (RabbitMQ's URI parameter) names CA certificates to trust for amqps://.
     let (uri, ca_file) = crate::tls::take_param(url.expose_secret(), "cacertfile");
@@ -69,7 +87,7 @@ pub async fn connect(url: &SecretString, name: &str) -> anyhow::Result<Connectio
     };
     connected.map_err(|e| {
         anyhow::anyhow!(
-            "cannot reach RabbitMQ at {} (set by REKEY_AMQP_URL): {}",
+            "cannot reach RabbitMQ at {} ({from}): {}",
             redacted(url.expose_secret()),
             scrub(&scrub(&e.to_string(), url.expose_secret()), &uri)
         )

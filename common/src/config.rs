@@ -234,6 +234,10 @@ pub struct Settings {
     pub database_url: SecretString,
     /// AMQP URL; may hold a password, so it is secret.
     pub amqp_url: SecretString,
+    /// Where `database_url` came from, as messages say it ("set by REKEY_DATABASE_URL", …).
+    pub database_url_from: String,
+    /// Where `amqp_url` came from, likewise.
+    pub amqp_url_from: String,
     pub master_key: MasterKeySource,
     /// The prefix of every queue and exchange name, so that test runs and environments
     /// sharing one broker never see each other's messages.
@@ -287,11 +291,16 @@ impl Settings {
             None => FileSettings::default(),
         };
 
-        let mut database_url = env
-            .get("REKEY_DATABASE_URL")
-            .cloned()
-            .or(file.database_url)
-            .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned());
+        let file_name = path.as_ref().map(|p| p.display().to_string());
+        let (database_url, database_url_from) = url_setting(
+            env,
+            "REKEY_DATABASE_URL",
+            file.database_url,
+            "database_url",
+            file_name.as_deref(),
+            DEFAULT_DATABASE_URL,
+        );
+        let mut database_url = database_url;
         if let Some(f) = env
             .get("REKEY_DATABASE_PASSWORD_FILE")
             .filter(|v| !v.is_empty())
@@ -307,11 +316,14 @@ impl Settings {
         tokio_postgres::Config::from_str(&database_url).map_err(|_| {
             anyhow::anyhow!("REKEY_DATABASE_URL is not a valid PostgreSQL connection URL")
         })?;
-        let mut amqp_url = env
-            .get("REKEY_AMQP_URL")
-            .cloned()
-            .or(file.amqp_url)
-            .unwrap_or_else(|| DEFAULT_AMQP_URL.to_owned());
+        let (mut amqp_url, amqp_url_from) = url_setting(
+            env,
+            "REKEY_AMQP_URL",
+            file.amqp_url,
+            "amqp_url",
+            file_name.as_deref(),
+            DEFAULT_AMQP_URL,
+        );
         if !(amqp_url.starts_with("amqp://") || amqp_url.starts_with("amqps://")) {
             bail!("REKEY_AMQP_URL must start with amqp:// or amqps://");
         }
@@ -408,6 +420,8 @@ impl Settings {
             backup_check,
             database_url: SecretString::from(database_url),
             amqp_url: SecretString::from(amqp_url),
+            database_url_from,
+            amqp_url_from,
             master_key,
             queue_prefix,
             actor,
@@ -436,6 +450,30 @@ impl Settings {
 
     pub fn target(&self, table: &str) -> Option<&Target> {
         self.targets.iter().find(|t| t.table == table)
+    }
+}
+
+/// A URL from the environment, else the configuration file, else rekey's default, with where
+/// it came from as messages say it: "set by REKEY_AMQP_URL", "set by amqp_url in rekey.toml",
+/// or "rekey's default: neither REKEY_AMQP_URL nor amqp_url in rekey.toml is set".
+fn url_setting(
+    env: &HashMap<String, String>,
+    var: &str,
+    from_file: Option<String>,
+    key: &str,
+    file_name: Option<&str>,
+    default: &str,
+) -> (String, String) {
+    if let Some(v) = env.get(var).filter(|v| !v.is_empty()) {
+        (v.clone(), format!("set by {var}"))
+    } else if let Some(v) = from_file {
+        let file = file_name.unwrap_or("rekey.toml");
+        (v, format!("set by {key} in {file}"))
+    } else {
+        (
+            default.to_owned(),
+            format!("rekey's default: neither {var} nor {key} in rekey.toml is set"),
+        )
     }
 }
 
@@ -475,6 +513,33 @@ mod tests {
             .iter()
             .map(|(k, v)| ((*k).into(), (*v).into()))
             .collect()
+    }
+
+    #[test]
+    fn each_url_says_where_it_came_from() {
+        let dir = std::env::temp_dir().join(format!("rekey-from-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let toml = dir.join("rekey.toml");
+        std::fs::write(&toml, "amqp_url = \"amqp://mq:5672/%2f\"\n").unwrap();
+        let s = Settings::from_sources(Some(&toml), &env(&[])).unwrap();
+        assert_eq!(s.amqp_url.expose_secret(), "amqp://mq:5672/%2f");
+        assert_eq!(
+            s.amqp_url_from,
+            format!("set by amqp_url in {}", toml.display())
+        );
+        assert_eq!(s.database_url.expose_secret(), DEFAULT_DATABASE_URL);
+        assert_eq!(
+            s.database_url_from,
+            "rekey's default: neither REKEY_DATABASE_URL nor database_url in rekey.toml is set"
+        );
+        let s = Settings::from_sources(
+            Some(&toml),
+            &env(&[("REKEY_AMQP_URL", "amqp://other:5672/%2f")]),
+        )
+        .unwrap();
+        assert_eq!(s.amqp_url.expose_secret(), "amqp://other:5672/%2f");
+        assert_eq!(s.amqp_url_from, "set by REKEY_AMQP_URL");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -69,8 +69,9 @@ pub fn pool_for_url(url: &str, max_size: usize) -> anyhow::Result<Pool> {
 pub async fn check_connection(pool: &Pool, settings: &Settings) -> anyhow::Result<String> {
     let client = pool.get().await.with_context(|| {
         format!(
-            "cannot reach PostgreSQL at {} (set by REKEY_DATABASE_URL)",
-            settings.database_display()
+            "cannot reach PostgreSQL at {} ({})",
+            settings.database_display(),
+            settings.database_url_from
         )
     })?;
     let row = client.query_one("SHOW server_version", &[]).await?;

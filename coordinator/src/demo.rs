@@ -44,6 +44,10 @@ fn url_for(settings: &Settings, dbname: &str) -> anyhow::Result<String> {
     Ok(parts.join(" "))
 }
 
+/// What `rekey demo` adds when a service does not answer.
+const SETUP_HINT: &str = "rekey demo needs PostgreSQL and RabbitMQ: on a Debian machine, \
+     `scripts/setup.sh` (in rekey's repository) installs and starts both on 127.0.0.1";
+
 pub async fn run(
     base: Settings,
     rows: i64,
@@ -54,10 +58,29 @@ pub async fn run(
         "rekey_demo_{}",
         &uuid::Uuid::new_v4().simple().to_string()[..8]
     );
+    // Both services first, before anything is made.
+    let admin = db::pool(&base, 1)?;
+    db::check_connection(&admin, &base)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:#}\n{SETUP_HINT}"))?;
+    match tokio::time::timeout(
+        Duration::from_secs(10),
+        broker::connect_settings(&base, "rekey-demo"),
+    )
+    .await
+    {
+        Ok(Ok(conn)) => {
+            let _ = conn.close(0, "checked".into()).await;
+        }
+        Ok(Err(e)) => anyhow::bail!("{e:#}\n{SETUP_HINT}"),
+        Err(_) => anyhow::bail!(
+            "no answer from RabbitMQ at {} within 10 s ({})\n{SETUP_HINT}",
+            broker::redacted(base.amqp_url.expose_secret()),
+            base.amqp_url_from
+        ),
+    }
     let dir = PathBuf::from("exports").join(&name);
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-    let admin = db::pool(&base, 1)?;
-    db::check_connection(&admin, &base).await?;
     admin
         .get()
         .await?

@@ -264,23 +264,21 @@ pub async fn drive(
     let mut backoff = Duration::from_millis(200);
     let mut failures = 0u32;
     loop {
-        let conn = match broker::connect(
-            &settings.amqp_url,
-            &format!("rekey-coordinator-run-{run_id}"),
-        )
-        .await
-        {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), "broker unreachable; retrying");
-                tokio::select! {
-                    _ = &mut shutdown => return current_state(pool, run_id).await,
-                    _ = tokio::time::sleep(backoff) => {}
+        let conn =
+            match broker::connect_settings(settings, &format!("rekey-coordinator-run-{run_id}"))
+                .await
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "broker unreachable; retrying");
+                    tokio::select! {
+                        _ = &mut shutdown => return current_state(pool, run_id).await,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    continue;
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(10));
-                continue;
-            }
-        };
+            };
         backoff = Duration::from_millis(200);
         let session = async {
             let channel = broker::confirmed_channel(&conn).await?;

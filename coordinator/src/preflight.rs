@@ -117,10 +117,16 @@ async fn broker_check(settings: &Settings) -> Check {
     let result = async {
         let conn = tokio::time::timeout(
             Duration::from_secs(10),
-            broker::connect(&settings.amqp_url, "rekey-preflight"),
+            broker::connect_settings(settings, "rekey-preflight"),
         )
         .await
-        .map_err(|_| anyhow::anyhow!("no answer from RabbitMQ within 10 s (REKEY_AMQP_URL)"))??;
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "no answer from RabbitMQ at {} within 10 s ({})",
+                broker::redacted(secrecy::ExposeSecret::expose_secret(&settings.amqp_url)),
+                settings.amqp_url_from
+            )
+        })??;
         let ch = conn.create_channel().await?;
         broker::declare(&ch, &topo).await?;
         let n = broker::consumer_count(&ch, &topo.batches).await?;

@@ -128,7 +128,7 @@ pub async fn run(
     loop {
         let conn = tokio::select! {
             _ = &mut shutdown => return Ok(()),
-            c = broker::connect(&settings.amqp_url, &opts.worker_id) => c,
+            c = broker::connect_settings(&settings, &opts.worker_id) => c,
         };
         let conn = match conn {
             Ok(c) => c,

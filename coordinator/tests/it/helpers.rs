@@ -14,11 +14,16 @@ pub struct Run {
 
 /// Runs `rekey args…` with only the given `REKEY_*` variables (plus PATH and RUST_LOG).
 pub fn rekey(env: &[(&str, &str)], args: &[&str]) -> Run {
+    rekey_in(&std::env::temp_dir(), env, args)
+}
+
+/// [`rekey`] in the working directory `dir` (where it looks for `rekey.toml`).
+pub fn rekey_in(dir: &std::path::Path, env: &[(&str, &str)], args: &[&str]) -> Run {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_rekey"));
     cmd.env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("RUST_LOG", "debug")
-        .current_dir(std::env::temp_dir())
+        .current_dir(dir)
         .args(args);
     for (k, v) in env {
         cmd.env(k, v);

@@ -199,3 +199,77 @@ fn the_compose_topology_as_plain_processes_rotates_and_verifies() {
         );
     }
 }
+
+/// The two commands README.md opens with: the demo's and the tests'.
+fn readme_first_commands() -> Vec<String> {
+    let readme = read("README.md");
+    let block = readme
+        .split("```sh\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("README.md opens with a sh block");
+    block
+        .lines()
+        .map(|l| l.split(" #").next().unwrap().trim().to_owned())
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+#[test]
+fn readme_opens_with_the_demo_and_test_commands_and_ci_runs_the_second_exactly() {
+    let head: String = read("README.md")
+        .lines()
+        .take(8)
+        .collect::<Vec<_>>()
+        .join("\n");
+    let cmds = readme_first_commands();
+    assert_eq!(cmds.len(), 2, "{cmds:?}");
+    assert!(head.contains(&cmds[0]) && head.contains(&cmds[1]), "{head}");
+    assert!(cmds[0].starts_with("scripts/setup.sh && ") && cmds[0].ends_with("rekey demo"));
+    assert_eq!(
+        cmds[1],
+        "scripts/setup.sh && cargo test --workspace --locked --all-features"
+    );
+    let ci = read(".ci/run");
+    let ci_cmds: Vec<&str> = ci
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#') && l.contains("cargo"))
+        .collect();
+    assert_eq!(ci_cmds, [cmds[1].as_str()], ".ci/run: {ci}");
+    // The tests section shows the same command.
+    assert!(read("README.md").contains(&format!("```sh\n{}\n```", cmds[1])));
+}
+
+/// The suite runs after `scripts/setup.sh`, so the services are up and a second run of the
+/// script must find nothing to do, change nothing, and say so.
+#[test]
+fn setup_script_run_again_changes_nothing_and_says_so() {
+    if std::env::var_os("REKEY_TEST_DATABASE_URL").is_some() {
+        eprintln!("skipped: REKEY_TEST_DATABASE_URL points the tests at a server of their own");
+        return;
+    }
+    let clusters = || {
+        Command::new("pg_lsclusters")
+            .arg("-h")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    };
+    let before = clusters();
+    let out = Command::new("bash")
+        .arg(repo("scripts/setup.sh"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("already installed")
+            && stdout.contains("PostgreSQL already answers on 127.0.0.1:5432")
+            && stdout.contains("RabbitMQ already answers on 127.0.0.1:5672"),
+        "{stdout}"
+    );
+    let last = stdout.lines().last().unwrap_or_default();
+    assert!(last.contains("nothing changed"), "{stdout}");
+    assert_eq!(clusters(), before, "the script changed the clusters");
+}

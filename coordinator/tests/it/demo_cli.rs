@@ -1,0 +1,110 @@
+//! `rekey demo` when a service does not answer: it names the URL it tried (never its
+//! password), the setting that URL came from, and `scripts/setup.sh`, and makes nothing.
+
+use std::path::PathBuf;
+
+use rekey_common::testing::admin_url;
+use uuid::Uuid;
+
+use crate::helpers::{Run, rekey_in};
+
+/// A working directory of its own, removed afterwards.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new() -> Self {
+        let p = std::env::temp_dir().join(format!("rekey-demo-cli-{}", Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&p).unwrap();
+        Scratch(p)
+    }
+
+    /// Names in the directory, apart from `rekey.toml`: the demo makes `exports/` once it
+    /// starts making things.
+    fn made(&self) -> Vec<String> {
+        std::fs::read_dir(&self.0)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n != "rekey.toml")
+            .collect()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn assert_told(r: &Run, wanted: &[&str]) {
+    assert!(!r.ok, "{}", r.stderr);
+    for w in wanted {
+        assert!(r.stderr.contains(w), "wanted {w:?} in:\n{}", r.stderr);
+    }
+    assert!(r.stderr.contains("scripts/setup.sh"), "{}", r.stderr);
+    assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
+    assert!(!r.stderr.contains("demo database"), "{}", r.stderr);
+}
+
+#[test]
+fn demo_without_postgres_names_the_url_its_setting_and_the_setup_command() {
+    let dir = Scratch::new();
+    let r = rekey_in(
+        &dir.0,
+        &[(
+            "REKEY_DATABASE_URL",
+            "postgres://postgres:hunter2secret@127.0.0.1:1/postgres",
+        )],
+        &["demo", "--rows", "100"],
+    );
+    assert_told(
+        &r,
+        &[
+            "cannot reach PostgreSQL at 127.0.0.1:1/postgres",
+            "set by REKEY_DATABASE_URL",
+        ],
+    );
+    assert!(!r.stderr.contains("hunter2secret"), "{}", r.stderr);
+    assert!(dir.made().is_empty(), "{:?}", dir.made());
+
+    // The same URL from rekey.toml is said to come from there.
+    std::fs::write(
+        dir.0.join("rekey.toml"),
+        "database_url = \"postgres://postgres@127.0.0.1:1/postgres\"\n",
+    )
+    .unwrap();
+    let r = rekey_in(&dir.0, &[], &["demo", "--rows", "100"]);
+    assert_told(
+        &r,
+        &[
+            "cannot reach PostgreSQL at 127.0.0.1:1/postgres",
+            "set by database_url in rekey.toml",
+        ],
+    );
+    assert!(dir.made().is_empty(), "{:?}", dir.made());
+}
+
+#[test]
+fn demo_without_rabbitmq_names_the_url_its_setting_and_the_setup_command_and_makes_nothing() {
+    let dir = Scratch::new();
+    let pg = admin_url();
+    let r = rekey_in(
+        &dir.0,
+        &[
+            ("REKEY_DATABASE_URL", pg.as_str()),
+            (
+                "REKEY_AMQP_URL",
+                "amqp://guest:hunter2secret@127.0.0.1:1/%2f",
+            ),
+        ],
+        &["demo", "--rows", "100"],
+    );
+    assert_told(
+        &r,
+        &[
+            "cannot reach RabbitMQ at 127.0.0.1:1/%2f",
+            "set by REKEY_AMQP_URL",
+        ],
+    );
+    assert!(!r.stderr.contains("hunter2secret"), "{}", r.stderr);
+    assert!(dir.made().is_empty(), "{:?}", dir.made());
+}
