@@ -15,7 +15,7 @@
 # may have. Other clusters on the machine (Debian's `main`, say) are left as they are.
 #
 # RabbitMQ: a broker that answers on 127.0.0.1:5672 is used as it is; otherwise the node of
-# Debian's package is started, bound to 127.0.0.1.
+# Debian's package is started as rabbit@localhost, bound to 127.0.0.1.
 #
 # Packages, when missing: postgresql, postgresql-client, rabbitmq-server, prometheus (for
 # promtool; the tests check the alert rules with it and scrape with it), fonts-dejavu-core (the
@@ -140,14 +140,17 @@ mq_answers() {
 if mq_answers; then
   say "RabbitMQ already answers on 127.0.0.1:$MQ_PORT: left as it is"
 else
-  # Bound to loopback: the node's AMQP listener, Erlang's port mapper and its distribution port.
-  as_root env RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 ERL_EPMD_ADDRESS=127.0.0.1 \
+  # Bound to loopback: the node's AMQP listener, Erlang's port mapper and its distribution
+  # port; named rabbit@localhost, since the machine's host name may resolve to an address
+  # the port mapper does not listen on (a container's does). `rabbitmqctl -n rabbit@localhost`.
+  as_root env RABBITMQ_NODENAME=rabbit@localhost \
+    RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 ERL_EPMD_ADDRESS=127.0.0.1 \
     RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}" \
     rabbitmq-server -detached >/tmp/rekey-setup-rabbitmq.log 2>&1 ||
     { cat /tmp/rekey-setup-rabbitmq.log >&2; die "rabbitmq-server -detached failed"; }
   for _ in $(seq 1 120); do mq_answers && break; sleep 1; done
   mq_answers || die "RabbitMQ did not answer on 127.0.0.1:$MQ_PORT within 120 s (its logs: /var/log/rabbitmq/)"
-  did "started RabbitMQ on 127.0.0.1:$MQ_PORT"
+  did "started RabbitMQ node rabbit@localhost on 127.0.0.1:$MQ_PORT"
 fi
 
 elapsed=$(($(date +%s) - started_at))
