@@ -78,7 +78,7 @@ impl Target {
         )
     }
 
-    fn validate(&self) -> anyhow::Result<()> {
+    pub fn validate(&self) -> anyhow::Result<()> {
         let parts: Vec<&str> = self.table.split('.').collect();
         if parts.len() > 2 || parts.iter().any(|p| !is_identifier(p)) {
             bail!(

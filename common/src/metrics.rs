@@ -6,6 +6,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use crate::ledger::RunState;
 use anyhow::Context;
 use http_body_util::Full;
 use hyper::body::Bytes;
@@ -37,17 +38,6 @@ pub const NAMES: &[&str] = &[
     "rekey_probe_impact_pct",
     "rekey_throttle_window",
     "rekey_throttle_gap_ms",
-];
-
-/// The run states `rekey_run_state` reports (1 for the current one, 0 for the others).
-pub const RUN_STATES: &[&str] = &[
-    "planning",
-    "running",
-    "paused",
-    "halted",
-    "completed",
-    "failed",
-    "rolled_back",
 ];
 
 /// The outcomes `batches_total` counts.
@@ -245,12 +235,15 @@ impl Metrics {
         self.batches_in_progress.add(0, &[]);
     }
 
-    /// Records the run's state as 1 and every other state as 0.
-    pub fn set_run_state(&self, run_id: i64, state: &str) {
-        for s in RUN_STATES {
+    /// Records the run's state as 1 and every other state (`RunState::ALL`) as 0.
+    pub fn set_run_state(&self, run_id: i64, state: RunState) {
+        for s in RunState::ALL {
             self.run_state.record(
                 u64::from(*s == state),
-                &[KeyValue::new("run_id", run_id), KeyValue::new("state", *s)],
+                &[
+                    KeyValue::new("run_id", run_id),
+                    KeyValue::new("state", s.as_str()),
+                ],
             );
         }
     }
@@ -338,7 +331,7 @@ mod tests {
         m.rotation_duration
             .record(1.0, &[KeyValue::new("run_id", 1)]);
         m.audit_gap.record(1.0, &[KeyValue::new("run_id", 1)]);
-        m.set_run_state(1, "running");
+        m.set_run_state(1, RunState::Running);
         m.run_stage.record(0, &[KeyValue::new("run_id", 1)]);
         m.run_rows_rotated.record(3, &[KeyValue::new("run_id", 1)]);
         m.run_error_rate.record(0.0, &[KeyValue::new("run_id", 1)]);

@@ -20,7 +20,7 @@ use rekey_common::audit::{self, AuditEntry};
 use rekey_common::broker::{self, Topology};
 use rekey_common::keys::master::MasterKey;
 use rekey_common::keys::store;
-use rekey_common::ledger::{self, Progress, Run, RunKind, RunState};
+use rekey_common::ledger::{self, Progress, Run, RunKind, RunState, StageState};
 use rekey_common::metrics::Metrics;
 use rekey_common::notify::{Event, Notifier};
 use tracing::Instrument;
@@ -106,54 +106,24 @@ async fn publish_window(
 ) -> anyhow::Result<usize> {
     let client = pool.get().await?;
     // Leases that ran out: publish again, or give up after max_attempts.
-    client
-        .execute(
-            "UPDATE rekey.batches SET state = 'failed', error = 'no worker completed it after ' || attempts || ' publications'
-              WHERE run_id = $1 AND state = 'published' AND lease_until < now() AND attempts >= $2",
-            &[&run_id, &opts.max_attempts],
-        )
-        .await?;
-    client
-        .execute(
-            "UPDATE rekey.batches SET state = 'pending' WHERE run_id = $1 AND state = 'published' AND lease_until < now()",
-            &[&run_id],
-        )
-        .await?;
-    let in_flight: i64 = client
-        .query_one(
-            "SELECT count(*) FROM rekey.batches WHERE run_id = $1 AND state = 'published'",
-            &[&run_id],
-        )
-        .await?
-        .get(0);
+    ledger::expire_leases(&**client, run_id, opts.max_attempts).await?;
+    let in_flight = ledger::in_flight(&**client, run_id).await?;
     let room = (window - in_flight).max(0);
     if room == 0 {
         return Ok(0);
     }
-    let lease_ms = opts.lease.as_millis() as i64;
-    let rows = client
-        .query(
-            "UPDATE rekey.batches b SET state = 'published', attempts = attempts + 1, published_at = now(),
-                    lease_until = now() + make_interval(secs => $3::float8 / 1000)
-               FROM (SELECT batch_no FROM rekey.batches WHERE run_id = $1 AND state = 'pending'
-                      ORDER BY batch_no LIMIT $2 FOR UPDATE SKIP LOCKED) p
-              WHERE b.run_id = $1 AND b.batch_no = p.batch_no
-          RETURNING b.batch_no, b.stage_no, b.table_name, b.id_lo, b.id_hi, b.attempts",
-            &[&run_id, &room, &(lease_ms as f64)],
-        )
-        .await?;
-    // SKIP LOCKED above only keeps two coordinators from publishing the same batch at once;
-    // a worker never takes rows that way.
-    for r in &rows {
+    let rows = ledger::publish_next(&**client, run_id, room, opts.lease.as_millis() as f64).await?;
+    let n = rows.len();
+    for p in rows {
         let msg = BatchMessage {
             format: FORMAT_VERSION,
             run_id,
-            batch_no: r.get(0),
-            stage_no: r.get(1),
-            table: r.get(2),
-            id_lo: r.get(3),
-            id_hi: r.get(4),
-            attempt: r.get(5),
+            batch_no: p.batch_no,
+            stage_no: p.stage_no,
+            table: p.table,
+            id_lo: p.id_lo,
+            id_hi: p.id_hi,
+            attempt: p.attempt,
         };
         rekey_common::failpoint!("coordinator.before_publish");
         // A span per publication; its trace context travels in the message's headers, so
@@ -170,7 +140,7 @@ async fn publish_window(
             .await
             .with_context(|| format!("publish batch {} of run {run_id}", msg.batch_no))?;
     }
-    Ok(rows.len())
+    Ok(n)
 }
 
 struct Display {
@@ -427,15 +397,15 @@ async fn step(
         };
     }
     drop(client);
-    if stage.state != "running" {
+    if stage.state != StageState::Running {
         // Gating or observing (perhaps for a day): the throttle's probe is not needed.
         rt.prober = None;
     }
-    match stage.state.as_str() {
-        "pending" => {
+    match stage.state {
+        StageState::Pending => {
             start_stage(pool, settings, &run, stage_no).await?;
         }
-        "running" => {
+        StageState::Running => {
             let throttle = rt.throttle.get_or_insert_with(|| {
                 // Slow start answers the probe: without a throttle it would only slow.
                 gate::Throttle::new(
@@ -588,19 +558,13 @@ async fn step(
             }
             display.update(run_id, &total, &stage);
             if p.is_finished() {
-                pool.get()
-                    .await?
-                    .execute(
-                        "UPDATE rekey.stages SET state = 'gating', gated_at = now() WHERE run_id = $1 AND stage_no = $2 AND state = 'running'",
-                        &[&run_id, &stage_no],
-                    )
-                    .await?;
+                ledger::begin_gating(&**pool.get().await?, run_id, stage_no).await?;
             }
         }
-        "gating" => {
+        StageState::Gating => {
             return gate_stage(pool, settings, &opts.notifier, &run, &stage, rt).await;
         }
-        "observing" => {
+        StageState::Observing => {
             let every = Duration::from_secs_f64(
                 (run_observe_secs(&run, stage_no) as f64 / 5.0).clamp(0.2, 60.0),
             );
@@ -617,16 +581,14 @@ async fn step(
                 let client = pool.get().await?;
                 let (read, failures) =
                     gate::observe_sample(&**client, &run, ring, stage_no).await?;
-                client
-                    .execute(
-                        "UPDATE rekey.stages SET gate = jsonb_set(COALESCE(gate, '{}'), '{observation}', jsonb_build_object(
-                            'checks', COALESCE((gate->'observation'->>'checks')::int8, 0) + 1,
-                            'values_read', COALESCE((gate->'observation'->>'values_read')::int8, 0) + $3,
-                            'failures', COALESCE((gate->'observation'->>'failures')::int8, 0) + $4))
-                          WHERE run_id = $1 AND stage_no = $2",
-                        &[&run_id, &stage_no, &(read as i64), &(failures.len() as i64)],
-                    )
-                    .await?;
+                ledger::add_observation(
+                    &**client,
+                    run_id,
+                    stage_no,
+                    read as i64,
+                    failures.len() as i64,
+                )
+                .await?;
                 if !failures.is_empty() {
                     let reason = format!(
                         "observation: {} rotated value(s) failed to decrypt, e.g. {}",
@@ -675,8 +637,8 @@ async fn step(
                 display.awaiting(run_id, &stage);
             }
         }
-        "breached" => return Ok(Some(RunState::Halted)),
-        _ => {}
+        StageState::Breached => return Ok(Some(RunState::Halted)),
+        StageState::Passed => {}
     }
     Ok(None)
 }
@@ -684,7 +646,7 @@ async fn step(
 /// The run's gauges: state, stage, duration, rows rotated and error rate (from the ledger).
 fn record_run(m: &Metrics, run: &Run) {
     let label = [KeyValue::new("run_id", run.id)];
-    m.set_run_state(run.id, run.state.as_str());
+    m.set_run_state(run.id, run.state);
     m.run_stage.record(run.current_stage.max(0) as u64, &label);
     let end = run.finished_at.unwrap_or_else(chrono::Utc::now);
     m.rotation_duration.record(
@@ -806,12 +768,7 @@ pub async fn start_stage_in(
             ((rows as f64 / fraction).ceil() as i64).max(1),
         );
     }
-    let n = tx
-        .execute(
-            "UPDATE rekey.stages SET state = 'running', started_at = now() WHERE run_id = $1 AND stage_no = $2 AND state = 'pending'",
-            &[&run.id, &stage_no],
-        )
-        .await?;
+    let n = ledger::start_stage(tx, run.id, stage_no).await?;
     if n == 0 {
         return Ok(0);
     }
@@ -884,12 +841,7 @@ async fn gate_stage(
         let mut client = pool.get().await?;
         let tx = client.transaction().await?;
         ledger::insert_batches(&*tx, run.id, &plans).await?;
-        tx.execute(
-            "UPDATE rekey.stages SET state = 'running', gate = jsonb_build_object('sweeps', $3::int8)
-              WHERE run_id = $1 AND stage_no = $2 AND state = 'gating'",
-            &[&run.id, &stage_no, &i64::from(sweeps + 1)],
-        )
-        .await?;
+        ledger::sweep_again(&*tx, run.id, stage_no, i64::from(sweeps + 1)).await?;
         tx.commit().await?;
         return Ok(None);
     }
@@ -904,10 +856,12 @@ async fn gate_stage(
     let observe = run_observe_secs(run, stage_no);
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
-    tx.execute(
-        "UPDATE rekey.stages SET state = 'observing', gate = $3, observe_until = now() + make_interval(secs => $4::float8)
-          WHERE run_id = $1 AND stage_no = $2 AND state = 'gating'",
-        &[&run.id, &stage_no, &serde_json::to_value(&decision)?, &(observe as f64)],
+    ledger::begin_observing(
+        &*tx,
+        run.id,
+        stage_no,
+        &serde_json::to_value(&decision)?,
+        observe as f64,
     )
     .await?;
     // The gate's decision, then the seal of the stage's batch audit chains.
@@ -984,11 +938,7 @@ async fn mark_breach(
 ) -> anyhow::Result<RunState> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
-    tx.execute(
-        "UPDATE rekey.stages SET state = 'breached', gate = COALESCE($3, gate), finished_at = now() WHERE run_id = $1 AND stage_no = $2",
-        &[&run.id, &stage_no, &gate_json],
-    )
-    .await?;
+    ledger::breach_stage(&*tx, run.id, stage_no, gate_json.as_ref()).await?;
     ledger::set_run_state(
         &*tx,
         run.id,

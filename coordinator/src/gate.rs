@@ -12,7 +12,7 @@ use rekey_common::audit::{self, AuditEntry};
 use rekey_common::config::{Target, quote_ident};
 use rekey_common::envelope::{self, FieldLocation};
 use rekey_common::keys::ring::KeyRing;
-use rekey_common::ledger::{self, BatchPlan, Run, RunState};
+use rekey_common::ledger::{self, BatchPlan, Run, RunState, StageState};
 use rekey_common::stages;
 use serde::Serialize;
 use serde_json::json;
@@ -525,8 +525,8 @@ pub fn promotion_refusal(
     stage: &ledger::Stage,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Option<String> {
-    match stage.state.as_str() {
-        "observing" => match stage.observe_until {
+    match stage.state {
+        StageState::Observing => match stage.observe_until {
             Some(until) if now < until => Some(format!(
                 "stage {} ({}%) is under observation until {} ({} s from now)",
                 stage.stage_no,
@@ -536,12 +536,12 @@ pub fn promotion_refusal(
             )),
             _ => None,
         },
-        "passed" => Some(format!("stage {} has already passed", stage.stage_no)),
-        "breached" => Some(format!(
+        StageState::Passed => Some(format!("stage {} has already passed", stage.stage_no)),
+        StageState::Breached => Some(format!(
             "stage {} breached its gates; resume or roll back the run",
             stage.stage_no
         )),
-        other => Some(format!(
+        other @ (StageState::Pending | StageState::Running | StageState::Gating) => Some(format!(
             "stage {} ({}%) is {other}: its gates have not passed yet",
             stage.stage_no, stage.percent
         )),
@@ -559,13 +559,7 @@ pub async fn advance(
 ) -> anyhow::Result<bool> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
-    let n = tx
-        .execute(
-            "UPDATE rekey.stages SET state = 'passed', finished_at = now()
-              WHERE run_id = $1 AND stage_no = $2 AND state = 'observing' AND observe_until <= now()",
-            &[&run.id, &stage_no],
-        )
-        .await?;
+    let n = ledger::pass_stage(&*tx, run.id, stage_no).await?;
     if n == 0 {
         return Ok(false);
     }
@@ -573,11 +567,7 @@ pub async fn advance(
     if last {
         ledger::set_run_state(&*tx, run.id, RunState::Completed, None).await?;
     } else {
-        tx.execute(
-            "UPDATE rekey.runs SET current_stage = $2 WHERE id = $1 AND current_stage = $3",
-            &[&run.id, &(stage_no + 1), &stage_no],
-        )
-        .await?;
+        ledger::advance_stage(&*tx, run.id, stage_no).await?;
     }
     audit::record(
         &*tx,
@@ -792,7 +782,7 @@ mod tests {
             run_id: 1,
             stage_no: 0,
             percent: 1,
-            state: "running".into(),
+            state: StageState::Running,
             started_at: None,
             gated_at: None,
             observe_until: None,
@@ -804,7 +794,7 @@ mod tests {
                 .unwrap()
                 .contains("gates have not passed")
         );
-        st.state = "observing".into();
+        st.state = StageState::Observing;
         st.observe_until = Some(now + chrono::Duration::hours(24));
         assert!(
             promotion_refusal(&st, now)

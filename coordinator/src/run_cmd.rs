@@ -8,7 +8,9 @@ use deadpool_postgres::Pool;
 use rekey_common::Settings;
 use rekey_common::keys::master::MasterKey;
 use rekey_common::keys::{KeyKind, KeyState, store};
-use rekey_common::ledger::{self, NewRun, Progress, Run, RunKind, RunSettings, RunState};
+use rekey_common::ledger::{
+    self, NewRun, Progress, Run, RunKind, RunSettings, RunState, StageState,
+};
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -446,28 +448,11 @@ pub async fn resume(pool: &Pool, run_id: i64) -> anyhow::Result<Run> {
     }
     // Batches marked published may have lost their message; failed ones get another
     // chance now that the operator fixed the cause.
-    client
-        .execute(
-            "UPDATE rekey.batches SET state = 'pending', lease_until = NULL, attempts = CASE WHEN state = 'failed' THEN 0 ELSE attempts END
-              WHERE run_id = $1 AND state IN ('published', 'failed')",
-            &[&run_id],
-        )
-        .await?;
+    ledger::reopen_batches(&**client, run_id).await?;
     // A breached stage runs again: what is left is published, then it is gated anew.
-    client
-        .execute(
-            "UPDATE rekey.stages SET state = 'running', finished_at = NULL
-              WHERE run_id = $1 AND stage_no = $2 AND state = 'breached'",
-            &[&run_id, &run.current_stage],
-        )
-        .await?;
+    ledger::rerun_breached(&**client, run_id, run.current_stage).await?;
     ledger::set_run_state(&**client, run_id, RunState::Running, None).await?;
-    client
-        .execute(
-            "UPDATE rekey.runs SET halt_reason = NULL WHERE id = $1",
-            &[&run_id],
-        )
-        .await?;
+    ledger::clear_halt_reason(&**client, run_id).await?;
     record_action(
         &**client,
         &run,
@@ -588,8 +573,10 @@ pub fn print_status(s: &Status) {
         } else {
             " "
         };
-        let until = match (st.state.as_str(), st.observe_until) {
-            ("observing", Some(u)) => format!(" until {}", u.format("%Y-%m-%d %H:%M:%S UTC")),
+        let until = match (st.state, st.observe_until) {
+            (StageState::Observing, Some(u)) => {
+                format!(" until {}", u.format("%Y-%m-%d %H:%M:%S UTC"))
+            }
             _ => String::new(),
         };
         let why = st

@@ -22,7 +22,7 @@ use rekey_common::audit::{self, AuditEntry};
 use rekey_common::broker::{self, Topology};
 use rekey_common::messages::{BatchMessage, BatchReport, FORMAT_VERSION, Outcome};
 use rekey_common::metrics::{self, Metrics, key_label};
-use rekey_common::{Settings, db, telemetry};
+use rekey_common::{Settings, db, ledger, telemetry};
 use serde_json::json;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -359,10 +359,12 @@ async fn handle_in(shared: &Shared, publish_ch: &Channel, delivery: Delivery) {
 async fn mark_failed(shared: &Shared, msg: &BatchMessage, reason: &str) {
     let result = async {
         let c = shared.pool.get().await?;
-        c.execute(
-            "UPDATE rekey.batches SET state = 'failed', error = $3, worker = $4, lease_until = NULL
-              WHERE run_id = $1 AND batch_no = $2 AND state <> 'done'",
-            &[&msg.run_id, &msg.batch_no, &reason, &shared.batch.worker_id],
+        ledger::mark_failed(
+            &**c,
+            msg.run_id,
+            msg.batch_no,
+            reason,
+            &shared.batch.worker_id,
         )
         .await?;
         anyhow::Ok(())

@@ -21,7 +21,7 @@ use rekey_common::config::{Target, quote_ident};
 use rekey_common::envelope::{self, FieldLocation};
 use rekey_common::keys::ring::KeyRing;
 use rekey_common::keys::store;
-use rekey_common::ledger::RunKind;
+use rekey_common::ledger::{self, BatchState, RunKind, RunState};
 use rekey_common::messages::{BatchMessage, Outcome};
 use rekey_common::stages;
 use serde_json::json;
@@ -73,6 +73,22 @@ pub enum BatchError {
 impl From<tokio_postgres::Error> for BatchError {
     fn from(e: tokio_postgres::Error) -> Self {
         classify(e)
+    }
+}
+
+impl From<ledger::LedgerError> for BatchError {
+    fn from(e: ledger::LedgerError) -> Self {
+        match e {
+            ledger::LedgerError::Db(e) => classify(e),
+            // The run's row cannot be read (targets or a state this worker does not know):
+            // nothing this message asks can be done.
+            e @ (ledger::LedgerError::Unreadable { .. } | ledger::LedgerError::Unknown { .. }) => {
+                BatchError::Poison(e.to_string())
+            }
+            e @ (ledger::LedgerError::Illegal { .. } | ledger::LedgerError::NotFound(_)) => {
+                BatchError::Failed(e.to_string())
+            }
+        }
     }
 }
 
@@ -325,9 +341,9 @@ impl Computed {
 
 /// The ledger's view of a batch and its run, read under the batch row's lock.
 struct Claim {
-    batch_state: String,
+    batch_state: BatchState,
     kind: RunKind,
-    run_state: String,
+    run_state: RunState,
     target_key_id: Uuid,
     target: Target,
     stages: Vec<i32>,
@@ -337,35 +353,28 @@ struct Claim {
     source_key_ids: Option<Vec<Uuid>>,
 }
 
-/// Claims the batch: locks its ledger row and checks the message against the ledger.
+/// Claims the batch (the ledger locks its row) and checks the message against the ledger.
 async fn claim(
     tx: &tokio_postgres::Transaction<'_>,
     msg: &BatchMessage,
 ) -> Result<Claim, BatchError> {
-    let row = tx
-        .query_opt(
-            "SELECT b.state, b.table_name, b.id_lo, b.id_hi, b.stage_no, r.kind, r.state, r.target_key_id,
-                    r.targets, r.stages, r.seed, b.cumulative, r.source_key_ids
-               FROM rekey.batches b JOIN rekey.runs r ON r.id = b.run_id
-              WHERE b.run_id = $1 AND b.batch_no = $2
-                FOR UPDATE OF b",
-            &[&msg.run_id, &msg.batch_no],
-        )
-        .await?;
-    let Some(row) = row else {
-        let run_exists = tx
-            .query_opt("SELECT 1 FROM rekey.runs WHERE id = $1", &[&msg.run_id])
-            .await?
-            .is_some();
-        return Err(BatchError::Poison(if run_exists {
-            format!("run {} has no batch {}", msg.run_id, msg.batch_no)
-        } else {
-            format!("unknown run {}", msg.run_id)
-        }));
+    let b = match ledger::claim(tx, msg.run_id, msg.batch_no).await? {
+        ledger::Claimed::Batch(b) => b,
+        ledger::Claimed::NoBatch => {
+            return Err(BatchError::Poison(format!(
+                "run {} has no batch {}",
+                msg.run_id, msg.batch_no
+            )));
+        }
+        ledger::Claimed::NoRun => {
+            return Err(BatchError::Poison(format!("unknown run {}", msg.run_id)));
+        }
     };
-    let (table, lo, hi, stage_no): (String, i64, i64, i32) =
-        (row.get(1), row.get(2), row.get(3), row.get(4));
-    if table != msg.table || lo != msg.id_lo || hi != msg.id_hi || stage_no != msg.stage_no {
+    if b.table != msg.table
+        || b.id_lo != msg.id_lo
+        || b.id_hi != msg.id_hi
+        || b.stage_no != msg.stage_no
+    {
         return Err(BatchError::Poison(format!(
             "batch {} of run {} disagrees with the ledger: message says {} ids {}..={} stage {}, ledger says {} ids {}..={} stage {}",
             msg.batch_no,
@@ -374,36 +383,33 @@ async fn claim(
             msg.id_lo,
             msg.id_hi,
             msg.stage_no,
-            table,
-            lo,
-            hi,
-            stage_no
+            b.table,
+            b.id_lo,
+            b.id_hi,
+            b.stage_no
         )));
     }
-    let targets: Vec<Target> = serde_json::from_value(row.get(8)).map_err(|e| {
-        BatchError::Poison(format!("run {} has unreadable targets: {e}", msg.run_id))
-    })?;
-    let target = targets
+    let b = *b;
+    let target = b
+        .targets
         .into_iter()
-        .find(|t| t.table == table)
+        .find(|t| t.table == b.table)
         .ok_or_else(|| {
-            BatchError::Poison(format!("run {} has no target table {table}", msg.run_id))
+            BatchError::Poison(format!(
+                "run {} has no target table {}",
+                msg.run_id, b.table
+            ))
         })?;
-    let kind = match row.get::<_, &str>(5) {
-        "rotation" => RunKind::Rotation,
-        "dry_run" => RunKind::DryRun,
-        _ => RunKind::Rollback,
-    };
     Ok(Claim {
-        batch_state: row.get(0),
-        kind,
-        run_state: row.get(6),
-        target_key_id: row.get(7),
+        batch_state: b.state,
+        kind: b.run_kind,
+        run_state: b.run_state,
+        target_key_id: b.target_key_id,
         target,
-        stages: row.get(9),
-        seed: row.get(10),
-        cumulative: row.get(11),
-        source_key_ids: row.get(12),
+        stages: b.stages,
+        seed: b.seed,
+        cumulative: b.cumulative,
+        source_key_ids: b.source_key_ids,
     })
 }
 
@@ -448,18 +454,16 @@ async fn rotate_in(
         async { tx.batch_execute(&limits).await.map_err(BatchError::from) },
         claim(&tx, msg)
     )?;
-    match claim.batch_state.as_str() {
-        "done" | "failed" => return Ok((Outcome::AlreadyDone, Counts::default(), Vec::new())),
-        _ => {}
+    match claim.batch_state {
+        BatchState::Done | BatchState::Failed => {
+            return Ok((Outcome::AlreadyDone, Counts::default(), Vec::new()));
+        }
+        BatchState::Pending | BatchState::Published => {}
     }
     rekey_common::failpoint!("worker.after_claim");
-    if claim.run_state != "running" {
+    if claim.run_state != RunState::Running {
         // Paused, halted or over: hand the batch back so that `resume` publishes it again.
-        tx.execute(
-            "UPDATE rekey.batches SET state = 'pending', lease_until = NULL WHERE run_id = $1 AND batch_no = $2 AND state = 'published'",
-            &[&msg.run_id, &msg.batch_no],
-        )
-        .await?;
+        ledger::hand_back(&*tx, msg.run_id, msg.batch_no).await?;
         tx.commit().await?;
         return Ok((Outcome::Skipped, Counts::default(), Vec::new()));
     }
@@ -737,27 +741,19 @@ async fn record(
     })?;
     let (tail_id, tail_hash) = tail.last.unzip();
     let c = computed.counts;
-    let done_params: [&(dyn ToSql + Sync); 12] = [
-        &msg.run_id,
-        &msg.batch_no,
-        &settings.worker_id,
-        &c.n_rows,
-        &c.n_values,
-        &c.n_rotated,
-        &c.n_skipped,
-        &c.n_null,
-        &c.n_errors,
-        &tail_id,
-        &tail_hash,
-        &tail.entries,
-    ];
-    let done = tx.execute(
-        "UPDATE rekey.batches SET state = 'done', done_at = now(), lease_until = NULL, worker = $3,
-                n_rows = $4, n_values = $5, n_rotated = $6, n_skipped = $7, n_null = $8, n_errors = $9, error = NULL,
-                audit_tail_id = $10, audit_tail = $11, audit_entries = $12
-          WHERE run_id = $1 AND batch_no = $2",
-        &done_params,
-    );
+    let d = ledger::DoneBatch {
+        worker: settings.worker_id.clone(),
+        n_rows: c.n_rows,
+        n_values: c.n_values,
+        n_rotated: c.n_rotated,
+        n_skipped: c.n_skipped,
+        n_null: c.n_null,
+        n_errors: c.n_errors,
+        audit_tail_id: tail_id,
+        audit_tail: tail_hash,
+        audit_entries: tail.entries,
+    };
+    let done = ledger::mark_done(tx, msg.run_id, msg.batch_no, &d);
     // Last before the commit (pipelined after the ledger write, so it runs after it):
     // every batch updates the key's counter row, so the row lock it takes is held only
     // for the commit.

@@ -2,3 +2,4 @@
 
 mod format_md;
 mod key_store;
+mod ledger;

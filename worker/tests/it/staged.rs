@@ -54,6 +54,8 @@ async fn stage_state(env: &Env, run_id: i64, stage_no: i32) -> String {
         .unwrap()
         .unwrap()
         .state
+        .as_str()
+        .to_owned()
 }
 
 async fn wait_stage(env: &Env, run_id: i64, stage_no: i32, state: &str) {
@@ -229,9 +231,10 @@ async fn corrupt_values_above_the_threshold_halt_the_run_at_the_gate_and_below_i
     .unwrap();
     assert_eq!(env.drive(run.id).await, RunState::Halted);
     let status = run_cmd::status(&env.db.pool, run.id).await.unwrap();
-    assert_eq!(status.stages[0].state, "breached");
+    assert_eq!(status.stages[0].state.as_str(), "breached");
     assert_eq!(
-        status.stages[1].state, "pending",
+        status.stages[1].state.as_str(),
+        "pending",
         "the run stopped at the first gate"
     );
     assert!(

@@ -1,0 +1,396 @@
+//! Runs: what a run is, its kind and its state machine, and the statements that change
+//! a run's row.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tokio_postgres::{GenericClient, Row};
+use uuid::Uuid;
+
+use super::{LedgerError, StateMachine, check, state_enum, state_machine, state_of};
+use crate::config::Target;
+
+state_enum! {
+    /// What a run does.
+    RunKind {
+        Rotation = "rotation",
+        /// Everything but the write; never touches a real run's progress.
+        DryRun = "dry_run",
+        Rollback = "rollback",
+    }
+}
+
+state_enum! {
+    /// Where a run is (see the module docs for its transitions).
+    RunState {
+        Planning = "planning",
+        Running = "running",
+        Paused = "paused",
+        Halted = "halted",
+        Completed = "completed",
+        Failed = "failed",
+        RolledBack = "rolled_back",
+    }
+}
+
+state_machine!(
+    RunState,
+    "run",
+    initial = Planning,
+    [
+        (Planning, Running),
+        (Planning, Failed),
+        (Running, Paused),
+        (Running, Halted),
+        (Running, Completed),
+        (Running, Failed),
+        (Paused, Running),
+        (Paused, Halted),
+        (Halted, Running),
+        (Halted, RolledBack),
+        (Completed, RolledBack),
+    ]
+);
+
+impl RunState {
+    /// Whether the run is over: nothing is left to drive (a completed run can still be
+    /// rolled back, by a run of its own).
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            RunState::Completed | RunState::Failed | RunState::RolledBack
+        )
+    }
+
+    /// The states in which a run is not over.
+    pub fn unfinished() -> impl Iterator<Item = RunState> {
+        Self::ALL.iter().copied().filter(|s| !s.is_final())
+    }
+}
+
+/// A run as recorded in the ledger.
+#[derive(Debug, Clone, Serialize)]
+pub struct Run {
+    pub id: i64,
+    pub kind: RunKind,
+    pub state: RunState,
+    pub target_key_id: Uuid,
+    pub previous_key_id: Option<Uuid>,
+    pub parent_run_id: Option<i64>,
+    pub targets: Vec<Target>,
+    pub stages: Vec<i32>,
+    pub current_stage: i32,
+    pub batch_size: i32,
+    pub seed: i64,
+    pub halt_reason: Option<String>,
+    pub source_key_ids: Option<Vec<Uuid>>,
+    pub settings: RunSettings,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+const RUN_COLUMNS: &str = "id, kind, state, target_key_id, previous_key_id, parent_run_id, targets, stages, \
+                           current_stage, batch_size, seed, halt_reason, source_key_ids, settings, created_at, started_at, finished_at";
+
+/// A run kind's text, read back.
+pub(super) fn kind_of(text: &str) -> Result<RunKind, LedgerError> {
+    RunKind::ALL
+        .iter()
+        .copied()
+        .find(|k| k.as_str() == text)
+        .ok_or_else(|| LedgerError::Unknown {
+            machine: "run kind",
+            text: text.to_owned(),
+        })
+}
+
+fn run_from(row: &Row) -> Result<Run, LedgerError> {
+    Ok(Run {
+        id: row.get("id"),
+        kind: kind_of(row.get("kind"))?,
+        state: state_of(row.get("state"))?,
+        target_key_id: row.get("target_key_id"),
+        previous_key_id: row.get("previous_key_id"),
+        parent_run_id: row.get("parent_run_id"),
+        targets: targets_from(row.get("id"), row.get("targets"))?,
+        stages: row.get("stages"),
+        current_stage: row.get("current_stage"),
+        batch_size: row.get("batch_size"),
+        seed: row.get("seed"),
+        halt_reason: row.get("halt_reason"),
+        source_key_ids: row.get("source_key_ids"),
+        settings: serde_json::from_value(row.get("settings")).unwrap_or_default(),
+        created_at: row.get("created_at"),
+        started_at: row.get("started_at"),
+        finished_at: row.get("finished_at"),
+    })
+}
+
+/// A run's targets as stored, each checked as the settings check them (they name tables
+/// and columns that go into SQL).
+pub(super) fn targets_from(id: i64, json: serde_json::Value) -> Result<Vec<Target>, LedgerError> {
+    let unreadable = |e: String| LedgerError::Unreadable {
+        what: format!("run {id}'s targets"),
+        error: e,
+    };
+    let targets: Vec<Target> =
+        serde_json::from_value(json).map_err(|e| unreadable(e.to_string()))?;
+    for t in &targets {
+        t.validate().map_err(|e| unreadable(format!("{e:#}")))?;
+    }
+    Ok(targets)
+}
+
+/// How a run is gated and paced, fixed when it is planned (kept in `runs.settings`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RunSettings {
+    /// Rows of the target tables when the run was planned.
+    pub planned_rows: i64,
+    /// Observation after the first stage (the playbook: 24 h after the canary).
+    pub observe_first_secs: u64,
+    /// Observation after every later stage (the playbook: 2 h between stages).
+    pub observe_secs: u64,
+    /// Advance to the next stage by itself once a stage's observation ends.
+    pub auto_advance: bool,
+    /// Roll back by itself when a gate is breached.
+    pub auto_rollback: bool,
+    /// A stage's decrypt error rate must stay below this (the playbook: 0.1%).
+    pub max_error_rate: f64,
+    /// Above this latency increase (percent) the coordinator throttles.
+    pub throttle_pct: f64,
+    /// Above this latency increase (percent), sustained, a stage is breached.
+    pub breach_pct: f64,
+    /// Latency increases smaller than this many milliseconds are noise, never impact.
+    pub min_impact_ms: f64,
+    /// The throttle's noise floor: it answers increases above this many milliseconds.
+    pub throttle_min_ms: f64,
+    /// Start each stage at one batch in flight and double while latency stays good.
+    pub slow_start: bool,
+    /// The probe query's latency before the run (median, milliseconds).
+    pub probe_baseline_ms: Option<f64>,
+    /// The probe's 95th percentile before the run (milliseconds; its reads, or the
+    /// configured probe query).
+    pub probe_baseline_p95_ms: Option<f64>,
+    /// The probe's 99th percentile before the run (milliseconds): the throttle's baseline
+    /// for the probe's reads (or the configured probe query) …
+    pub probe_baseline_p99_ms: Option<f64>,
+    /// … and for its writes.
+    pub probe_write_baseline_p99_ms: Option<f64>,
+    /// The probe writes as well as reads (`rekey.latency_probe`).
+    pub probe_writes: bool,
+    /// The application's own 99th percentile latency before the run (milliseconds), as the
+    /// operator knows it: the throttle's budget is `throttle_pct` of it (of the probe's own
+    /// p99 when unknown), and at least `throttle_min_ms`.
+    pub app_p99_ms: Option<f64>,
+    /// Longest allowed gap between audit entries while a stage runs (the playbook: 5 min).
+    pub max_audit_gap_secs: f64,
+    /// Rows read back and decrypted per table at each observation check.
+    pub observe_sample: i64,
+    /// A batch holds about this many bytes of values (the run's `batch_size` is then the
+    /// most rows a batch holds); 0: every batch holds `batch_size` rows.
+    pub batch_bytes: i64,
+}
+
+impl RunSettings {
+    /// The probe's p99 before the run for reads, or writes when `write`.
+    fn probe_p99(&self, write: bool) -> Option<f64> {
+        let reads = self
+            .probe_baseline_p99_ms
+            .or(self.probe_baseline_p95_ms)
+            .or(self.probe_baseline_ms);
+        if write {
+            self.probe_write_baseline_p99_ms.or(reads)
+        } else {
+            reads
+        }
+    }
+
+    /// The latency the throttle allows the probe to add to its p99 (milliseconds): an
+    /// absolute allowance, the same for reads and writes, since the application's p99 is
+    /// one figure.
+    pub fn throttle_budget_ms(&self) -> Option<f64> {
+        let base = self.probe_p99(false)?;
+        (self.throttle_pct > 0.0).then(|| {
+            (self.throttle_pct / 100.0 * self.app_p99_ms.unwrap_or(base)).max(self.throttle_min_ms)
+        })
+    }
+
+    /// A probe slower than this (milliseconds) counts against the throttle: the p99 before
+    /// the run of its kind (read or write) plus the budget. None: the throttle is off or
+    /// there is no baseline.
+    pub fn throttle_threshold_ms(&self, write: bool) -> Option<f64> {
+        Some(self.probe_p99(write)? + self.throttle_budget_ms()?)
+    }
+}
+
+impl Default for RunSettings {
+    fn default() -> Self {
+        Self {
+            planned_rows: 0,
+            observe_first_secs: 24 * 3600,
+            observe_secs: 2 * 3600,
+            auto_advance: false,
+            auto_rollback: false,
+            max_error_rate: 0.001,
+            throttle_pct: 15.0,
+            breach_pct: 20.0,
+            min_impact_ms: 2.0,
+            throttle_min_ms: 0.5,
+            slow_start: true,
+            probe_baseline_ms: None,
+            probe_baseline_p95_ms: None,
+            probe_baseline_p99_ms: None,
+            probe_write_baseline_p99_ms: None,
+            probe_writes: false,
+            app_p99_ms: None,
+            max_audit_gap_secs: 300.0,
+            observe_sample: 50,
+            batch_bytes: 0,
+        }
+    }
+}
+
+/// What a new run is.
+#[derive(Debug, Clone)]
+pub struct NewRun {
+    pub kind: RunKind,
+    pub target_key_id: Uuid,
+    pub previous_key_id: Option<Uuid>,
+    pub parent_run_id: Option<i64>,
+    pub targets: Vec<Target>,
+    pub stages: Vec<i32>,
+    pub batch_size: i32,
+    pub seed: i64,
+    pub operator: String,
+    pub source_key_ids: Option<Vec<Uuid>>,
+    pub settings: RunSettings,
+}
+
+pub async fn create_run<C: GenericClient>(c: &C, new: &NewRun) -> Result<Run, LedgerError> {
+    let targets = serde_json::to_value(&new.targets).expect("targets serialize");
+    let row = c
+        .query_one(
+            &format!(
+                "INSERT INTO rekey.runs (kind, state, target_key_id, previous_key_id, parent_run_id, targets, batch_size, seed,
+                                         operator, stages, source_key_ids, settings)
+                 VALUES ($1, $12, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING {RUN_COLUMNS}"
+            ),
+            &[
+                &new.kind.as_str(),
+                &new.target_key_id,
+                &new.previous_key_id,
+                &new.parent_run_id,
+                &targets,
+                &new.batch_size,
+                &new.seed,
+                &new.operator,
+                &new.stages,
+                &new.source_key_ids,
+                &serde_json::to_value(&new.settings).expect("settings serialize"),
+                &<RunState as StateMachine>::INITIAL.as_str(),
+            ],
+        )
+        .await?;
+    run_from(&row)
+}
+
+pub async fn get_run<C: GenericClient>(c: &C, id: i64) -> Result<Option<Run>, LedgerError> {
+    c.query_opt(
+        &format!("SELECT {RUN_COLUMNS} FROM rekey.runs WHERE id = $1"),
+        &[&id],
+    )
+    .await?
+    .map(|r| run_from(&r))
+    .transpose()
+}
+
+/// The most recent runs, newest first.
+pub async fn recent_runs<C: GenericClient>(c: &C, limit: i64) -> Result<Vec<Run>, LedgerError> {
+    c.query(
+        &format!("SELECT {RUN_COLUMNS} FROM rekey.runs ORDER BY id DESC LIMIT $1"),
+        &[&limit],
+    )
+    .await?
+    .iter()
+    .map(run_from)
+    .collect()
+}
+
+/// The newest run that is not over (see [`RunState::is_final`]), if any.
+pub async fn latest_unfinished_run<C: GenericClient>(c: &C) -> Result<Option<Run>, LedgerError> {
+    let states: Vec<&str> = RunState::unfinished().map(RunState::as_str).collect();
+    c.query_opt(
+        &format!(
+            "SELECT {RUN_COLUMNS} FROM rekey.runs WHERE state = ANY($1) ORDER BY id DESC LIMIT 1"
+        ),
+        &[&states],
+    )
+    .await?
+    .map(|r| run_from(&r))
+    .transpose()
+}
+
+/// Moves a run to `state`, with a reason when given (the coordinator is the only writer of
+/// run state). Refuses a change the table does not allow, naming both states.
+pub async fn set_run_state<C: GenericClient>(
+    c: &C,
+    id: i64,
+    state: RunState,
+    reason: Option<&str>,
+) -> Result<(), LedgerError> {
+    let row = c
+        .query_opt(
+            "SELECT state FROM rekey.runs WHERE id = $1 FOR UPDATE",
+            &[&id],
+        )
+        .await?
+        .ok_or_else(|| LedgerError::NotFound(format!("run {id}")))?;
+    let from: RunState = state_of(row.get(0))?;
+    check(format!("run {id}"), from, state)?;
+    let over: Vec<&str> = RunState::ALL
+        .iter()
+        .filter(|s| s.is_final())
+        .map(|s| s.as_str())
+        .collect();
+    c.execute(
+        "UPDATE rekey.runs SET state = $2, halt_reason = COALESCE($3, halt_reason),
+                started_at = CASE WHEN $2 = $4 THEN COALESCE(started_at, now()) ELSE started_at END,
+                finished_at = CASE WHEN $2 = ANY($5) THEN now() ELSE finished_at END
+          WHERE id = $1",
+        &[
+            &id,
+            &state.as_str(),
+            &reason,
+            &RunState::Running.as_str(),
+            &over,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Forgets why a run halted (it runs again).
+pub async fn clear_halt_reason<C: GenericClient>(c: &C, id: i64) -> Result<(), LedgerError> {
+    c.execute(
+        "UPDATE rekey.runs SET halt_reason = NULL WHERE id = $1",
+        &[&id],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Makes the stage after `passed` the run's current one; false if another process did.
+pub async fn advance_stage<C: GenericClient>(
+    c: &C,
+    id: i64,
+    passed: i32,
+) -> Result<bool, LedgerError> {
+    let n = c
+        .execute(
+            "UPDATE rekey.runs SET current_stage = $2 WHERE id = $1 AND current_stage = $3",
+            &[&id, &(passed + 1), &passed],
+        )
+        .await?;
+    Ok(n == 1)
+}
