@@ -79,7 +79,8 @@ export REKEY_QUEUE_PREFIX=rekey
 export REKEY_REPORTS_DIR="$work/reports"
 export REKEY_BACKUP_CHECK=none
 export RUST_LOG=${RUST_LOG:-warn}
-unset REKEY_MASTER_KEY REKEY_CONFIG
+unset REKEY_MASTER_KEY
+export REKEY_CONFIG="$repo/examples/rekey.demo.toml"   # the demo's tables, as the compose coordinator's
 
 "$BIN_DIR/rekey" migrate --demo >/dev/null
 "$BIN_DIR/rekey" keys init >/dev/null

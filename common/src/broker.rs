@@ -111,7 +111,7 @@ pub async fn connect_with_retry(
         match connect(url, name).await {
             Ok(c) => return Ok(c),
             Err(e) if start.elapsed() + delay < deadline => {
-                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "broker connection failed");
+                tracing::warn!(error = %format!("{e:#}"), retry_in_ms = delay.as_millis() as u64, "broker connection failed");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(10));
             }

@@ -141,7 +141,9 @@ impl Default for KeyPolicy {
     }
 }
 
-/// The demo application's targets, used when no configuration names any.
+/// The demo application's targets: what `rekey demo` and the load-test tools rotate. Never
+/// a default for anything else: without `[[targets]]` commands refuse
+/// ([`Settings::require_targets`]).
 pub fn demo_targets() -> Vec<Target> {
     let t = |table: &str, cols: &[&str]| Target {
         table: table.to_owned(),
@@ -238,6 +240,8 @@ pub struct Settings {
     pub database_url_from: String,
     /// Where `amqp_url` came from, likewise.
     pub amqp_url_from: String,
+    /// The configuration file read, if any.
+    pub config_file: Option<PathBuf>,
     pub master_key: MasterKeySource,
     /// The prefix of every queue and exchange name, so that test runs and environments
     /// sharing one broker never see each other's messages.
@@ -377,11 +381,7 @@ impl Settings {
             .or(file.actor)
             .unwrap_or_else(default_actor);
 
-        let targets = if file.targets.is_empty() {
-            demo_targets()
-        } else {
-            file.targets
-        };
+        let targets = file.targets;
         for t in &targets {
             t.validate().context("invalid targets in configuration")?;
         }
@@ -422,6 +422,7 @@ impl Settings {
             amqp_url: SecretString::from(amqp_url),
             database_url_from,
             amqp_url_from,
+            config_file: path,
             master_key,
             queue_prefix,
             actor,
@@ -446,6 +447,29 @@ impl Settings {
     /// The database's address without user or password, for messages.
     pub fn database_display(&self) -> String {
         redacted_pg(self.database_url.expose_secret())
+    }
+
+    /// The tables and columns to rotate, or, when the settings name none, an error saying
+    /// where to name them. Called before a command changes anything.
+    pub fn require_targets(&self) -> anyhow::Result<&[Target]> {
+        if !self.targets.is_empty() {
+            return Ok(&self.targets);
+        }
+        let file = match &self.config_file {
+            Some(p) => format!("{} has no [[targets]]", p.display()),
+            None => {
+                "no rekey.toml was found (./rekey.toml, or the file --config or REKEY_CONFIG names)"
+                    .to_owned()
+            }
+        };
+        bail!(
+            "no tables to rotate: {file}. Name each table and its encrypted columns in rekey.toml:\n\n\
+             [[targets]]\n\
+             table = \"public.users\"      # [schema.]table\n\
+             id_column = \"id\"            # its bigint primary key\n\
+             columns = [\"email\", \"phone\"]  # bytea columns holding rekey envelopes\n\n\
+             Nothing was changed. (`rekey demo` rotates the demo schema's tables by itself.)"
+        )
     }
 
     pub fn target(&self, table: &str) -> Option<&Target> {
@@ -475,6 +499,39 @@ fn url_setting(
             format!("rekey's default: neither {var} nor {key} in rekey.toml is set"),
         )
     }
+}
+
+/// `targets` as `rekey.toml` writes them (for tools that hand a configuration to rekey's
+/// binaries, e.g. the demo's targets to a load test's coordinator).
+pub fn targets_toml(targets: &[Target]) -> String {
+    let mut out = String::new();
+    for t in targets {
+        let cols: Vec<String> = t.columns.iter().map(|c| format!("{c:?}")).collect();
+        out.push_str(&format!(
+            "[[targets]]\ntable = {:?}\nid_column = {:?}\ncolumns = [{}]\n\n",
+            t.table,
+            t.id_column,
+            cols.join(", ")
+        ));
+    }
+    out
+}
+
+/// A `rekey.toml` in the temporary directory naming the demo schema's tables, for tools and
+/// tests that hand the demo data to rekey's binaries (`--config` / `REKEY_CONFIG`). One file
+/// for every process (the same content, written to a temporary name and renamed into
+/// place, so a reader never sees it half written).
+pub fn demo_config_file() -> std::io::Result<PathBuf> {
+    let dir = std::env::temp_dir();
+    let p = dir.join("rekey-demo-targets.toml");
+    let tmp = dir.join(format!(
+        "rekey-demo-targets.toml.{}.{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    std::fs::write(&tmp, targets_toml(&demo_targets()))?;
+    std::fs::rename(&tmp, &p)?;
+    Ok(p)
 }
 
 /// `host:port/dbname` of a PostgreSQL URL, without credentials.
@@ -513,6 +570,24 @@ mod tests {
             .iter()
             .map(|(k, v)| ((*k).into(), (*v).into()))
             .collect()
+    }
+
+    #[test]
+    fn the_shipped_demo_settings_name_the_demo_targets() {
+        let shipped: FileSettings =
+            toml::from_str(include_str!("../../examples/rekey.demo.toml")).unwrap();
+        assert_eq!(shipped.targets, demo_targets());
+    }
+
+    #[test]
+    fn targets_toml_reads_back_as_the_same_targets() {
+        let dir = std::env::temp_dir().join(format!("rekey-targets-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("rekey.toml");
+        std::fs::write(&file, targets_toml(&demo_targets())).unwrap();
+        let s = Settings::from_sources(Some(&file), &env(&[])).unwrap();
+        assert_eq!(s.require_targets().unwrap(), demo_targets().as_slice());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -603,7 +678,10 @@ mod tests {
     fn defaults_need_no_configuration() {
         let s = Settings::from_sources(None, &env(&[])).unwrap();
         assert_eq!(s.database_display(), "127.0.0.1:5432/postgres");
-        assert_eq!(s.targets, demo_targets());
+        // No targets unless configured: the demo's tables are never a default.
+        assert!(s.targets.is_empty());
+        let e = s.require_targets().unwrap_err().to_string();
+        assert!(e.contains("[[targets]]") && e.contains("rekey.toml"), "{e}");
         assert!(matches!(s.master_key, MasterKeySource::None));
         assert_eq!(s.key_policy.field_rotation_days, 30);
     }

@@ -19,6 +19,12 @@ pub struct TestDb {
     admin_url: String,
 }
 
+/// A `rekey.toml` naming the demo schema's tables, for tests that run rekey's binaries on
+/// the demo data (`REKEY_CONFIG`).
+pub fn demo_config() -> std::path::PathBuf {
+    crate::config::demo_config_file().expect("write the demo targets")
+}
+
 /// The server tests use: `REKEY_TEST_DATABASE_URL` or the local default.
 pub fn admin_url() -> String {
     std::env::var("REKEY_TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_owned())
@@ -97,6 +103,7 @@ impl TestDb {
         let mut s = Settings::from_sources(Some(std::path::Path::new("/dev/null")), &env)
             .expect("test settings");
         s.database_url = SecretString::from(self.url.clone());
+        s.targets = crate::config::demo_targets();
         s
     }
 }

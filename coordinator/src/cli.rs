@@ -139,7 +139,8 @@ pub enum Command {
     },
     /// Resume a paused, halted or interrupted run, recomputing everything from the ledger.
     Resume {
-        run: i64,
+        /// The run; by default the newest run that is not over.
+        run: Option<i64>,
         #[arg(long)]
         detach: bool,
         #[command(flatten)]
@@ -344,6 +345,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Audit { command } => crate::audit_cmd::run(config, command).await,
         Command::Preflight { json } => {
             let settings = Settings::load(config)?;
+            settings.require_targets()?;
             let p = crate::preflight::run(&settings).await;
             print_json_or(json, &p, || p.print())?;
             Ok(if p.passed {
@@ -372,6 +374,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let (first, rest) = parse_observe(&observe)?;
             let key_propagation = parse_duration(&key_propagation).context("--key-propagation")?;
             let ctx = Context::connect(config).await?;
+            ctx.settings.require_targets()?;
             if !skip_preflight {
                 let p = crate::preflight::run(&ctx.settings).await;
                 if !p.passed {
@@ -473,6 +476,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             json,
         } => {
             let ctx = Context::connect(config).await?;
+            let run = match run {
+                Some(r) => r,
+                None => ledger::latest_unfinished_run(&**ctx.pool.get().await?)
+                    .await?
+                    .map(|r| r.id)
+                    .context("no run to resume: every run in the ledger is over (`rekey status` lists them)")?,
+            };
             let r = run_cmd::resume(&ctx.pool, run).await?;
             if !json {
                 eprintln!("run {} resumed", r.id);

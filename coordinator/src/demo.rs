@@ -121,10 +121,10 @@ pub async fn run(
     }
     let ring = Arc::new(store::load_ring(&**ctx.pool.get().await?, &master).await?);
     eprintln!("seeding {rows} records…");
-    let seeded = rekey_loadtest::seed::seed(
+    let seeded = rekey_demo::seed::seed(
         &ctx.pool,
         ring,
-        &rekey_loadtest::seed::SeedOptions {
+        &rekey_demo::seed::SeedOptions {
             rows,
             ..Default::default()
         },
@@ -185,8 +185,7 @@ pub async fn run(
     let code = follow(&ctx, run.id, false, &drive, false, "started").await?;
 
     let ring = store::load_ring(&**ctx.pool.get().await?, &master).await?;
-    let v =
-        rekey_loadtest::verify::verify(&ctx.pool, &ring, Some(run.target_key_id), 10_000).await?;
+    let v = rekey_demo::verify::verify(&ctx.pool, &ring, Some(run.target_key_id), 10_000).await?;
     println!(
         "verified: {} values under the new key decrypt to their original plaintext; mismatched {}, undecryptable {}, missing {}",
         v.ok, v.mismatched, v.undecryptable, v.missing

@@ -321,7 +321,9 @@ pub async fn run(config: Option<&Path>, command: KeysCommand) -> anyhow::Result<
         }
         KeysCommand::Retire { id, json } => {
             let tx = client.transaction().await?;
-            let rec = store::retire(&tx, id, &ctx.settings.targets, &actor)
+            // The census that guards retirement needs the tables: never retire blind.
+            let targets = ctx.settings.require_targets()?;
+            let rec = store::retire(&tx, id, targets, &actor)
                 .await
                 .with_context(|| format!("retire key {id}"))?;
             tx.commit().await?;
@@ -333,7 +335,8 @@ pub async fn run(config: Option<&Path>, command: KeysCommand) -> anyhow::Result<
         }
         KeysCommand::Destroy { id, json } => {
             let tx = client.transaction().await?;
-            let rec = store::destroy(&tx, id, &ctx.settings.targets, &actor)
+            let targets = ctx.settings.require_targets()?;
+            let rec = store::destroy(&tx, id, targets, &actor)
                 .await
                 .with_context(|| format!("destroy key {id}"))?;
             tx.commit().await?;
@@ -347,7 +350,7 @@ pub async fn run(config: Option<&Path>, command: KeysCommand) -> anyhow::Result<
             }
         }
         KeysCommand::Census { json } => {
-            let rows = census::census(&**client, &ctx.settings.targets).await?;
+            let rows = census::census(&**client, ctx.settings.require_targets()?).await?;
             let keys = store::list(&**client).await?;
             let report = CensusReport::new(rows, &keys);
             if json {
@@ -357,7 +360,12 @@ pub async fn run(config: Option<&Path>, command: KeysCommand) -> anyhow::Result<
             }
         }
         KeysCommand::Status { no_census, json } => {
-            let report = status(&**client, &ctx.settings.targets, !no_census).await?;
+            let targets = if no_census {
+                &[][..]
+            } else {
+                ctx.settings.require_targets()?
+            };
+            let report = status(&**client, targets, !no_census).await?;
             if json {
                 output::json(&report)?;
             } else {

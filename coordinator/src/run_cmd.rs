@@ -76,6 +76,7 @@ pub async fn start_rotation(
     master: &MasterKey,
     opts: &RotateOptions,
 ) -> anyhow::Result<Run> {
+    settings.require_targets()?;
     if opts.batch_size < 1 {
         bail!("--batch-size must be at least 1");
     }

@@ -670,6 +670,11 @@ pub async fn run(
     ));
     let prefix = format!("{}-bench-{}", settings.queue_prefix, std::process::id());
     report.queue_prefix = prefix.clone();
+    // rekey's binaries rotate the demo tables: name them unless the operator gave a file.
+    let config = match &opts.config {
+        Some(c) => c.clone(),
+        None => rekey_common::config::demo_config_file().context("write the demo targets")?,
+    };
     let env = |cmd: &mut tokio::process::Command| {
         cmd.env("REKEY_QUEUE_PREFIX", &prefix)
             .env(
@@ -678,9 +683,7 @@ pub async fn run(
             )
             .stdin(std::process::Stdio::null())
             .kill_on_drop(true);
-        if let Some(c) = &opts.config {
-            cmd.arg("--config").arg(c);
-        }
+        cmd.arg("--config").arg(&config);
     };
     let mut workers = Vec::new();
     let mut mem_watch = Vec::new();

@@ -306,9 +306,12 @@ pub async fn run(
     if let Some(b) = &broker {
         env.push(("REKEY_AMQP_URL".into(), b.url()));
     }
-    if let Some(c) = &opts.config {
-        env.push(("REKEY_CONFIG".into(), c.display().to_string()));
-    }
+    // rekey's binaries rotate the demo tables: name them unless the operator gave a file.
+    let config = match &opts.config {
+        Some(c) => c.clone(),
+        None => rekey_common::config::demo_config_file().context("write the demo targets")?,
+    };
+    env.push(("REKEY_CONFIG".into(), config.display().to_string()));
     let mut soak = Soak {
         pool: pool.clone(),
         rekey,

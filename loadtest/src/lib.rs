@@ -1,9 +1,8 @@
 //! rekey-loadtest: seeds the demo schema with encrypted records, verifies every value
 //! against the digest of its plaintext, and simulates application writes.
 //!
-//! - [`seed`]: deterministic records of realistic sizes, written with binary COPY, with
-//!   optional planted corrupt values.
-//! - [`verify`]: every value decrypts to its recorded digest; counts by key and outcome.
+//! - [`seed`], [`verify`]: the demo data and its verification, from the `rekey-demo` crate
+//!   (which `rekey demo` uses too).
 //! - [`traffic`]: application traffic: reads that decrypt, writes that encrypt.
 //! - [`bench`]: the throughput benchmark, (a) ceiling, (b) bare, (c) full.
 //! - [`chaos`]: the fault-injection soak: kills, broker restarts, terminated connections.
@@ -13,6 +12,6 @@
 pub mod bench;
 pub mod chaos;
 pub mod procs;
-pub mod seed;
 pub mod traffic;
-pub mod verify;
+
+pub use rekey_demo::{seed, verify};

@@ -434,7 +434,7 @@ async fn dead_letter(
     match shared.pool.get().await {
         Ok(c) => {
             if let Err(e) = audit::record(&**c, &[entry]).await {
-                tracing::warn!(error = %e, "could not audit a dead-lettered message");
+                tracing::warn!(error = %format!("{e:#}"), "could not audit a dead-lettered message");
             }
         }
         Err(e) => tracing::warn!(error = %e, "could not audit a dead-lettered message"),

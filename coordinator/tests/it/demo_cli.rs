@@ -108,3 +108,89 @@ fn demo_without_rabbitmq_names_the_url_its_setting_and_the_setup_command_and_mak
     assert!(!r.stderr.contains("hunter2secret"), "{}", r.stderr);
     assert!(dir.made().is_empty(), "{:?}", dir.made());
 }
+
+/// Outside `rekey demo`, settings without `[[targets]]` are refused by every command that
+/// would read or rotate tables, with an error that names `rekey.toml` and `[[targets]]`,
+/// before anything is written.
+#[tokio::test]
+async fn without_targets_commands_refuse_naming_rekey_toml_and_targets_and_change_nothing() {
+    let db = rekey_common::testing::TestDb::new().await;
+    let dir = Scratch::new();
+    let key = rekey_common::keys::master::generate_base64();
+    let env = [
+        ("REKEY_DATABASE_URL", db.url.as_str()),
+        (
+            "REKEY_MASTER_KEY",
+            secrecy::ExposeSecret::expose_secret(&key),
+        ),
+        ("REKEY_QUEUE_PREFIX", db.name.as_str()),
+        ("REKEY_BACKUP_CHECK", "none"),
+    ];
+    // Key operations that touch no table work without targets.
+    let r = rekey_in(&dir.0, &env, &["keys", "init"]);
+    assert!(r.ok, "{}", r.stderr);
+    let field_key: String = {
+        let c = db.pool.get().await.unwrap();
+        c.query_one(
+            "SELECT id::text FROM rekey.keys WHERE kind = 'field' AND state = 'active'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+    };
+    let counts = || async {
+        let c = db.pool.get().await.unwrap();
+        let row = c
+            .query_one(
+                "SELECT (SELECT count(*) FROM rekey.keys), (SELECT count(*) FROM rekey.runs),
+                        (SELECT count(*) FROM rekey.audit_log),
+                        (SELECT string_agg(id::text || state, ',' ORDER BY id) FROM rekey.keys)",
+                &[],
+            )
+            .await
+            .unwrap();
+        (
+            row.get::<_, i64>(0),
+            row.get::<_, i64>(1),
+            row.get::<_, i64>(2),
+            row.get::<_, String>(3),
+        )
+    };
+    let before = counts().await;
+    for args in [
+        vec!["keys", "census"],
+        vec!["keys", "status"],
+        vec!["preflight"],
+        vec!["rotate", "--key-propagation", "0s", "--observe", "0"],
+        vec![
+            "rotate",
+            "--skip-preflight",
+            "--detach",
+            "--key-propagation",
+            "0s",
+        ],
+        vec!["keys", "retire", field_key.as_str()],
+    ] {
+        let r = rekey_in(&dir.0, &env, &args);
+        assert!(!r.ok, "rekey {args:?} ran without targets");
+        assert!(
+            r.stderr.contains("[[targets]]") && r.stderr.contains("rekey.toml"),
+            "rekey {args:?}: {}",
+            r.stderr
+        );
+        assert!(!r.stderr.contains("demo."), "rekey {args:?}: {}", r.stderr);
+        assert_eq!(counts().await, before, "rekey {args:?} changed something");
+    }
+    // `keys status --no-census` reads no table and works.
+    let r = rekey_in(&dir.0, &env, &["keys", "status", "--no-census"]);
+    assert!(r.ok, "{}", r.stderr);
+    // With the targets in ./rekey.toml the census runs.
+    std::fs::write(
+        dir.0.join("rekey.toml"),
+        rekey_common::config::targets_toml(&rekey_common::config::demo_targets()),
+    )
+    .unwrap();
+    let r = rekey_in(&dir.0, &env, &["keys", "census"]);
+    assert!(r.ok, "{}", r.stderr);
+}

@@ -13,8 +13,12 @@ pub struct Run {
 }
 
 /// Runs `rekey args…` with only the given `REKEY_*` variables (plus PATH and RUST_LOG).
+/// Unless `env` names another `REKEY_CONFIG`, the settings name the demo's tables.
 pub fn rekey(env: &[(&str, &str)], args: &[&str]) -> Run {
-    rekey_in(&std::env::temp_dir(), env, args)
+    let demo = rekey_common::testing::demo_config().display().to_string();
+    let mut all: Vec<(&str, &str)> = vec![("REKEY_CONFIG", demo.as_str())];
+    all.extend_from_slice(env);
+    rekey_in(&std::env::temp_dir(), &all, args)
 }
 
 /// [`rekey`] in the working directory `dir` (where it looks for `rekey.toml`).

@@ -38,6 +38,10 @@ impl Env {
                 ("REKEY_QUEUE_PREFIX", db.name.clone()),
                 ("REKEY_REPORTS_DIR", reports_dir.display().to_string()),
                 ("REKEY_BACKUP_CHECK", "none".into()),
+                (
+                    "REKEY_CONFIG",
+                    rekey_common::testing::demo_config().display().to_string(),
+                ),
             ],
         }
     }
@@ -545,4 +549,63 @@ async fn bench_refuses_before_touching_anything_when_its_binaries_are_missing_an
     );
     assert!(!empty.join("x.png").exists());
     let _ = std::fs::remove_dir_all(&empty);
+}
+
+/// `rekey resume` without a RUN takes the newest run that is not over, says so, and refuses
+/// when there is none; log lines written to a pipe carry no colour codes.
+#[tokio::test]
+async fn resume_without_a_run_takes_the_newest_unfinished_one_and_logs_have_no_colour_codes() {
+    let db = TestDb::new().await;
+    let mut env = Env::new(
+        &db,
+        std::env::temp_dir().join(format!("{}-reports", db.name)),
+    );
+    env.vars.push(("RUST_LOG", "info".into()));
+    let (ok, out, err) = env.run("rekey", &["keys", "init"]);
+    assert!(ok, "{out}{err}");
+    let (ok, out, err) = env.run("rekey", &["resume"]);
+    assert!(!ok, "{out}{err}");
+    assert!(err.contains("no run to resume"), "{err}");
+
+    let (ok, out, err) = env.run("rekey-loadtest", &["seed", "--rows", "200"]);
+    assert!(ok, "{out}{err}");
+    let mut logs = String::new();
+    for _ in 0..2 {
+        let (ok, out, err) = env.run(
+            "rekey",
+            &[
+                "rotate",
+                "--skip-preflight",
+                "--detach",
+                "--key-propagation",
+                "0s",
+                "--observe",
+                "0",
+            ],
+        );
+        assert!(ok, "{out}{err}");
+        logs.push_str(&err);
+    }
+    // Run 2 is the newest; pause it, then resume it without naming it.
+    let (ok, out, err) = env.run("rekey", &["pause", "2"]);
+    assert!(ok, "{out}{err}");
+    let (ok, out, err) = env.run("rekey", &["resume", "--detach"]);
+    assert!(ok, "{out}{err}");
+    assert!(err.contains("run 2 resumed"), "{err}");
+    let state = {
+        let c = db.pool.get().await.unwrap();
+        let s: String = c
+            .query_one("SELECT state FROM rekey.runs WHERE id = 2", &[])
+            .await
+            .unwrap()
+            .get(0);
+        s
+    };
+    assert_eq!(state, "running");
+    logs.push_str(&err);
+    assert!(logs.contains(" INFO "), "no log line to look at: {logs}");
+    assert!(
+        !logs.contains('\u{1b}'),
+        "colour codes in piped logs: {logs:?}"
+    );
 }

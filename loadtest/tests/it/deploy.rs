@@ -236,8 +236,8 @@ fn readme_opens_with_the_demo_and_test_commands_and_ci_runs_the_second_exactly()
         .filter(|l| !l.trim_start().starts_with('#') && l.contains("cargo"))
         .collect();
     assert_eq!(ci_cmds, [cmds[1].as_str()], ".ci/run: {ci}");
-    // The tests section shows the same command.
-    assert!(read("README.md").contains(&format!("```sh\n{}\n```", cmds[1])));
+    // CONTRIBUTING's tests section shows the same command.
+    assert!(read("CONTRIBUTING.md").contains(&format!("```sh\n{}\n```", cmds[1])));
 }
 
 /// The suite runs after `scripts/setup.sh`, so the services are up and a second run of the
@@ -272,4 +272,165 @@ fn setup_script_run_again_changes_nothing_and_says_so() {
     let last = stdout.lines().last().unwrap_or_default();
     assert!(last.contains("nothing changed"), "{stdout}");
     assert_eq!(clusters(), before, "the script changed the clusters");
+}
+
+/// The sh blocks of a Markdown file, each as its logical lines (continuations joined,
+/// comments dropped).
+fn sh_lines(markdown: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for block in markdown.split("```sh\n").skip(1) {
+        let body = block.split("```").next().unwrap_or_default();
+        let mut line = String::new();
+        for raw in body.lines() {
+            let code = raw.split(" #").next().unwrap_or_default().trim_end();
+            if let Some(head) = code.strip_suffix('\\') {
+                line.push_str(head);
+                line.push(' ');
+                continue;
+            }
+            line.push_str(code);
+            if !line.trim().is_empty() {
+                out.push(line.trim().to_owned());
+            }
+            line.clear();
+        }
+    }
+    out
+}
+
+/// Every `rekey`, `rekey-worker` and `rekey-loadtest` command in the sh blocks of README and
+/// the docs (and `docker compose run --rm coordinator …`, which is `rekey …`), as binary and
+/// arguments, placeholders filled in.
+fn documented_commands() -> Vec<(String, String, Vec<String>)> {
+    let mut files = vec!["README.md".to_owned(), "CONTRIBUTING.md".to_owned()];
+    for e in std::fs::read_dir(repo("docs")).unwrap() {
+        let name = e.unwrap().file_name().to_string_lossy().into_owned();
+        if name.ends_with(".md") {
+            files.push(format!("docs/{name}"));
+        }
+    }
+    let mut out = Vec::new();
+    for file in files {
+        for line in sh_lines(&read(&file)) {
+            for part in line.split(['|', ';']).flat_map(|p| p.split("&&")) {
+                let part = part.trim().trim_end_matches('&').trim();
+                let part = part
+                    .strip_prefix("docker compose run --rm coordinator ")
+                    .map(|rest| format!("rekey {rest}"))
+                    .unwrap_or_else(|| part.to_owned());
+                let words: Vec<&str> = part.split_whitespace().collect();
+                let Some(first) = words.first() else { continue };
+                let binary = first.rsplit('/').next().unwrap();
+                if !["rekey", "rekey-worker", "rekey-loadtest"].contains(&binary) {
+                    continue;
+                }
+                let args = words[1..]
+                    .iter()
+                    .map(|w| match *w {
+                        "<RUN>" | "RUN" | "N" => "1".to_owned(),
+                        "<ID>" | "ID" | "<TARGET>" => {
+                            "00000000-0000-0000-0000-000000000000".to_owned()
+                        }
+                        w => w.to_owned(),
+                    })
+                    .collect();
+                out.push((file.clone(), binary.to_owned(), args));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn every_command_in_readme_and_docs_exists_with_the_flags_shown() {
+    let cmds = documented_commands();
+    assert!(cmds.len() > 30, "found only {} commands", cmds.len());
+    for (file, binary, args) in cmds {
+        // `--help` after the arguments: clap checks the subcommands and flags, runs nothing.
+        let out = Command::new(bin(&binary))
+            .args(&args)
+            .arg("--help")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{file}: `{binary} {}` is refused: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn readme_is_short_and_links_every_docs_page_and_every_link_resolves() {
+    let readme = read("README.md");
+    assert!(
+        readme.len() <= 8 * 1024,
+        "README.md is {} bytes",
+        readme.len()
+    );
+    for e in std::fs::read_dir(repo("docs")).unwrap() {
+        let name = e.unwrap().file_name().to_string_lossy().into_owned();
+        if name.ends_with(".md") {
+            assert!(
+                readme.contains(&format!("](docs/{name})")),
+                "README does not link docs/{name}"
+            );
+        }
+    }
+    // Every relative link of README, CONTRIBUTING and the docs names a file that exists.
+    let mut files = vec!["README.md".to_owned(), "CONTRIBUTING.md".to_owned()];
+    for e in std::fs::read_dir(repo("docs")).unwrap() {
+        let name = e.unwrap().file_name().to_string_lossy().into_owned();
+        if name.ends_with(".md") {
+            files.push(format!("docs/{name}"));
+        }
+    }
+    for file in files {
+        let text = read(&file);
+        let dir = Path::new(&file).parent().unwrap().to_path_buf();
+        for link in text.split("](").skip(1) {
+            let target = link.split(')').next().unwrap();
+            if target.starts_with("http") || target.starts_with('#') {
+                continue;
+            }
+            let path = target.split('#').next().unwrap();
+            assert!(
+                repo(dir.join(path).to_str().unwrap()).exists(),
+                "{file}: link to {target}, which does not exist"
+            );
+        }
+    }
+}
+
+/// The operator binary links no load-test tooling: its normal dependencies hold neither
+/// `rekey-loadtest` nor plotters (the demo's data comes from `rekey-demo`).
+#[test]
+fn the_operator_binary_does_not_depend_on_the_load_test_tooling() {
+    let out = Command::new(env!("CARGO"))
+        .args([
+            "tree",
+            "-p",
+            "rekey-coordinator",
+            "-e",
+            "normal",
+            "--offline",
+            "--locked",
+        ])
+        .current_dir(repo(""))
+        .output()
+        .unwrap();
+    let tree = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(tree.contains("rekey-demo"), "{tree}");
+    for banned in ["plotters", "rekey-loadtest"] {
+        assert!(
+            !tree.contains(banned),
+            "rekey-coordinator depends on {banned}:\n{tree}"
+        );
+    }
 }
