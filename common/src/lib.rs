@@ -9,6 +9,7 @@
 //! - [`messages`] and [`codec`]: what crosses RabbitMQ, and the one bincode codec.
 //! - [`broker`]: RabbitMQ connection, topology, confirmed publishing.
 //! - [`config`]: settings from `rekey.toml` and `REKEY_*` variables.
+//! - [`target`]: the tables to rotate, and the SQL built from them.
 //! - [`db`]: the connection pool and the embedded migrations.
 //! - [`failpoint`]: fault points for the fault-injection tests (`failpoints` feature only).
 //! - [`shutdown`]: SIGTERM and Ctrl-C as one future.
@@ -38,6 +39,7 @@ pub mod secret;
 pub mod shutdown;
 pub mod sizing;
 pub mod stages;
+pub mod target;
 pub mod telemetry;
 pub mod testing;
 pub mod tls;

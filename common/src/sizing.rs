@@ -6,7 +6,7 @@
 
 use tokio_postgres::GenericClient;
 
-use crate::config::{Target, quote_ident};
+use crate::target::{Target, quote_ident};
 
 /// Bytes of encrypted values per batch unless told otherwise: measured with the bench at 10M
 /// records, 2 MiB batches gave the full rotation 52.5k rows/s against 45.3k with 1 MiB

@@ -103,7 +103,7 @@ impl TestDb {
         let mut s = Settings::from_sources(Some(std::path::Path::new("/dev/null")), &env)
             .expect("test settings");
         s.database_url = SecretString::from(self.url.clone());
-        s.targets = crate::config::demo_targets();
+        s.targets = crate::target::demo_targets();
         s
     }
 }

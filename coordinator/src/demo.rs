@@ -107,7 +107,7 @@ pub async fn run(
     settings.database_url = SecretString::from(url_for(&base, &name)?);
     settings.master_key = MasterKeySource::File(key_file.clone());
     settings.queue_prefix = name.clone();
-    settings.targets = rekey_common::config::demo_targets();
+    settings.targets = rekey_common::target::demo_targets();
 
     let ctx = Context::with_settings(settings.clone()).await?;
     db::migrate(&ctx.pool).await?;
@@ -191,7 +191,6 @@ pub async fn run(
         v.ok, v.mismatched, v.undecryptable, v.missing
     );
     let report = crate::report::write(&ctx.pool, &settings, run.id, "demo finished").await?;
-    println!("report: {}", report.display());
 
     for w in &mut workers {
         if let Some(pid) = w.id() {
@@ -217,6 +216,8 @@ pub async fn run(
             .await?;
         eprintln!("dropped {name} (pass --keep to keep it)");
     }
+    // Last, so that it is what the operator sees: the evidence of the run.
+    println!("report: {}", report.display());
     Ok(if v.passed() { code } else { ExitCode::FAILURE })
 }
 

@@ -810,7 +810,7 @@ async fn gate_stage(
     let mut plans = Vec::new();
     let mut left = 0i64;
     // A dry run writes nothing, so every record is "left": coverage has no meaning there.
-    let sweep_targets: &[rekey_common::config::Target] = if run.kind == RunKind::DryRun {
+    let sweep_targets: &[rekey_common::target::Target] = if run.kind == RunKind::DryRun {
         &[]
     } else {
         &run.targets

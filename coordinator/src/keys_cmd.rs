@@ -125,7 +125,7 @@ pub struct StatusReport {
 
 pub async fn status<C: tokio_postgres::GenericClient>(
     client: &C,
-    targets: &[rekey_common::config::Target],
+    targets: &[rekey_common::target::Target],
     with_census: bool,
 ) -> anyhow::Result<StatusReport> {
     let keys = store::list(client).await?;

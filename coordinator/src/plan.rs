@@ -3,8 +3,8 @@
 //! give even batches. The ranges are written to the ledger before anything is published.
 
 use anyhow::Context;
-use rekey_common::config::{Target, quote_ident};
 use rekey_common::ledger::BatchPlan;
+use rekey_common::target::{Target, quote_ident};
 use tokio_postgres::GenericClient;
 
 /// Ranges `[lo, hi]` covering every row of `target` that exists now, each holding

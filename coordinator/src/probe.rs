@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use deadpool_postgres::Pool;
 use rand::RngExt;
-use rekey_common::config::{Target, quote_ident};
+use rekey_common::target::{Target, quote_ident};
 use serde::Serialize;
 
 /// One measurement: several probe queries, their median, 95th and 99th percentile.

@@ -225,7 +225,7 @@ pub async fn start_rotation(
 /// Rows in the target tables now (the progress bar's length).
 async fn planned_rows<C: tokio_postgres::GenericClient>(
     c: &C,
-    targets: &[rekey_common::config::Target],
+    targets: &[rekey_common::target::Target],
 ) -> anyhow::Result<i64> {
     let mut n = 0;
     for t in targets {

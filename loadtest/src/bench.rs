@@ -14,11 +14,11 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use deadpool_postgres::Pool;
 use rekey_common::Settings;
-use rekey_common::config::{Target, quote_ident};
 use rekey_common::envelope::{self, FieldLocation};
 use rekey_common::keys::master::MasterKey;
 use rekey_common::keys::ring::KeyRing;
 use rekey_common::keys::{KeyKind, store};
+use rekey_common::target::{Target, quote_ident};
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
@@ -162,7 +162,7 @@ pub struct BenchReport {
 
 /// The demo tables and their encrypted columns.
 fn demo_targets() -> Vec<Target> {
-    rekey_common::config::demo_targets()
+    rekey_common::target::demo_targets()
 }
 
 /// Id ranges of about `batch` rows each, from one pass over the id index.

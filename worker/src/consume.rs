@@ -29,7 +29,7 @@ use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use crate::ring::RingHandle;
-use crate::rotate_batch::{BatchError, BatchResult, BatchSettings, rotate_batch};
+use crate::rotate::{BatchError, BatchResult, BatchSettings, rotate_batch};
 
 /// How a worker runs.
 #[derive(Debug, Clone)]

@@ -1,12 +1,13 @@
 //! rekey-worker: consumes batch orders and rotates their rows.
 //!
-//! - [`rotate_batch`]: the transaction that rotates one batch (claim, lock, re-encrypt,
+//! - [`rotate`]: the transaction that rotates one batch (claim, lock, re-encrypt,
 //!   verify, write back, record errors and audit, mark done), and the error split between
-//!   transient failures (retried) and poison messages (dead-lettered).
+//!   transient failures (retried) and poison messages (dead-lettered); its crypto
+//!   (`rotate/compute.rs`) does no I/O.
 //! - [`consume`]: the consumer loop: prefetch, concurrency, retries, acks, reports,
 //!   reconnection, graceful shutdown.
 //! - [`ring`]: the worker's key ring, reloaded when a batch names a key it does not know.
 
 pub mod consume;
 pub mod ring;
-pub mod rotate_batch;
+pub mod rotate;

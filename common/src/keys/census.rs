@@ -7,7 +7,7 @@ use serde::Serialize;
 use tokio_postgres::GenericClient;
 use uuid::Uuid;
 
-use crate::config::{Target, quote_ident};
+use crate::target::{Target, quote_ident};
 
 /// Values of one column under one key. `key_id` is `None` for values that are not a valid
 /// v1 envelope (wrong version byte or too short).

@@ -14,8 +14,8 @@ use super::ring::{FieldKey, KeyRing};
 use super::wrap::{self, UnwrapError};
 use super::{KeyKind, KeyState};
 use crate::audit::{self, AuditEntry};
-use crate::config::{KeyPolicy, Target};
 use crate::secret::KeyMaterial;
+use crate::{config::KeyPolicy, target::Target};
 
 /// Why a key store operation was refused. Texts name keys by id, never by material.
 #[derive(Debug, thiserror::Error)]

@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use super::runs::{RunKind, RunState, kind_of, targets_from};
 use super::{LedgerError, StateMachine, check, state_enum, state_machine, state_of};
-use crate::config::Target;
+use crate::target::Target;
 
 state_enum! {
     /// Where a batch is (see the module docs for its transitions).

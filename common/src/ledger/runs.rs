@@ -7,7 +7,7 @@ use tokio_postgres::{GenericClient, Row};
 use uuid::Uuid;
 
 use super::{LedgerError, StateMachine, check, state_enum, state_machine, state_of};
-use crate::config::Target;
+use crate::target::Target;
 
 state_enum! {
     /// What a run does.

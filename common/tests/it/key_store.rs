@@ -2,12 +2,12 @@
 //! data and master keys, and the census guarding retirement.
 
 use rekey_common::audit;
-use rekey_common::config::demo_targets;
 use rekey_common::envelope::{self, FieldLocation};
 use rekey_common::keys::master::{MasterKey, decode_base64_key, generate_base64};
 use rekey_common::keys::ring::KeyRing;
 use rekey_common::keys::store::{self, Error};
 use rekey_common::keys::{KeyKind, KeyState};
+use rekey_common::target::demo_targets;
 use rekey_common::testing::TestDb;
 use secrecy::ExposeSecret;
 use uuid::Uuid;

@@ -3,12 +3,12 @@
 //! other is refused by both and changes nothing. The database's table of transitions is the
 //! module's.
 
-use rekey_common::config::demo_targets;
 use rekey_common::keys::master::{decode_base64_key, generate_base64};
 use rekey_common::keys::store;
 use rekey_common::ledger::{
     self, BatchPlan, BatchState, LedgerError, NewRun, RunKind, RunState, StageState, StateMachine,
 };
+use rekey_common::target::demo_targets;
 use rekey_common::testing::TestDb;
 use secrecy::ExposeSecret;
 

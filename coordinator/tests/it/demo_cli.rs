@@ -188,7 +188,7 @@ async fn without_targets_commands_refuse_naming_rekey_toml_and_targets_and_chang
     // With the targets in ./rekey.toml the census runs.
     std::fs::write(
         dir.0.join("rekey.toml"),
-        rekey_common::config::targets_toml(&rekey_common::config::demo_targets()),
+        rekey_common::target::targets_toml(&rekey_common::target::demo_targets()),
     )
     .unwrap();
     let r = rekey_in(&dir.0, &env, &["keys", "census"]);

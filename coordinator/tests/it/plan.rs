@@ -1,6 +1,6 @@
 //! The planner walks the ids: even batches on sparse and skewed id spaces.
 
-use rekey_common::config::Target;
+use rekey_common::target::Target;
 use rekey_common::testing::TestDb;
 use rekey_coordinator::plan::ranges;
 
