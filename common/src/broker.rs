@@ -99,23 +99,90 @@ fn scrub(text: &str, url: &str) -> String {
     text.replace(url, "<REKEY_AMQP_URL>")
 }
 
-/// Connects, retrying with exponential backoff (capped at 10 s) until `deadline` passes.
+/// The reconnect policy of every rekey process: 200 ms after the first failure, doubling,
+/// at most 10 s; back to 200 ms once connected.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    pub const FIRST: Duration = Duration::from_millis(200);
+    pub const MAX: Duration = Duration::from_secs(10);
+
+    pub fn new() -> Self {
+        Self { next: Self::FIRST }
+    }
+
+    /// The wait before the next attempt (the one after waits twice as long).
+    pub fn next_delay(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (d * 2).min(Self::MAX);
+        d
+    }
+
+    /// Connected: the next failure waits the shortest time again.
+    pub fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Connects to the settings' broker, retrying by `backoff` until it answers, or until
+/// `stop` completes (then `None`): the reconnect loop of the worker and the coordinator.
+/// Each failure is logged with its cause (never the password).
+pub async fn connect_until(
+    settings: &crate::Settings,
+    name: &str,
+    backoff: &mut Backoff,
+    stop: &mut (impl std::future::Future<Output = ()> + Unpin),
+) -> Option<Connection> {
+    loop {
+        let attempt = tokio::select! {
+            _ = &mut *stop => return None,
+            c = connect_settings(settings, name) => c,
+        };
+        match attempt {
+            Ok(c) => {
+                backoff.reset();
+                return Some(c);
+            }
+            Err(e) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %format!("{e:#}"), retry_in_ms = delay.as_millis() as u64, "broker unreachable");
+                tokio::select! {
+                    _ = &mut *stop => return None,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Connects, retrying by [`Backoff`] until `deadline` passes.
 pub async fn connect_with_retry(
     url: &SecretString,
     name: &str,
     deadline: Duration,
 ) -> anyhow::Result<Connection> {
     let start = std::time::Instant::now();
-    let mut delay = Duration::from_millis(200);
+    let mut backoff = Backoff::new();
     loop {
         match connect(url, name).await {
             Ok(c) => return Ok(c),
-            Err(e) if start.elapsed() + delay < deadline => {
+            Err(e) => {
+                let delay = backoff.next_delay();
+                if start.elapsed() + delay >= deadline {
+                    return Err(e);
+                }
                 tracing::warn!(error = %format!("{e:#}"), retry_in_ms = delay.as_millis() as u64, "broker connection failed");
                 tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(10));
             }
-            Err(e) => return Err(e),
         }
     }
 }

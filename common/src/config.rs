@@ -325,6 +325,15 @@ impl Settings {
         }
     }
 
+    /// Loads the master key these settings name: the one place every binary does it.
+    /// Errors name the provider (the setting and, for a file, its path), never the key.
+    pub fn load_master_key(&self) -> anyhow::Result<crate::keys::master::MasterKey> {
+        let provider = self.master_key_provider()?;
+        provider
+            .load()
+            .with_context(|| format!("load the master key from {}", provider.describe()))
+    }
+
     /// The database's address without user or password, for messages.
     pub fn database_display(&self) -> String {
         redacted_pg(self.database_url.expose_secret())

@@ -86,7 +86,7 @@ pub enum Command {
         #[arg(long)]
         auto_rollback: bool,
         /// A stage's decrypt error rate must stay below this fraction.
-        #[arg(long, default_value_t = 0.001)]
+        #[arg(long, default_value_t = RunSettings::default().max_error_rate)]
         max_error_rate: f64,
         #[command(flatten)]
         latency: LatencyArgs,
@@ -187,10 +187,10 @@ pub struct LatencyArgs {
     /// The latency budget, in percent of the application's p99 (`--app-p99-ms`; of the
     /// probe's own p99 when not given): the throttle holds the probe's p99 within this much
     /// of its p99 before the run. 0 turns the throttle off.
-    #[arg(long, default_value_t = 15.0)]
+    #[arg(long, default_value_t = RunSettings::default().throttle_pct)]
     pub throttle_pct: f64,
     /// The budget is at least this many milliseconds (the probe's noise floor).
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = RunSettings::default().throttle_min_ms)]
     pub throttle_min_ms: f64,
     /// The application's own 99th percentile latency before the run, in milliseconds (from
     /// its dashboards): sizes the budget of `--throttle-pct`.
@@ -204,7 +204,7 @@ pub struct LatencyArgs {
     pub probe_writes: bool,
     /// A stage is breached when the probe's median stays this many percent above its
     /// baseline for 3 samples in a row.
-    #[arg(long, default_value_t = 20.0)]
+    #[arg(long, default_value_t = RunSettings::default().breach_pct)]
     pub breach_pct: f64,
     /// Start each stage at full speed instead of at one batch in flight.
     #[arg(long)]
@@ -215,10 +215,10 @@ pub struct LatencyArgs {
 #[derive(Debug, Clone, clap::Args)]
 pub struct DriveArgs {
     /// Batches published and not yet done, at most.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = crate::drive::DEFAULT_MAX_IN_FLIGHT)]
     pub max_in_flight: i64,
     /// Seconds after which a published batch that is not done is published again.
-    #[arg(long, default_value_t = 120)]
+    #[arg(long, default_value_t = crate::drive::DEFAULT_LEASE.as_secs())]
     pub lease_secs: u64,
     /// Serve the run's Prometheus metrics at http://ADDR/metrics while driving it.
     #[arg(long, env = "REKEY_METRICS_ADDR")]
@@ -301,10 +301,7 @@ impl Context {
 
     /// Loads the master key from the configured provider.
     pub fn master_key(&self) -> anyhow::Result<MasterKey> {
-        let provider = self.settings.master_key_provider()?;
-        provider
-            .load()
-            .with_context(|| format!("load the master key from {}", provider.describe()))
+        self.settings.load_master_key()
     }
 }
 
@@ -629,20 +626,8 @@ pub async fn follow(
     let s = run_cmd::status(&ctx.pool, run_id).await?;
     print_json_or(json, &s, || run_cmd::print_status(&s))?;
     if !json && !detach {
-        let dbname: String = ctx
-            .pool
-            .get()
-            .await?
-            .query_one("SELECT current_database()", &[])
-            .await?
-            .get(0);
-        eprintln!(
-            "report: {}",
-            ctx.settings
-                .reports_dir
-                .join(format!("{dbname}-run-{run_id}.json"))
-                .display()
-        );
+        let path = crate::report::path(&ctx.pool, &ctx.settings, run_id).await?;
+        eprintln!("report: {}", path.display());
     }
     if server.is_some() {
         let linger = parse_duration(&drive.metrics_linger)?;

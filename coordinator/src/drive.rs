@@ -59,11 +59,15 @@ pub enum ProgressMode {
     Quiet,
 }
 
+/// The driver's defaults, one place for the flags (`DriveArgs`) and `DriveOptions`.
+pub const DEFAULT_MAX_IN_FLIGHT: i64 = 64;
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(120);
+
 impl Default for DriveOptions {
     fn default() -> Self {
         Self {
-            max_in_flight: 64,
-            lease: Duration::from_secs(120),
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            lease: DEFAULT_LEASE,
             max_attempts: 20,
             tick: Duration::from_millis(500),
             min_step: Duration::from_millis(100),
@@ -224,32 +228,18 @@ pub async fn drive(
 ) -> anyhow::Result<RunState> {
     tokio::pin!(shutdown);
     let topo = Topology::new(&settings.queue_prefix);
-    let provider = settings.master_key_provider()?;
-    let master = provider
-        .load()
-        .with_context(|| format!("load the master key from {}", provider.describe()))?;
+    let master = settings.load_master_key()?;
     let first = ledger::progress(&**pool.get().await?, run_id).await?;
     let mut display = Display::new(opts.progress, first.planned_rows_estimate as u64);
     let mut stage_state = StageRuntime::default();
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = broker::Backoff::new();
     let mut failures = 0u32;
+    let name = format!("rekey-coordinator-run-{run_id}");
     loop {
-        let conn =
-            match broker::connect_settings(settings, &format!("rekey-coordinator-run-{run_id}"))
-                .await
-            {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %format!("{e:#}"), "broker unreachable; retrying");
-                    tokio::select! {
-                        _ = &mut shutdown => return current_state(pool, run_id).await,
-                        _ = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
-                    continue;
-                }
-            };
-        backoff = Duration::from_millis(200);
+        let Some(conn) = broker::connect_until(settings, &name, &mut backoff, &mut shutdown).await
+        else {
+            return current_state(pool, run_id).await;
+        };
         let session = async {
             let channel = broker::confirmed_channel(&conn).await?;
             broker::declare(&channel, &topo).await?;

@@ -91,10 +91,7 @@ pub async fn run(settings: &Settings) -> Preflight {
         Err(e) => checks.push(check("database", Status::Fail, e.clone())),
     }
     checks.push(broker_check(settings).await);
-    let master = settings
-        .master_key_provider()
-        .map_err(|e| e.to_string())
-        .and_then(|p| p.load().map_err(|e| format!("{}: {e}", p.describe())));
+    let master = settings.load_master_key().map_err(|e| format!("{e:#}"));
     match (&master, &pool, &db) {
         (Err(e), _, _) => checks.push(check("master_key", Status::Fail, e.clone())),
         (Ok(m), Ok(pool), Ok(_)) => checks.extend(key_checks(pool, settings, m).await),

@@ -175,16 +175,7 @@ pub async fn write(
             settings.reports_dir.display()
         )
     })?;
-    // Run ids restart in every database: the database's name keeps reports apart.
-    let dbname: String = pool
-        .get()
-        .await?
-        .query_one("SELECT current_database()", &[])
-        .await?
-        .get(0);
-    let path = settings
-        .reports_dir
-        .join(format!("{dbname}-run-{run_id}.json"));
+    let path = path(pool, settings, run_id).await?;
     let tmp = path.with_extension("json.tmp");
     std::fs::write(&tmp, serde_json::to_vec_pretty(&report)?)
         .with_context(|| format!("write {}", tmp.display()))?;
@@ -192,4 +183,18 @@ pub async fn write(
     lock.commit().await?;
     tracing::info!(run_id, path = %path.display(), reason, "report written");
     Ok(path)
+}
+
+/// Where a run's evidence report is written: `<reports_dir>/<database>-run-<id>.json` (run
+/// ids restart in every database: the database's name keeps reports apart).
+pub async fn path(pool: &Pool, settings: &Settings, run_id: i64) -> anyhow::Result<PathBuf> {
+    let dbname: String = pool
+        .get()
+        .await?
+        .query_one("SELECT current_database()", &[])
+        .await?
+        .get(0);
+    Ok(settings
+        .reports_dir
+        .join(format!("{dbname}-run-{run_id}.json")))
 }

@@ -225,10 +225,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let settings = Settings::load(cli.config.as_deref())?;
     let pool = db::pool(&settings, 4)?;
     db::check_connection(&pool, &settings).await?;
-    let provider = settings.master_key_provider()?;
-    let master = provider
-        .load()
-        .with_context(|| format!("load the master key from {}", provider.describe()))?;
+    let master = settings.load_master_key()?;
     match cli.command {
         Command::Seed {
             rows,

@@ -50,19 +50,26 @@ pub struct WorkerOptions {
     pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
+/// The worker's defaults, one place for the flags, `WorkerOptions` and `BatchSettings`.
+pub const DEFAULT_CONCURRENCY: usize = 2;
+pub const DEFAULT_PREFETCH: u16 = 4;
+pub const DEFAULT_LOCK_TIMEOUT_MS: u64 = 2000;
+pub const DEFAULT_STATEMENT_TIMEOUT_MS: u64 = 60_000;
+pub const DEFAULT_BLOCKING_THRESHOLD: usize = 256;
+
 impl Default for WorkerOptions {
     fn default() -> Self {
         let host = std::fs::read_to_string("/etc/hostname")
             .map(|h| h.trim().to_owned())
             .unwrap_or_default();
         Self {
-            concurrency: 2,
-            prefetch: 4,
-            lock_timeout_ms: 2000,
-            statement_timeout_ms: 60_000,
+            concurrency: DEFAULT_CONCURRENCY,
+            prefetch: DEFAULT_PREFETCH,
+            lock_timeout_ms: DEFAULT_LOCK_TIMEOUT_MS,
+            statement_timeout_ms: DEFAULT_STATEMENT_TIMEOUT_MS,
             max_attempts: 6,
             worker_id: format!("{host}-{}", std::process::id()),
-            blocking_threshold: 256,
+            blocking_threshold: DEFAULT_BLOCKING_THRESHOLD,
             metrics_addr: None,
         }
     }
@@ -95,10 +102,7 @@ pub async fn run(
     opts: WorkerOptions,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let provider = settings.master_key_provider()?;
-    let master = provider
-        .load()
-        .with_context(|| format!("load the master key from {}", provider.describe()))?;
+    let master = settings.load_master_key()?;
     let pool = db::pool(&settings, opts.concurrency + 1)?;
     db::check_connection(&pool, &settings).await?;
     let ring = RingHandle::load(&pool, master)
@@ -124,25 +128,13 @@ pub async fn run(
         max_attempts: opts.max_attempts.max(1),
     });
     tokio::pin!(shutdown);
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = broker::Backoff::new();
     loop {
-        let conn = tokio::select! {
-            _ = &mut shutdown => return Ok(()),
-            c = broker::connect_settings(&settings, &opts.worker_id) => c,
+        let Some(conn) =
+            broker::connect_until(&settings, &opts.worker_id, &mut backoff, &mut shutdown).await
+        else {
+            return Ok(());
         };
-        let conn = match conn {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), retry_in_ms = backoff.as_millis() as u64, "broker unreachable");
-                tokio::select! {
-                    _ = &mut shutdown => return Ok(()),
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(10));
-                continue;
-            }
-        };
-        backoff = Duration::from_millis(200);
         tracing::info!(worker = %opts.worker_id, "connected to the broker");
         match serve(&conn, &shared, &opts, &mut shutdown).await {
             Ok(Served::Shutdown) => {
@@ -158,7 +150,7 @@ pub async fn run(
         }
         tokio::select! {
             _ = &mut shutdown => return Ok(()),
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(broker::Backoff::FIRST) => {}
         }
     }
 }

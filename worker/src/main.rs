@@ -19,16 +19,16 @@ struct Args {
     #[arg(long)]
     config: Option<PathBuf>,
     /// Batches processed at once, each in its own transaction and connection.
-    #[arg(long, env = "REKEY_WORKER_CONCURRENCY", default_value_t = 2)]
+    #[arg(long, env = "REKEY_WORKER_CONCURRENCY", default_value_t = consume::DEFAULT_CONCURRENCY)]
     concurrency: usize,
     /// Unacknowledged batch orders the broker may hand this worker at once.
-    #[arg(long, env = "REKEY_WORKER_PREFETCH", default_value_t = 4)]
+    #[arg(long, env = "REKEY_WORKER_PREFETCH", default_value_t = consume::DEFAULT_PREFETCH)]
     prefetch: u16,
     /// `lock_timeout` of a batch transaction: how long it waits for an application's row lock.
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, default_value_t = consume::DEFAULT_LOCK_TIMEOUT_MS)]
     lock_timeout_ms: u64,
     /// `statement_timeout` of a batch transaction.
-    #[arg(long, default_value_t = 60000)]
+    #[arg(long, default_value_t = consume::DEFAULT_STATEMENT_TIMEOUT_MS)]
     statement_timeout_ms: u64,
     /// A name for logs, the ledger and the broker (default: hostname-pid).
     #[arg(long, env = "REKEY_WORKER_ID")]

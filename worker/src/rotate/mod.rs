@@ -53,11 +53,14 @@ pub struct BatchSettings {
 
 impl Default for BatchSettings {
     fn default() -> Self {
+        use crate::consume::{
+            DEFAULT_BLOCKING_THRESHOLD, DEFAULT_LOCK_TIMEOUT_MS, DEFAULT_STATEMENT_TIMEOUT_MS,
+        };
         Self {
-            lock_timeout_ms: 2000,
-            statement_timeout_ms: 60_000,
+            lock_timeout_ms: DEFAULT_LOCK_TIMEOUT_MS,
+            statement_timeout_ms: DEFAULT_STATEMENT_TIMEOUT_MS,
             worker_id: "worker".into(),
-            blocking_threshold: 256,
+            blocking_threshold: DEFAULT_BLOCKING_THRESHOLD,
         }
     }
 }
