@@ -7,7 +7,8 @@ use std::process::ExitCode;
 use clap::Subcommand;
 use rekey_common::audit::{VerifyOptions, VerifyReport, verify};
 
-use crate::cli::{Context, parse_duration};
+use crate::args::parse_duration;
+use crate::context::Context;
 use crate::output;
 
 #[derive(Debug, Subcommand)]

@@ -17,7 +17,9 @@ use rekey_common::ledger::RunSettings;
 use rekey_common::{Settings, config::MasterKeySource, db};
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::cli::{Context, DriveArgs, follow};
+use crate::args::DriveArgs;
+use crate::context::Context;
+use crate::follow::follow;
 use crate::run_cmd::{self, RotateOptions};
 
 /// A libpq key=value connection string for `dbname` on the configured server.

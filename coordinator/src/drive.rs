@@ -4,81 +4,26 @@
 //! ledger is the only source of progress; broker state is never trusted. When the broker
 //! drops, the driver reconnects by itself.
 
-use std::io::IsTerminal;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use deadpool_postgres::Pool;
 use futures::StreamExt;
-use indicatif::{ProgressBar, ProgressStyle};
 use lapin::options::{BasicAckOptions, BasicConsumeOptions};
 use lapin::types::FieldTable;
 use opentelemetry::KeyValue;
 use rekey_common::Settings;
-use rekey_common::audit::{self, AuditEntry};
 use rekey_common::broker::{self, Topology};
-use rekey_common::keys::master::MasterKey;
 use rekey_common::keys::store;
-use rekey_common::ledger::{self, Progress, Run, RunKind, RunState, StageState};
-use rekey_common::metrics::Metrics;
-use rekey_common::notify::{Event, Notifier};
+use rekey_common::ledger::{self, RunKind, RunState, StageState};
 use tracing::Instrument;
 
-use crate::{gate, plan, probe, report};
+use crate::events::{notify, record_run};
+use crate::progress::ProgressView;
+use crate::runtime::{DriveOptions, Driver, StageRuntime};
+use crate::stage::{gate_stage, mark_breach, run_observe_secs, start_stage};
+use crate::{gate, latency, observe, report};
 use rekey_common::messages::{BatchMessage, BatchReport, FORMAT_VERSION};
-
-/// How the driver paces a run.
-#[derive(Debug, Clone)]
-pub struct DriveOptions {
-    /// Batches published and not yet done, at most.
-    pub max_in_flight: i64,
-    /// A published batch not done within this time is published again.
-    pub lease: Duration,
-    /// Publications of one batch before it is marked failed.
-    pub max_attempts: i32,
-    /// How often the ledger is re-read when no report arrives.
-    pub tick: Duration,
-    /// Steps (ledger reads, publishing) come at most this often however fast reports come.
-    pub min_step: Duration,
-    /// Show an indicatif bar (terminal) or plain lines (elsewhere), or nothing.
-    pub progress: ProgressMode,
-    /// How often the throttle decides, on the probe's samples since its last decision.
-    pub probe_every: Duration,
-    /// How often the background probe queries while a stage rotates.
-    pub probe_spacing: Duration,
-    /// Where the run's gauges go (served by `--metrics-addr`).
-    pub metrics: Option<Arc<Metrics>>,
-    /// Where run events go (the webhook, if configured).
-    pub notifier: Notifier,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProgressMode {
-    Auto,
-    Quiet,
-}
-
-/// The driver's defaults, one place for the flags (`DriveArgs`) and `DriveOptions`.
-pub const DEFAULT_MAX_IN_FLIGHT: i64 = 64;
-pub const DEFAULT_LEASE: Duration = Duration::from_secs(120);
-
-impl Default for DriveOptions {
-    fn default() -> Self {
-        Self {
-            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
-            lease: DEFAULT_LEASE,
-            max_attempts: 20,
-            tick: Duration::from_millis(500),
-            min_step: Duration::from_millis(100),
-            progress: ProgressMode::Auto,
-            probe_every: Duration::from_secs(2),
-            probe_spacing: Duration::from_millis(50),
-            metrics: None,
-            notifier: Notifier::default(),
-        }
-    }
-}
 
 /// Acknowledges one report from the reports queue.
 async fn take_report(
@@ -147,74 +92,6 @@ async fn publish_window(
     Ok(n)
 }
 
-struct Display {
-    bar: Option<ProgressBar>,
-    last_line: Instant,
-    started: Instant,
-    mode: ProgressMode,
-}
-
-impl Display {
-    fn new(mode: ProgressMode, total: u64) -> Self {
-        let bar = (mode == ProgressMode::Auto && std::io::stderr().is_terminal()).then(|| {
-            let b = ProgressBar::new(total);
-            b.set_style(
-                ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} rows {per_sec} ETA {eta} {msg}")
-                    .expect("valid template"),
-            );
-            b
-        });
-        Self {
-            bar,
-            last_line: Instant::now(),
-            started: Instant::now(),
-            mode,
-        }
-    }
-
-    fn awaiting(&mut self, run_id: i64, stage: &ledger::Stage) {
-        if self.mode == ProgressMode::Auto && self.last_line.elapsed() > Duration::from_secs(30) {
-            eprintln!(
-                "run {run_id}: stage {} ({}%) observed; waiting for `rekey promote {run_id}`",
-                stage.stage_no, stage.percent
-            );
-            self.last_line = Instant::now();
-        }
-    }
-
-    fn update(&mut self, run_id: i64, p: &Progress, stage: &ledger::Stage) {
-        let rows = p.n_rows as u64;
-        let msg = format!(
-            "stage {} ({}%) errors {} failed batches {}",
-            stage.stage_no, stage.percent, p.n_errors, p.failed
-        );
-        if let Some(b) = &self.bar {
-            b.set_length(p.planned_rows_estimate.max(p.n_rows) as u64);
-            b.set_position(rows);
-            b.set_message(msg);
-        } else if self.mode == ProgressMode::Auto
-            && (self.last_line.elapsed() > Duration::from_secs(5) || p.is_finished())
-        {
-            let secs = self.started.elapsed().as_secs_f64().max(0.001);
-            eprintln!(
-                "run {run_id}: batches {}/{} done, {} rows ({:.0} rows/s), rotated {}, {msg}",
-                p.done + p.failed,
-                p.n_batches,
-                p.n_rows,
-                p.n_rows as f64 / secs,
-                p.n_rotated
-            );
-            self.last_line = Instant::now();
-        }
-    }
-
-    fn finish(&self) {
-        if let Some(b) = &self.bar {
-            b.finish();
-        }
-    }
-}
-
 /// Drives run `run_id` until it completes, is paused or halted, or `shutdown` resolves.
 /// Returns the run's state at that moment. Stages are planned, gated, observed and (with
 /// `auto_advance`) promoted here; the ledger records every step, so a driver that dies is
@@ -230,7 +107,7 @@ pub async fn drive(
     let topo = Topology::new(&settings.queue_prefix);
     let master = settings.load_master_key()?;
     let first = ledger::progress(&**pool.get().await?, run_id).await?;
-    let mut display = Display::new(opts.progress, first.planned_rows_estimate as u64);
+    let mut display = ProgressView::new(opts.progress, first.planned_rows_estimate as u64);
     let mut stage_state = StageRuntime::default();
     let mut backoff = broker::Backoff::new();
     let mut failures = 0u32;
@@ -255,18 +132,16 @@ pub async fn drive(
                 )
                 .await?;
             loop {
-                let stepped = step(
+                let driver = Driver {
                     pool,
                     settings,
-                    &master,
-                    &channel,
-                    &topo,
+                    master: &master,
+                    channel: &channel,
+                    topo: &topo,
                     run_id,
                     opts,
-                    &mut stage_state,
-                    &mut display,
-                )
-                .await?;
+                };
+                let stepped = step(&driver, &mut stage_state, &mut display).await?;
                 failures = 0;
                 if let Some(state) = stepped {
                     return anyhow::Ok(state);
@@ -324,48 +199,22 @@ pub async fn drive(
     }
 }
 
-/// What the driver keeps in memory about the current stage (lost on restart, which only
-/// restarts the latency samples and the throttle).
-#[derive(Debug, Default)]
-struct StageRuntime {
-    stage_no: Option<i32>,
-    perf: gate::PerfTracker,
-    /// Set when the stage starts rotating.
-    throttle: Option<gate::Throttle>,
-    prober: Option<probe::Prober>,
-    last_publish: Option<Instant>,
-    last_probe: Option<Instant>,
-    last_observation: Option<Instant>,
-    ring: Option<rekey_common::keys::ring::KeyRing>,
-}
-
-impl StageRuntime {
-    /// While pacing: how long until the next batch may be published, if it must wait.
-    fn paced_for(&self) -> Option<Duration> {
-        let gap = self.throttle.as_ref()?.gap;
-        if gap.is_zero() {
-            return None;
-        }
-        // Once the gap has passed, the next batch waits only for room in the window,
-        // which a report announces: no early wake-up then.
-        let left = gap.saturating_sub(self.last_publish?.elapsed());
-        (!left.is_zero()).then_some(left)
-    }
-}
-
-/// One step of the run's state machine. Returns the run's state when driving should stop.
-#[allow(clippy::too_many_arguments)]
+/// One step of the run's state machine: read the run and its current stage from the ledger
+/// and do what the stage's state asks. Returns the run's state when driving should stop.
 async fn step(
-    pool: &Pool,
-    settings: &Settings,
-    master: &MasterKey,
-    channel: &lapin::Channel,
-    topo: &Topology,
-    run_id: i64,
-    opts: &DriveOptions,
+    d: &Driver<'_>,
     rt: &mut StageRuntime,
-    display: &mut Display,
+    display: &mut ProgressView,
 ) -> anyhow::Result<Option<RunState>> {
+    let Driver {
+        pool,
+        settings,
+        master,
+        channel,
+        topo,
+        run_id,
+        opts,
+    } = *d;
     let client = pool.get().await?;
     let run = ledger::get_run(&**client, run_id)
         .await?
@@ -396,139 +245,8 @@ async fn step(
             start_stage(pool, settings, &run, stage_no).await?;
         }
         StageState::Running => {
-            let throttle = rt.throttle.get_or_insert_with(|| {
-                // Slow start answers the probe: without a throttle it would only slow.
-                gate::Throttle::new(
-                    opts.max_in_flight,
-                    run.settings.slow_start && run.settings.throttle_pct > 0.0,
-                )
-            });
-            if rt.prober.is_none() {
-                rt.prober = Some(probe::Prober::start(
-                    pool.clone(),
-                    run.targets.clone(),
-                    settings.probe_query.clone(),
-                    run.settings.probe_writes,
-                    opts.probe_spacing,
-                ));
-                // The first judgement comes at once (a few probes measured on the spot), so
-                // that even a stage shorter than the probe interval has a sample.
-            }
-            if rt
-                .last_probe
-                .is_none_or(|t| t.elapsed() >= opts.probe_every)
-            {
-                rt.last_probe = Some(Instant::now());
-                let mut samples = rt.prober.as_ref().map(|p| p.take()).unwrap_or_default();
-                if samples.len() < 3 {
-                    // The background probe fell behind (a slow probe query): measure now.
-                    samples.extend(
-                        probe::samples(
-                            pool,
-                            &run.targets,
-                            settings.probe_query.as_deref(),
-                            run.settings.probe_writes,
-                            5,
-                            Duration::ZERO,
-                        )
-                        .await?,
-                    );
-                }
-                // The breach and the metrics judge the reads (the baseline's median is the
-                // reads'); the throttle judges every probe against its own kind's p99.
-                let lat = {
-                    let mut reads: Vec<f64> =
-                        samples.iter().filter(|s| !s.write).map(|s| s.ms).collect();
-                    if reads.is_empty() {
-                        reads = samples.iter().map(|s| s.ms).collect();
-                    }
-                    probe::Latency::of(&mut reads)
-                };
-                rt.perf.record(&run.settings, lat.median_ms);
-                let (over, under) = rt.perf.probes(&run.settings, &samples);
-                if let Some(m) = &opts.metrics {
-                    record_probe(
-                        m,
-                        pool,
-                        channel,
-                        topo,
-                        &run,
-                        &lat,
-                        rt.perf.figures.impact_pct,
-                    )
-                    .await;
-                }
-                let in_flight = ledger::progress(&**pool.get().await?, run_id)
-                    .await?
-                    .published;
-                let was = throttle.clone();
-                throttle.adjust(over, under, in_flight);
-                rt.perf.figures.max_gap_ms = rt
-                    .perf
-                    .figures
-                    .max_gap_ms
-                    .max(throttle.gap.as_millis() as u64);
-                if let Some(m) = &opts.metrics {
-                    m.throttle_gap.record(
-                        throttle.gap.as_secs_f64() * 1000.0,
-                        &[KeyValue::new("run_id", run_id)],
-                    );
-                }
-                // A warning when latency first slows the stage and a note when the
-                // throttle lets go; the steps in between are debug (the report counts them).
-                if over > 0 && rt.perf.figures.throttled_samples == 1 {
-                    tracing::warn!(
-                        run_id,
-                        stage_no,
-                        probes_over = over,
-                        probes = over + under,
-                        p99_ms = lat.p99_ms,
-                        read_threshold_ms = run.settings.throttle_threshold_ms(false),
-                        write_threshold_ms = run.settings.throttle_threshold_ms(true),
-                        window = throttle.window,
-                        gap_ms = throttle.gap.as_millis() as u64,
-                        "application latency up: throttling"
-                    );
-                } else if was.engaged() && !throttle.engaged() {
-                    tracing::info!(run_id, stage_no, p99_ms = lat.p99_ms, "throttle released");
-                } else if throttle.window != was.window || throttle.gap != was.gap {
-                    tracing::debug!(
-                        run_id,
-                        stage_no,
-                        probes_over = over,
-                        p99_ms = lat.p99_ms,
-                        window = throttle.window,
-                        gap_ms = throttle.gap.as_millis() as u64,
-                        "throttle"
-                    );
-                }
-                if rt.perf.figures.breached {
-                    let reason = format!(
-                        "performance impact: probe latency over {:.0}% above the baseline for {} samples in a row",
-                        run.settings.breach_pct,
-                        gate::SUSTAINED_SAMPLES
-                    );
-                    let decision = gate::evaluate(
-                        &**pool.get().await?,
-                        &run,
-                        stage_no,
-                        0,
-                        0,
-                        &rt.perf.figures,
-                    )
-                    .await?;
-                    return breach(
-                        pool,
-                        settings,
-                        &opts.notifier,
-                        &run,
-                        stage_no,
-                        &decision,
-                        &reason,
-                    )
-                    .await
-                    .map(Some);
-                }
+            if let Some(state) = latency::judge(d, rt, &run, stage_no).await? {
+                return Ok(Some(state));
             }
             let throttle = rt.throttle.clone().expect("set above");
             let window = throttle.window;
@@ -570,7 +288,7 @@ async fn step(
                 let ring = rt.ring.as_ref().expect("loaded");
                 let client = pool.get().await?;
                 let (read, failures) =
-                    gate::observe_sample(&**client, &run, ring, stage_no).await?;
+                    observe::observe_sample(&**client, &run, ring, stage_no).await?;
                 ledger::add_observation(
                     &**client,
                     run_id,
@@ -633,395 +351,8 @@ async fn step(
     Ok(None)
 }
 
-/// The run's gauges: state, stage, duration, rows rotated and error rate (from the ledger).
-fn record_run(m: &Metrics, run: &Run) {
-    let label = [KeyValue::new("run_id", run.id)];
-    m.set_run_state(run.id, run.state);
-    m.run_stage.record(run.current_stage.max(0) as u64, &label);
-    let end = run.finished_at.unwrap_or_else(chrono::Utc::now);
-    m.rotation_duration.record(
-        (end - run.created_at).num_milliseconds() as f64 / 1000.0,
-        &label,
-    );
-}
-
-/// Gauges refreshed with each probe sample: latency, impact, queue depths, the audit gap
-/// and the run's totals. A failure here only costs a sample of metrics.
-async fn record_probe(
-    m: &Metrics,
-    pool: &Pool,
-    channel: &lapin::Channel,
-    topo: &Topology,
-    run: &Run,
-    lat: &probe::Latency,
-    impact_pct: f64,
-) {
-    let label = [KeyValue::new("run_id", run.id)];
-    m.probe_latency
-        .record(lat.median_ms, &[KeyValue::new("quantile", "0.5")]);
-    m.probe_latency
-        .record(lat.p95_ms, &[KeyValue::new("quantile", "0.95")]);
-    m.probe_latency
-        .record(lat.p99_ms, &[KeyValue::new("quantile", "0.99")]);
-    m.probe_impact.record(impact_pct, &label);
-    for q in [&topo.batches, &topo.dead_letters, &topo.reports] {
-        if let Ok(n) = broker::queue_depth(channel, q).await {
-            m.queue_depth
-                .record(u64::from(n), &[KeyValue::new("queue", q.clone())]);
-        }
-    }
-    let figures = async {
-        let c = pool.get().await?;
-        let gap: Option<f64> = c
-            .query_one(
-                "SELECT extract(epoch FROM clock_timestamp() - max(at))::float8 FROM rekey.audit_log WHERE run_id = $1",
-                &[&run.id],
-            )
-            .await?
-            .get(0);
-        let p = ledger::progress(&**c, run.id).await?;
-        anyhow::Ok((gap, p))
-    }
-    .await;
-    if let Ok((gap, p)) = figures {
-        if let Some(gap) = gap {
-            m.audit_gap.record(gap, &label);
-        }
-        m.run_rows_rotated.record(p.n_rotated.max(0) as u64, &label);
-        m.run_error_rate.record(p.error_rate(), &label);
-    }
-}
-
-/// The final figures of a run that ended: state, duration, rows rotated, error rate.
-pub async fn record_final(m: &Metrics, pool: &Pool, run_id: i64) -> anyhow::Result<()> {
-    let c = pool.get().await?;
-    let run = ledger::get_run(&**c, run_id)
-        .await?
-        .with_context(|| format!("run {run_id} not found"))?;
-    record_run(m, &run);
-    let p = ledger::progress(&**c, run_id).await?;
-    let label = [KeyValue::new("run_id", run_id)];
-    m.run_rows_rotated.record(p.n_rotated.max(0) as u64, &label);
-    m.run_error_rate.record(p.error_rate(), &label);
-    m.batches_in_flight
-        .record(p.published.max(0) as u64, &label);
-    Ok(())
-}
-
-fn run_observe_secs(run: &Run, stage_no: i32) -> u64 {
-    if stage_no == 0 {
-        run.settings.observe_first_secs
-    } else {
-        run.settings.observe_secs
-    }
-}
-
-/// Plans a stage's batches and marks it running.
-async fn start_stage(
-    pool: &Pool,
-    settings: &Settings,
-    run: &Run,
-    stage_no: i32,
-) -> anyhow::Result<()> {
-    let mut client = pool.get().await?;
-    let tx = client.transaction().await?;
-    start_stage_in(&tx, run, stage_no, &settings.actor).await?;
-    tx.commit().await?;
-    Ok(())
-}
-
-/// Plans a stage's batches into the ledger and marks the stage running, in `tx`. A stage
-/// is planned when it starts, so that rows inserted since the run began are in it.
-pub async fn start_stage_in(
-    tx: &tokio_postgres::Transaction<'_>,
-    run: &Run,
-    stage_no: i32,
-    actor: &str,
-) -> anyhow::Result<usize> {
-    let (lo, hi) =
-        rekey_common::stages::bucket_range(&run.stages, stage_no).context("stage out of range")?;
-    let fraction = f64::from(hi - lo) / f64::from(rekey_common::stages::BUCKETS);
-    // A batch holds about `batch_bytes` of values (at most `batch_size` rows) of this
-    // stage's slice; its id range spans that many rows divided by the slice's fraction.
-    let mut range_rows = std::collections::HashMap::new();
-    for t in &run.targets {
-        let rows = rekey_common::sizing::rows_for(
-            tx,
-            t,
-            i64::from(run.batch_size),
-            run.settings.batch_bytes,
-        )
-        .await
-        .with_context(|| format!("size the batches of {}", t.table))?;
-        range_rows.insert(
-            t.table.clone(),
-            ((rows as f64 / fraction).ceil() as i64).max(1),
-        );
-    }
-    let n = ledger::start_stage(tx, run.id, stage_no).await?;
-    if n == 0 {
-        return Ok(0);
-    }
-    let plans = plan::plan_stage(tx, &run.targets, stage_no, &range_rows).await?;
-    ledger::insert_batches(tx, run.id, &plans).await?;
-    audit::record(
-        tx,
-        &[AuditEntry::run_event(run.id, run.target_key_id, "stage_start", true, actor, serde_json::json!({"stage_no": stage_no, "percent": run.stages[stage_no as usize], "batches": plans.len()}))],
-    )
-    .await?;
-    tracing::info!(
-        run_id = run.id,
-        stage_no,
-        percent = run.stages[stage_no as usize],
-        n_batches = plans.len(),
-        "stage started"
-    );
-    Ok(plans.len())
-}
-
-/// Sweeps stragglers (re-batching them) or decides the stage's gates.
-#[tracing::instrument(name = "gate", skip_all, fields(run_id = run.id, stage = stage.stage_no))]
-async fn gate_stage(
-    pool: &Pool,
-    settings: &Settings,
-    notifier: &Notifier,
-    run: &Run,
-    stage: &ledger::Stage,
-    rt: &mut StageRuntime,
-) -> anyhow::Result<Option<RunState>> {
-    let stage_no = stage.stage_no;
-    let sweeps = stage
-        .gate
-        .as_ref()
-        .and_then(|g| g.get("sweeps"))
-        .and_then(|v| v.as_u64())
-        .unwrap_or(0) as u32;
-    let client = pool.get().await?;
-    let mut plans = Vec::new();
-    let mut left = 0i64;
-    // A dry run writes nothing, so every record is "left": coverage has no meaning there.
-    let sweep_targets: &[rekey_common::target::Target] = if run.kind == RunKind::DryRun {
-        &[]
-    } else {
-        &run.targets
-    };
-    // The tables are scanned at once, each on a connection of its own.
-    let found = futures::future::try_join_all(sweep_targets.iter().map(|t| async move {
-        let c = pool.get().await?;
-        gate::stragglers(&**c, run, t, stage_no).await
-    }))
-    .await?;
-    for (t, ids) in sweep_targets.iter().zip(found) {
-        left += ids.len() as i64;
-        plans.extend(gate::sweep_batches(
-            &t.table,
-            stage_no,
-            &ids,
-            run.batch_size as usize,
-        ));
-    }
-    if left > 0 && sweeps < MAX_SWEEPS {
-        tracing::info!(
-            run_id = run.id,
-            stage_no,
-            stragglers = left,
-            sweep = sweeps + 1,
-            "coverage sweep: re-batching stragglers"
-        );
-        let mut client = pool.get().await?;
-        let tx = client.transaction().await?;
-        ledger::insert_batches(&*tx, run.id, &plans).await?;
-        ledger::sweep_again(&*tx, run.id, stage_no, i64::from(sweeps + 1)).await?;
-        tx.commit().await?;
-        return Ok(None);
-    }
-    let decision = gate::evaluate(&**client, run, stage_no, left, sweeps, &rt.perf.figures).await?;
-    drop(client);
-    rekey_common::failpoint!("coordinator.mid_gate");
-    if let Some(reason) = decision.reason() {
-        return breach(pool, settings, notifier, run, stage_no, &decision, &reason)
-            .await
-            .map(Some);
-    }
-    let observe = run_observe_secs(run, stage_no);
-    let mut client = pool.get().await?;
-    let tx = client.transaction().await?;
-    ledger::begin_observing(
-        &*tx,
-        run.id,
-        stage_no,
-        &serde_json::to_value(&decision)?,
-        observe as f64,
-    )
-    .await?;
-    // The gate's decision, then the seal of the stage's batch audit chains.
-    let seal =
-        audit::stage_seal(&*tx, run.id, run.target_key_id, stage_no, &settings.actor).await?;
-    audit::record(
-        &*tx,
-        &[
-            AuditEntry::run_event(
-                run.id,
-                run.target_key_id,
-                "gate",
-                true,
-                &settings.actor,
-                serde_json::json!({"stage_no": stage_no, "passed": true, "observe_secs": observe}),
-            ),
-            seal,
-        ],
-    )
-    .await?;
-    tx.commit().await?;
-    tracing::info!(
-        run_id = run.id,
-        stage_no,
-        observe_secs = observe,
-        "stage gates passed; observing"
-    );
-    report::write(
-        pool,
-        settings,
-        run.id,
-        &format!("stage {stage_no} gates passed"),
-    )
-    .await?;
-    Ok(None)
-}
-
 /// Consecutive failed sessions (each backing off up to 10 s) before the driver gives up.
 const MAX_SESSION_FAILURES: u32 = 60;
-
-/// Sweeps of stragglers per stage before the coverage gate gives up.
-pub const MAX_SWEEPS: u32 = 5;
-
-async fn breach(
-    pool: &Pool,
-    settings: &Settings,
-    notifier: &Notifier,
-    run: &Run,
-    stage_no: i32,
-    decision: &gate::GateDecision,
-    reason: &str,
-) -> anyhow::Result<RunState> {
-    mark_breach(
-        pool,
-        settings,
-        notifier,
-        run,
-        stage_no,
-        Some(serde_json::to_value(decision)?),
-        reason,
-    )
-    .await
-}
-
-/// Records a breach: the stage breached with its figures, the run halted with the reason.
-async fn mark_breach(
-    pool: &Pool,
-    settings: &Settings,
-    notifier: &Notifier,
-    run: &Run,
-    stage_no: i32,
-    gate_json: Option<serde_json::Value>,
-    reason: &str,
-) -> anyhow::Result<RunState> {
-    let mut client = pool.get().await?;
-    let tx = client.transaction().await?;
-    ledger::breach_stage(&*tx, run.id, stage_no, gate_json.as_ref()).await?;
-    ledger::set_run_state(
-        &*tx,
-        run.id,
-        RunState::Halted,
-        Some(&format!("stage {stage_no} breached: {reason}")),
-    )
-    .await?;
-    audit::record(
-        &*tx,
-        &[AuditEntry::run_event(
-            run.id,
-            run.target_key_id,
-            "gate",
-            false,
-            &settings.actor,
-            serde_json::json!({"stage_no": stage_no, "passed": false, "reason": reason}),
-        )],
-    )
-    .await?;
-    tx.commit().await?;
-    tracing::error!(
-        run_id = run.id,
-        stage_no,
-        reason,
-        "stage breached: run halted"
-    );
-    let path = report::write(
-        pool,
-        settings,
-        run.id,
-        &format!("stage {stage_no} breached"),
-    )
-    .await?;
-    notify(
-        notifier,
-        pool,
-        run.id,
-        "gate_breached",
-        Some(stage_no),
-        Some(reason.to_owned()),
-        Some(&path),
-    )
-    .await;
-    Ok(RunState::Halted)
-}
-
-/// Sends a run event with the run's figures; a failure to build it costs only a warning.
-pub async fn notify(
-    notifier: &Notifier,
-    pool: &Pool,
-    run_id: i64,
-    event: &'static str,
-    stage_no: Option<i32>,
-    reason: Option<String>,
-    report: Option<&std::path::Path>,
-) {
-    if !notifier.is_enabled() {
-        return;
-    }
-    let built = async {
-        let c = pool.get().await?;
-        let run = ledger::get_run(&**c, run_id)
-            .await?
-            .with_context(|| format!("run {run_id} not found"))?;
-        let p = ledger::progress(&**c, run_id).await?;
-        anyhow::Ok(Event {
-            event,
-            run_id,
-            kind: run.kind.as_str().to_owned(),
-            state: run.state.as_str().to_owned(),
-            stage_no: stage_no.or(Some(run.current_stage)),
-            reason: reason.or(run.halt_reason),
-            figures: serde_json::json!({
-                "batches": p.n_batches,
-                "batches_done": p.done,
-                "batches_failed": p.failed,
-                "rows": p.n_rows,
-                "rotated": p.n_rotated,
-                "decrypt_errors": p.n_errors,
-                "decrypt_error_rate": p.error_rate(),
-                "stages": run.stages,
-                "duration_secs": (run.finished_at.unwrap_or_else(chrono::Utc::now) - run.created_at).num_milliseconds() as f64 / 1000.0,
-            }),
-            report: report.map(|p| p.display().to_string()),
-            at: chrono::Utc::now(),
-        })
-    }
-    .await;
-    match built {
-        Ok(e) => notifier.send(e),
-        Err(e) => tracing::warn!(run_id, event, error = %format!("{e:#}"), "run event not sent"),
-    }
-}
 
 async fn current_state(pool: &Pool, run_id: i64) -> anyhow::Result<RunState> {
     Ok(ledger::get_run(&**pool.get().await?, run_id)

@@ -14,7 +14,7 @@ use secrecy::ExposeSecret;
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::cli::Context;
+use crate::context::Context;
 use crate::output::{self, when};
 
 #[derive(Debug, Subcommand)]

@@ -1,25 +1,39 @@
 //! The coordinator: the `rekey` operator CLI and the library behind it.
 //!
-//! - [`cli`]: argument definitions and dispatch.
-//! - [`keys_cmd`]: `rekey keys …`, over `rekey_common::keys::store`.
-//! - [`audit_cmd`]: `rekey audit verify`, over `rekey_common::audit::verify`.
-//! - [`output`]: text or `--json` output.
-//! - [`plan`]: cutting tables into ID ranges.
-//! - [`run_cmd`]: starting, pausing, resuming and inspecting runs.
-//! - [`gate`]: stage gates, coverage sweeps, observation, promotion.
-//! - [`probe`]: the application-latency probe.
-//! - [`report`]: evidence reports.
-//! - [`drive`]: publishing batches, leases, reports and progress until a run ends.
+//! Commands: [`cli`] (clap definitions and dispatch), [`args`] (flags several commands
+//! share, durations), [`context`] (settings + pool), [`output`] (text or `--json`),
+//! [`keys_cmd`], [`audit_cmd`], [`run_cmd`] (start, pause, resume, promote, roll back,
+//! status), [`preflight`], [`demo`], [`follow`] (driving a run and the policy of its end,
+//! for every command that drives).
+//!
+//! Driving a run: [`drive`] (the session loop and `step`, which dispatches on the stage's
+//! state), [`runtime`] (`DriveOptions`, `Driver`, `StageRuntime`), [`stage`] (start, gate,
+//! breach a stage), [`plan`] (ID ranges), [`coverage`] (sweeps for stragglers),
+//! [`latency`] (the probe's judgement of a running stage), [`throttle`] (the throttle and
+//! the performance figures), [`probe`] (the latency probe), [`gate`] (the gate decision and
+//! promotion), [`observe`] (observation samples), [`events`] (an event's log line, metrics
+//! and webhook), [`progress`] (what the operator sees), [`report`] (evidence reports).
 
+pub mod args;
 pub mod audit_cmd;
 pub mod cli;
+pub mod context;
+pub mod coverage;
 pub mod demo;
 pub mod drive;
+pub mod events;
+pub mod follow;
 pub mod gate;
 pub mod keys_cmd;
+pub mod latency;
+pub mod observe;
 pub mod output;
 pub mod plan;
 pub mod preflight;
 pub mod probe;
+pub mod progress;
 pub mod report;
 pub mod run_cmd;
+pub mod runtime;
+pub mod stage;
+pub mod throttle;

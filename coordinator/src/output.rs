@@ -14,3 +14,17 @@ pub fn when(t: Option<chrono::DateTime<chrono::Utc>>) -> String {
     t.map(|t| t.format("%Y-%m-%d %H:%M").to_string())
         .unwrap_or_else(|| "-".into())
 }
+
+/// `value` as JSON on stdout when `json`, else whatever `text` prints.
+pub fn print_json_or<T: Serialize>(
+    json: bool,
+    value: &T,
+    text: impl FnOnce(),
+) -> anyhow::Result<()> {
+    if json {
+        self::json(value)
+    } else {
+        text();
+        Ok(())
+    }
+}

@@ -204,7 +204,7 @@ pub async fn start_rotation(
     .await?;
     ledger::create_stages(&*tx, run.id, &opts.stages).await?;
     // The first stage's batches are in the ledger before anything is published.
-    crate::drive::start_stage_in(&tx, &run, 0, &settings.actor).await?;
+    crate::stage::start_stage_in(&tx, &run, 0, &settings.actor).await?;
     ledger::set_run_state(&*tx, run.id, RunState::Running, None).await?;
     let action = if opts.dry_run { "dry_run" } else { "rotate" };
     record_action(
@@ -375,7 +375,7 @@ pub async fn start_rollback(
     )
     .await?;
     ledger::create_stages(&*tx, rollback.id, &[100]).await?;
-    crate::drive::start_stage_in(&tx, &rollback, 0, &settings.actor).await?;
+    crate::stage::start_stage_in(&tx, &rollback, 0, &settings.actor).await?;
     ledger::set_run_state(&*tx, rollback.id, RunState::Running, None).await?;
     record_action(
         &*tx,

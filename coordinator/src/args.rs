@@ -1,0 +1,128 @@
+//! Arguments shared by several commands: how a run is driven (`DriveArgs`, `LatencyArgs`)
+//! and durations (`30s`, `24h,2h`).
+
+use anyhow::Context as _;
+
+use rekey_common::ledger::RunSettings;
+use std::time::Duration;
+
+/// The latency budget: when the probe's latency rises above it the coordinator throttles;
+/// a sustained rise over the breach threshold fails the stage's performance gate.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LatencyArgs {
+    /// The latency budget, in percent of the application's p99 (`--app-p99-ms`; of the
+    /// probe's own p99 when not given): the throttle holds the probe's p99 within this much
+    /// of its p99 before the run. 0 turns the throttle off.
+    #[arg(long, default_value_t = RunSettings::default().throttle_pct)]
+    pub throttle_pct: f64,
+    /// The budget is at least this many milliseconds (the probe's noise floor).
+    #[arg(long, default_value_t = RunSettings::default().throttle_min_ms)]
+    pub throttle_min_ms: f64,
+    /// The application's own 99th percentile latency before the run, in milliseconds (from
+    /// its dashboards): sizes the budget of `--throttle-pct`.
+    #[arg(long)]
+    pub app_p99_ms: Option<f64>,
+    /// The probe alternates its point reads with a one-row write and commit (in
+    /// `rekey.latency_probe`), each kind judged against its own p99 before the run: it
+    /// then sees the WAL-flush waits a rotation adds to the application's commits, and
+    /// throttles harder (measured: far harder after a quiet baseline).
+    #[arg(long)]
+    pub probe_writes: bool,
+    /// A stage is breached when the probe's median stays this many percent above its
+    /// baseline for 3 samples in a row.
+    #[arg(long, default_value_t = RunSettings::default().breach_pct)]
+    pub breach_pct: f64,
+    /// Start each stage at full speed instead of at one batch in flight.
+    #[arg(long)]
+    pub no_slow_start: bool,
+}
+
+/// How the coordinator paces a run it drives.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DriveArgs {
+    /// Batches published and not yet done, at most.
+    #[arg(long, default_value_t = crate::runtime::DEFAULT_MAX_IN_FLIGHT)]
+    pub max_in_flight: i64,
+    /// Seconds after which a published batch that is not done is published again.
+    #[arg(long, default_value_t = crate::runtime::DEFAULT_LEASE.as_secs())]
+    pub lease_secs: u64,
+    /// Serve the run's Prometheus metrics at http://ADDR/metrics while driving it.
+    #[arg(long, env = "REKEY_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Keep serving metrics this long after the run ended, so that the last scrape sees
+    /// the final figures (e.g. 30s, a scrape interval or two).
+    #[arg(long, default_value = "0")]
+    pub metrics_linger: String,
+}
+
+impl DriveArgs {
+    pub fn options(&self, json: bool) -> crate::runtime::DriveOptions {
+        crate::runtime::DriveOptions {
+            max_in_flight: self.max_in_flight.max(1),
+            lease: Duration::from_secs(self.lease_secs.max(1)),
+            progress: if json {
+                crate::progress::ProgressMode::Quiet
+            } else {
+                crate::progress::ProgressMode::Auto
+            },
+            ..Default::default()
+        }
+    }
+}
+
+/// Parses `24h`, `90m`, `30s`, `1d`, `250ms` or `0`.
+pub fn parse_duration(s: &str) -> anyhow::Result<Duration> {
+    let s = s.trim();
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .with_context(|| format!("{s:?} is not a duration like 24h, 90m, 30s"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" | "" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        "d" => n * 86400.0,
+        _ => anyhow::bail!("{s:?}: unknown unit {unit:?} (use ms, s, m, h or d)"),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// `--observe A[,B]`: first stage, later stages.
+pub fn parse_observe(s: &str) -> anyhow::Result<(Duration, Duration)> {
+    let parts: Vec<&str> = s.split(',').collect();
+    let first = parse_duration(parts[0]).context("--observe")?;
+    let rest = match parts.get(1) {
+        Some(p) => parse_duration(p).context("--observe")?,
+        None => first,
+    };
+    Ok((first, rest))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_like_an_operator_writes_them() {
+        assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86400));
+        assert_eq!(parse_duration("90m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert!(parse_duration("soon").is_err());
+        assert_eq!(
+            parse_observe("24h,2h").unwrap(),
+            (Duration::from_secs(86400), Duration::from_secs(7200))
+        );
+        assert_eq!(
+            parse_observe("5s").unwrap(),
+            (Duration::from_secs(5), Duration::from_secs(5))
+        );
+    }
+}

@@ -1,0 +1,104 @@
+//! What driving a run works with: the options it is driven by (`DriveOptions`, with the
+//! defaults the flags share), the session's context (`Driver`) and what the driver keeps in
+//! memory about the current stage (`StageRuntime`).
+
+use crate::{probe, throttle};
+use deadpool_postgres::Pool;
+use rekey_common::Settings;
+use rekey_common::broker::Topology;
+use rekey_common::keys::master::MasterKey;
+use rekey_common::metrics::Metrics;
+use rekey_common::notify::Notifier;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::progress::ProgressMode;
+
+/// How the driver paces a run.
+#[derive(Debug, Clone)]
+pub struct DriveOptions {
+    /// Batches published and not yet done, at most.
+    pub max_in_flight: i64,
+    /// A published batch not done within this time is published again.
+    pub lease: Duration,
+    /// Publications of one batch before it is marked failed.
+    pub max_attempts: i32,
+    /// How often the ledger is re-read when no report arrives.
+    pub tick: Duration,
+    /// Steps (ledger reads, publishing) come at most this often however fast reports come.
+    pub min_step: Duration,
+    /// Show an indicatif bar (terminal) or plain lines (elsewhere), or nothing.
+    pub progress: ProgressMode,
+    /// How often the throttle decides, on the probe's samples since its last decision.
+    pub probe_every: Duration,
+    /// How often the background probe queries while a stage rotates.
+    pub probe_spacing: Duration,
+    /// Where the run's gauges go (served by `--metrics-addr`).
+    pub metrics: Option<Arc<Metrics>>,
+    /// Where run events go (the webhook, if configured).
+    pub notifier: Notifier,
+}
+
+/// The driver's defaults, one place for the flags (`DriveArgs`) and `DriveOptions`.
+pub const DEFAULT_MAX_IN_FLIGHT: i64 = 64;
+
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(120);
+
+impl Default for DriveOptions {
+    fn default() -> Self {
+        Self {
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            lease: DEFAULT_LEASE,
+            max_attempts: 20,
+            tick: Duration::from_millis(500),
+            min_step: Duration::from_millis(100),
+            progress: ProgressMode::Auto,
+            probe_every: Duration::from_secs(2),
+            probe_spacing: Duration::from_millis(50),
+            metrics: None,
+            notifier: Notifier::default(),
+        }
+    }
+}
+
+/// What the driver keeps in memory about the current stage (lost on restart, which only
+/// restarts the latency samples and the throttle).
+#[derive(Debug, Default)]
+pub(crate) struct StageRuntime {
+    pub(crate) stage_no: Option<i32>,
+    pub(crate) perf: throttle::PerfTracker,
+    /// Set when the stage starts rotating.
+    pub(crate) throttle: Option<throttle::Throttle>,
+    pub(crate) prober: Option<probe::Prober>,
+    pub(crate) last_publish: Option<Instant>,
+    pub(crate) last_probe: Option<Instant>,
+    pub(crate) last_observation: Option<Instant>,
+    pub(crate) ring: Option<rekey_common::keys::ring::KeyRing>,
+}
+
+impl StageRuntime {
+    /// While pacing: how long until the next batch may be published, if it must wait.
+    pub(crate) fn paced_for(&self) -> Option<Duration> {
+        let gap = self.throttle.as_ref()?.gap;
+        if gap.is_zero() {
+            return None;
+        }
+        // Once the gap has passed, the next batch waits only for room in the window,
+        // which a report announces: no early wake-up then.
+        let left = gap.saturating_sub(self.last_publish?.elapsed());
+        (!left.is_zero()).then_some(left)
+    }
+}
+
+/// What every step of a driving session works with: the run, where it lives, the master
+/// key, the broker channel it publishes on, and how it is paced.
+#[derive(Clone, Copy)]
+pub(crate) struct Driver<'a> {
+    pub(crate) pool: &'a Pool,
+    pub(crate) settings: &'a Settings,
+    pub(crate) master: &'a MasterKey,
+    pub(crate) channel: &'a lapin::Channel,
+    pub(crate) topo: &'a Topology,
+    pub(crate) run_id: i64,
+    pub(crate) opts: &'a DriveOptions,
+}

@@ -1,0 +1,412 @@
+//! The latency throttle and the performance figures of a stage: how many batches may be in
+//! flight and how fast they are published, from the probe's samples (see docs/throttle.md).
+
+use rekey_common::ledger;
+
+use serde::Serialize;
+
+/// Performance figures of a stage, collected by the driver while the stage ran.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PerfFigures {
+    pub baseline_ms: Option<f64>,
+    pub samples: usize,
+    pub median_ms: Option<f64>,
+    pub max_ms: Option<f64>,
+    pub impact_pct: f64,
+    pub max_impact_pct: f64,
+    /// Judgements at which probes over the throttle's threshold slowed the run.
+    pub throttled_samples: usize,
+    /// The longest gap between publications the throttle paced the stage at (0: never).
+    pub max_gap_ms: u64,
+    /// The probe's reads' 99th percentile before the run and over the stage (milliseconds),
+    /// and its writes'.
+    pub baseline_p99_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    pub write_baseline_p99_ms: Option<f64>,
+    pub write_p99_ms: Option<f64>,
+    /// A read (a write) slower than this counted against the throttle; how many probes
+    /// were taken and how many were over (the throttle holds that share near 1%).
+    pub throttle_threshold_ms: Option<f64>,
+    pub write_throttle_threshold_ms: Option<f64>,
+    pub probes: u64,
+    pub probes_over: u64,
+    /// Consecutive samples over the breach threshold, at most.
+    pub max_consecutive_over_breach: usize,
+    pub breached: bool,
+}
+
+/// Latency samples of one stage and the throttle decision.
+#[derive(Debug, Clone, Default)]
+pub struct PerfTracker {
+    pub samples_ms: Vec<f64>,
+    pub impacts: Vec<f64>,
+    consecutive_over_breach: usize,
+    reads: crate::probe::Histogram,
+    writes: crate::probe::Histogram,
+    pub figures: PerfFigures,
+}
+
+/// The throttle: how many batches may be in flight and, while pacing, how often one may be
+/// published, both set by one level. Level 0 is full speed; each level up to log2(max)
+/// halves the batches in flight; past that, at one batch, the gap between publications
+/// grows to `GAP_UNIT × (2^x − 1)` x levels past (100 ms, 300 ms, 700 ms, … `MAX_GAP`).
+///
+/// The level follows the probes one by one. A probe over the threshold (the probe's p99
+/// before the run plus the latency budget) raises it by `STEP`; a probe under it lowers
+/// it by `STEP × p / (1 − p)`, p = `TARGET_SHARE` (1%). The level comes to rest where 1% of
+/// the probes are over the threshold, that is where the probe's p99 is its baseline p99
+/// plus the budget: the application's p99 is what the budget is about, and a p99 is moved
+/// by rare stalls that a median or a 95th percentile does not see. Heavy impact (one probe
+/// in five over) climbs a level every ten probes; clean probes take a level back every 198
+/// (10 s at one probe per 50 ms). A stage starts at one batch in flight (a slow start), so
+/// that a rotation never opens at full speed on a database it has not measured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Throttle {
+    max: i64,
+    level: f64,
+    pub window: i64,
+    pub gap: std::time::Duration,
+}
+
+/// The pacing unit and the longest gap between publications.
+pub const GAP_UNIT: std::time::Duration = std::time::Duration::from_millis(100);
+
+pub const MAX_GAP: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// What one probe over the threshold adds to the level.
+pub const STEP: f64 = 0.5;
+
+/// The share of probes over the threshold the throttle holds a run to.
+pub const TARGET_SHARE: f64 = 0.01;
+
+impl Throttle {
+    /// A stage's throttle: slow start from one batch when `slow_start`, else from `max`.
+    pub fn new(max: i64, slow_start: bool) -> Self {
+        let mut t = Self {
+            max: max.max(1),
+            level: 0.0,
+            window: max.max(1),
+            gap: std::time::Duration::ZERO,
+        };
+        if slow_start {
+            t.level = t.halvings();
+        }
+        t.apply();
+        t
+    }
+
+    /// Levels from `max` batches in flight down to one.
+    fn halvings(&self) -> f64 {
+        (self.max as f64).log2().ceil()
+    }
+
+    /// The highest level: one batch per `MAX_GAP`.
+    fn top(&self) -> f64 {
+        self.halvings() + (MAX_GAP.as_secs_f64() / GAP_UNIT.as_secs_f64() + 1.0).log2()
+    }
+
+    fn apply(&mut self) {
+        let h = self.halvings();
+        if self.level < h {
+            self.window = ((self.max as f64) / self.level.exp2()).floor().max(1.0) as i64;
+            self.gap = std::time::Duration::ZERO;
+        } else {
+            self.window = 1;
+            self.gap = GAP_UNIT.mul_f64((self.level - h).exp2() - 1.0).min(MAX_GAP);
+        }
+    }
+
+    /// After `over` probes over the threshold and `under` probes under it; `in_flight` the
+    /// batches in flight now.
+    pub fn adjust(&mut self, over: usize, under: usize, in_flight: i64) {
+        if over > 0 && self.window > in_flight.max(1) {
+            // The window may be far above what the workers take: slowing down starts from
+            // what is in flight, not from what is allowed.
+            self.level = self
+                .level
+                .max((self.max as f64 / in_flight.max(1) as f64).log2());
+        }
+        let down = STEP * TARGET_SHARE / (1.0 - TARGET_SHARE);
+        self.level += STEP * over as f64 - down * under as f64;
+        self.level = self.level.clamp(0.0, self.top());
+        self.apply();
+    }
+
+    /// Whether the throttle holds the run below its configured pace.
+    pub fn engaged(&self) -> bool {
+        self.window < self.max || !self.gap.is_zero()
+    }
+}
+
+/// Samples over the breach threshold in a row that make a breach ("sustained").
+pub const SUSTAINED_SAMPLES: usize = 3;
+
+impl PerfTracker {
+    /// Counts the stage's probes one by one against the throttle's threshold for their
+    /// kind; returns how many were over it and how many under (both 0 when the throttle is
+    /// off).
+    pub fn probes(
+        &mut self,
+        settings: &ledger::RunSettings,
+        samples: &[crate::probe::Sample],
+    ) -> (usize, usize) {
+        let (read_limit, write_limit) = (
+            settings.throttle_threshold_ms(false),
+            settings.throttle_threshold_ms(true),
+        );
+        let mut over = 0;
+        for s in samples {
+            let (h, limit) = if s.write {
+                (&mut self.writes, write_limit)
+            } else {
+                (&mut self.reads, read_limit)
+            };
+            h.record(s.ms);
+            if limit.is_some_and(|l| s.ms > l) {
+                over += 1;
+            }
+        }
+        let f = &mut self.figures;
+        f.baseline_p99_ms = settings.probe_baseline_p99_ms;
+        f.write_baseline_p99_ms = settings.probe_write_baseline_p99_ms;
+        f.throttle_threshold_ms = read_limit;
+        f.write_throttle_threshold_ms = write_limit.filter(|_| self.writes.count() > 0);
+        f.probes = self.reads.count() + self.writes.count();
+        f.probes_over += over as u64;
+        f.p99_ms = self.reads.quantile(0.99);
+        f.write_p99_ms = self.writes.quantile(0.99);
+        if over > 0 {
+            f.throttled_samples += 1;
+        }
+        match read_limit {
+            Some(_) => (over, samples.len() - over),
+            None => (0, 0),
+        }
+    }
+
+    /// Records a judgement's median (milliseconds) for the breach: its median `breach_pct`
+    /// over the baseline (and by more than `min_impact_ms`) for `SUSTAINED_SAMPLES`
+    /// judgements in a row. Noise on a busy machine does not move a median; the throttle
+    /// answers the tail (`probes`).
+    pub fn record(&mut self, settings: &ledger::RunSettings, ms: f64) {
+        let baseline = settings.probe_baseline_ms;
+        let impact = baseline
+            .map(|b| crate::probe::impact_pct(b, ms, settings.min_impact_ms))
+            .unwrap_or(0.0);
+        self.samples_ms.push(ms);
+        self.impacts.push(impact);
+        if impact > settings.breach_pct {
+            self.consecutive_over_breach += 1;
+        } else {
+            self.consecutive_over_breach = 0;
+        }
+        let f = &mut self.figures;
+        f.baseline_ms = baseline;
+        f.samples = self.samples_ms.len();
+        let mut sorted = self.samples_ms.clone();
+        sorted.sort_by(f64::total_cmp);
+        f.median_ms = Some(sorted[sorted.len() / 2]);
+        f.max_ms = sorted.last().copied();
+        f.impact_pct = baseline
+            .map(|b| crate::probe::impact_pct(b, sorted[sorted.len() / 2], settings.min_impact_ms))
+            .unwrap_or(0.0);
+        f.max_impact_pct = f.max_impact_pct.max(impact);
+        f.max_consecutive_over_breach = f
+            .max_consecutive_over_breach
+            .max(self.consecutive_over_breach);
+        if self.consecutive_over_breach >= SUSTAINED_SAMPLES {
+            f.breached = true;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> ledger::RunSettings {
+        ledger::RunSettings {
+            probe_baseline_ms: Some(10.0),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_median_over_20_percent_for_three_judgements_in_a_row_breaches() {
+        let s = settings();
+        let mut t = PerfTracker::default();
+        t.record(&s, 11.0);
+        assert!(
+            t.figures.impact_pct == 0.0,
+            "+10% (1 ms, under the noise floor) is no impact"
+        );
+        // Over 20% twice, a normal sample, then three in a row: only the last is a breach.
+        t.record(&s, 13.0);
+        t.record(&s, 13.0);
+        t.record(&s, 10.0);
+        assert!(!t.figures.breached);
+        t.record(&s, 13.0);
+        t.record(&s, 13.0);
+        assert!(!t.figures.breached);
+        t.record(&s, 13.0);
+        assert!(t.figures.breached);
+        assert_eq!(t.figures.max_consecutive_over_breach, SUSTAINED_SAMPLES);
+    }
+
+    #[test]
+    fn probes_count_against_their_kinds_baseline_p99_plus_the_budget() {
+        use crate::probe::Sample;
+        let read = |ms| Sample { ms, write: false };
+        let write = |ms| Sample { ms, write: true };
+        let s = ledger::RunSettings {
+            probe_baseline_ms: Some(0.3),
+            probe_baseline_p99_ms: Some(2.0),
+            probe_write_baseline_p99_ms: Some(6.0),
+            ..Default::default()
+        };
+        // 15% of the probe's own 2 ms p99 is 0.3 ms, under the 0.5 ms floor.
+        assert_eq!(s.throttle_threshold_ms(false), Some(2.5));
+        assert_eq!(
+            s.throttle_threshold_ms(true),
+            Some(6.5),
+            "the same budget on writes"
+        );
+        let app = ledger::RunSettings {
+            app_p99_ms: Some(10.0),
+            ..s.clone()
+        };
+        assert_eq!(
+            app.throttle_threshold_ms(false),
+            Some(3.5),
+            "15% of the application's 10 ms"
+        );
+        let mut t = PerfTracker::default();
+        assert_eq!(
+            t.probes(
+                &s,
+                &[read(0.3), read(2.4), read(2.6), write(6.0), write(9.0)]
+            ),
+            (2, 3),
+            "a read at 2.6 ms and a write at 9 ms are over; a write at 6 ms is not"
+        );
+        let clean: Vec<Sample> = (0..95)
+            .map(|i| if i % 2 == 0 { read(0.3) } else { write(1.0) })
+            .collect();
+        assert_eq!(t.probes(&s, &clean), (0, 95));
+        assert_eq!((t.figures.probes, t.figures.probes_over), (100, 2));
+        assert_eq!(t.figures.throttled_samples, 1);
+        assert_eq!(t.figures.write_throttle_threshold_ms, Some(6.5));
+        let p99 = t.figures.p99_ms.unwrap();
+        assert!((2.6..2.9).contains(&p99), "p99 of the stage's reads: {p99}");
+        let off = ledger::RunSettings {
+            throttle_pct: 0.0,
+            ..s.clone()
+        };
+        assert_eq!(off.throttle_threshold_ms(false), None);
+        assert_eq!(
+            t.probes(&off, &[read(50.0)]),
+            (0, 0),
+            "a throttle_pct of 0 turns it off"
+        );
+        assert_eq!(
+            ledger::RunSettings::default().throttle_threshold_ms(false),
+            None,
+            "without a baseline nothing throttles"
+        );
+        // A run planned before writes were probed: its writes are judged on the reads' p99.
+        let old = ledger::RunSettings {
+            probe_write_baseline_p99_ms: None,
+            ..s
+        };
+        assert_eq!(old.throttle_threshold_ms(true), Some(2.5));
+    }
+
+    #[test]
+    fn the_throttle_halves_what_is_in_flight_then_paces_and_recovers_slowly() {
+        use std::time::Duration;
+        let mut t = Throttle::new(64, false);
+        assert!(!t.engaged());
+        assert_eq!((t.window, t.gap), (64, Duration::ZERO));
+        // 64 allowed, 4 actually in flight: the first probe over starts from 4, not 64.
+        t.adjust(1, 0, 4);
+        assert_eq!((t.window, t.gap), (2, Duration::ZERO));
+        t.adjust(2, 0, 2);
+        assert_eq!((t.window, t.gap), (1, Duration::ZERO));
+        t.adjust(1, 0, 1);
+        assert_eq!(
+            (t.window, t.gap),
+            (1, Duration::ZERO),
+            "one batch, not yet paced"
+        );
+        t.adjust(2, 0, 1);
+        assert_eq!(t.gap, GAP_UNIT, "one level past one batch: 100 ms");
+        t.adjust(2, 0, 1);
+        assert_eq!(t.gap, GAP_UNIT * 3);
+        for _ in 0..20 {
+            t.adjust(5, 0, 1);
+        }
+        assert_eq!(t.gap, MAX_GAP, "the gap is capped");
+        // One probe over in a hundred holds the level where it is.
+        let held = t.clone();
+        t.adjust(1, 99, 1);
+        assert!((t.level - held.level).abs() < 1e-9);
+        // Clean probes take a level back every 198 probes: from the top to full speed
+        // takes 198 × (8.2 + 6) probes, about 2,800, not one judgement.
+        t.adjust(0, 198, 1);
+        assert!(t.gap < MAX_GAP && t.gap > MAX_GAP / 3, "{:?}", t.gap);
+        let mut probes = 198;
+        while t.engaged() {
+            t.adjust(0, 40, 1);
+            probes += 40;
+        }
+        assert!((2_700..2_900).contains(&probes), "{probes} probes");
+        assert_eq!((t.window, t.gap), (64, Duration::ZERO));
+    }
+
+    #[test]
+    fn under_steady_impact_the_share_of_probes_over_settles_near_one_percent() {
+        // A stand-in for the database: each batch in flight or paced adds a stall to some
+        // probes; the share of slow probes falls as the throttle paces.
+        let mut t = Throttle::new(8, true);
+        let mut over_total = 0;
+        let mut total = 0;
+        let mut rng = 12345u64;
+        for judgement in 0..2_000 {
+            // The share of probes stalled: 30% at full speed (1 batch per 100 ms of
+            // work), falling with the duty cycle.
+            let busy = 0.1 * t.window as f64;
+            let duty = busy / (busy + t.gap.as_secs_f64());
+            let share = 0.3 * duty.min(1.0);
+            let mut over = 0;
+            for _ in 0..40 {
+                rng = rng
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                if ((rng >> 11) as f64 / (1u64 << 53) as f64) < share {
+                    over += 1;
+                }
+            }
+            t.adjust(over, 40 - over, t.window);
+            if judgement >= 500 {
+                over_total += over;
+                total += 40;
+            }
+        }
+        let share = over_total as f64 / total as f64;
+        assert!(
+            (0.007..0.014).contains(&share),
+            "share of probes over: {share}"
+        );
+        assert!(t.gap > std::time::Duration::from_secs(2), "{:?}", t.gap);
+    }
+
+    #[test]
+    fn a_stage_starts_slowly_at_one_batch_in_flight() {
+        let mut t = Throttle::new(64, true);
+        assert_eq!((t.window, t.gap), (1, std::time::Duration::ZERO));
+        assert!(t.engaged());
+        // Two levels of clean probes later: four batches.
+        t.adjust(0, 396, 1);
+        assert_eq!(t.window, 4);
+    }
+}
