@@ -64,6 +64,17 @@ pub enum Error {
     BudgetExhausted { key_id: Uuid },
 }
 
+impl From<crate::keys::ring::Error> for Error {
+    fn from(e: crate::keys::ring::Error) -> Self {
+        match e {
+            crate::keys::ring::Error::UnknownKey { key_id } => Error::UnknownKey { key_id },
+            crate::keys::ring::Error::BudgetExhausted { key_id } => {
+                Error::BudgetExhausted { key_id }
+            }
+        }
+    }
+}
+
 impl Error {
     /// A short stable label for metrics, audit details and the error table.
     pub fn kind(&self) -> &'static str {

@@ -11,8 +11,20 @@ use aes_gcm::{Aes256Gcm, KeyInit};
 use uuid::Uuid;
 
 use super::KeyState;
-use crate::envelope::Error;
 use crate::secret::KeyMaterial;
+
+/// Why the ring refused; `envelope::Error` carries each as its own variant.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "unknown field key {key_id}: it is not in the key ring (never loaded, retired or destroyed)"
+    )]
+    UnknownKey { key_id: Uuid },
+    #[error(
+        "field key {key_id} has used up its nonce budget of random-nonce encryptions; rotate it"
+    )]
+    BudgetExhausted { key_id: Uuid },
+}
 
 /// One unwrapped field key. The cipher zeroizes its key schedule on drop.
 pub struct FieldKey {
