@@ -1,6 +1,6 @@
 //! The coordinator: the `rekey` operator CLI and the library behind it.
 //!
-//! Commands: [`cli`] (clap definitions and dispatch), [`args`] (flags several commands
+//! Commands: [`cli`] (the clap definitions), [`commands`] (the dispatch), [`args`] (flags several commands
 //! share, durations), [`context`] (settings + pool), [`output`] (text or `--json`),
 //! [`keys_cmd`], [`audit_cmd`], [`run_cmd`] (start, pause, resume, promote, roll back,
 //! status), [`preflight`], [`demo`], [`follow`] (driving a run and the policy of its end,
@@ -17,6 +17,7 @@
 pub mod args;
 pub mod audit_cmd;
 pub mod cli;
+pub mod commands;
 pub mod context;
 pub mod coverage;
 pub mod demo;

@@ -1,5 +1,5 @@
 //! `rekey`, the operator CLI. Parses arguments, sets up logging and hands over to
-//! [`rekey_coordinator::cli::run`]; everything else is library code that tests drive.
+//! [`rekey_coordinator::commands::run`]; everything else is library code that tests drive.
 
 use std::process::ExitCode;
 
@@ -10,7 +10,7 @@ async fn main() -> ExitCode {
     let cli = rekey_coordinator::cli::Cli::parse();
     let telemetry = rekey_common::telemetry::init_for(cli.log_format, "rekey");
     rekey_common::failpoint::setup();
-    let code = match rekey_coordinator::cli::run(cli).await {
+    let code = match rekey_coordinator::commands::run(cli).await {
         Ok(code) => code,
         Err(err) => {
             // The one place a command's error is reported; `{:#}` prints the context chain.
