@@ -326,12 +326,10 @@ impl Settings {
     }
 
     /// Loads the master key these settings name: the one place every binary does it.
-    /// Errors name the provider (the setting and, for a file, its path), never the key.
+    /// Errors name the setting (and, for a file, its path), never the key.
     pub fn load_master_key(&self) -> anyhow::Result<crate::keys::master::MasterKey> {
-        let provider = self.master_key_provider()?;
-        provider
-            .load()
-            .with_context(|| format!("load the master key from {}", provider.describe()))
+        // Every refusal already names the setting (and the file): said once.
+        Ok(self.master_key_provider()?.load()?)
     }
 
     /// The database's address without user or password, for messages.

@@ -67,15 +67,38 @@ pub fn pool_for_url(url: &str, max_size: usize) -> anyhow::Result<Pool> {
 
 /// Takes a connection, naming the setting and the address (never the password) on failure.
 pub async fn check_connection(pool: &Pool, settings: &Settings) -> anyhow::Result<String> {
-    let client = pool.get().await.with_context(|| {
-        format!(
-            "cannot reach PostgreSQL at {} ({})",
-            settings.database_display(),
-            settings.database_url_from
-        )
-    })?;
+    let client = pool
+        .get()
+        .await
+        .map_err(|e| connection_error(&e, settings))?;
     let row = client.query_one("SHOW server_version", &[]).await?;
     Ok(row.get(0))
+}
+
+/// Why a connection failed, said once: a server that answered and refused (a database
+/// that does not exist, a wrong password) is told apart from one that cannot be reached.
+fn connection_error(e: &deadpool_postgres::PoolError, settings: &Settings) -> anyhow::Error {
+    let at = format!(
+        "PostgreSQL at {} ({})",
+        settings.database_display(),
+        settings.database_url_from
+    );
+    if let deadpool_postgres::PoolError::Backend(pg) = e {
+        if let Some(db) = pg.as_db_error() {
+            return anyhow::anyhow!(
+                "{at} refused the connection: {}: {}",
+                db.severity(),
+                db.message()
+            );
+        }
+        // The innermost cause (an I/O error, a TLS failure) is what an operator acts on.
+        let mut cause: &dyn std::error::Error = pg;
+        while let Some(next) = cause.source() {
+            cause = next;
+        }
+        return anyhow::anyhow!("cannot reach {at}: {cause}");
+    }
+    anyhow::anyhow!("cannot reach {at}: {e}")
 }
 
 /// Applies rekey's migrations; idempotent, and safe when several processes start at once.

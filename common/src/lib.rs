@@ -14,6 +14,7 @@
 //! - [`failpoint`]: fault points for the fault-injection tests (`failpoints` feature only).
 //! - [`shutdown`]: SIGTERM and Ctrl-C as one future.
 //! - [`metrics`]: the OpenTelemetry instruments and the Prometheus `/metrics` endpoint.
+//! - [`report_error`]: an error's chain of causes, each said once, for people.
 //! - [`notify`]: run events posted to a webhook, retried, never blocking the run.
 //! - [`sizing`]: rows per batch from the bytes a batch should hold.
 //! - [`telemetry`]: logging setup for the binaries.
@@ -35,6 +36,7 @@ pub mod ledger;
 pub mod messages;
 pub mod metrics;
 pub mod notify;
+pub mod report_error;
 pub mod secret;
 pub mod shutdown;
 pub mod sizing;

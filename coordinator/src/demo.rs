@@ -91,6 +91,9 @@ pub async fn run(
         .with_context(|| format!("create the demo database {name}"))?;
     eprintln!("demo database {name}; files in {}", dir.display());
 
+    // Everything that can fail once the database exists; whatever happens, the database and
+    // the queues are dealt with below.
+    let outcome: anyhow::Result<(ExitCode, PathBuf)> = async {
     // The demo's own master key unless one is configured.
     let key_file = match &base.master_key {
         MasterKeySource::File(p) => p.clone(),
@@ -204,23 +207,47 @@ pub async fn run(
     for w in &mut workers {
         let _ = tokio::time::timeout(Duration::from_secs(30), w.wait()).await;
     }
-    if let Ok(conn) = broker::connect(&settings.amqp_url, "rekey-demo").await
+    ctx.pool.close();
+    Ok((if v.passed() { code } else { ExitCode::FAILURE }, report))
+    }
+    .await;
+    // The workers are gone (stopped above, or killed when dropped on an error).
+    if let Ok(conn) = broker::connect(&base.amqp_url, "rekey-demo").await
         && let Ok(ch) = conn.create_channel().await
     {
         let _ = broker::delete(&ch, &Topology::new(&name)).await;
     }
-    ctx.pool.close();
-    if !keep {
-        admin
-            .get()
-            .await?
-            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            .await?;
-        eprintln!("dropped {name} (pass --keep to keep it)");
+    let dropped = if keep {
+        None
+    } else {
+        Some(
+            async {
+                admin
+                    .get()
+                    .await?
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await?;
+                anyhow::Ok(())
+            }
+            .await,
+        )
+    };
+    match (&outcome, dropped) {
+        (_, None) => eprintln!("kept the database {name} (--keep)"),
+        (Ok(_), Some(Ok(()))) => eprintln!("dropped {name} (pass --keep to keep it)"),
+        (Err(_), Some(Ok(()))) => eprintln!(
+            "the demo failed; its database {name} was dropped (pass --keep to keep a failed demo's database for a look; logs stay in {})",
+            dir.display()
+        ),
+        (_, Some(Err(e))) => eprintln!(
+            "could not drop the demo database {name}: {}; drop it with `dropdb {name}`",
+            rekey_common::report_error::error_text(&e)
+        ),
     }
+    let (code, report) = outcome?;
     // Last, so that it is what the operator sees: the evidence of the run.
     println!("report: {}", report.display());
-    Ok(if v.passed() { code } else { ExitCode::FAILURE })
+    Ok(code)
 }
 
 fn write_private(path: &std::path::Path, text: &str) -> anyhow::Result<()> {

@@ -121,8 +121,18 @@ pub async fn follow(
     let s = run_cmd::status(&ctx.pool, run_id).await?;
     print_json_or(json, &s, || run_cmd::print_status(&s))?;
     if !json && !detach {
+        // Only a report that was written (a run stopped early by Ctrl-C may have none yet).
         let path = crate::report::path(&ctx.pool, &ctx.settings, run_id).await?;
-        eprintln!("report: {}", path.display());
+        if path.exists() {
+            eprintln!("report: {}", path.display());
+        }
+        // Stopped while the run still has work (Ctrl-C, SIGTERM): how to carry on.
+        if !s.run.state.is_final() && s.run.state != RunState::Halted {
+            eprintln!(
+                "run {run_id} is {} and nobody drives it now: `rekey resume {run_id}` carries on",
+                s.run.state
+            );
+        }
     }
     if server.is_some() {
         let linger = parse_duration(&drive.metrics_linger)?;

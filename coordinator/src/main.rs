@@ -7,6 +7,9 @@ use clap::Parser;
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // Output piped into `head` and the like: end quietly when the reader goes away, as
+    // other command-line tools do, instead of panicking on the broken pipe.
+    sigpipe::reset();
     let cli = rekey_coordinator::cli::Cli::parse();
     let telemetry = rekey_common::telemetry::init_for(cli.log_format, "rekey");
     rekey_common::failpoint::setup();
@@ -14,7 +17,7 @@ async fn main() -> ExitCode {
         Ok(code) => code,
         Err(err) => {
             // The one place a command's error is reported; `{:#}` prints the context chain.
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", rekey_common::report_error::error_text(&err));
             ExitCode::FAILURE
         }
     };

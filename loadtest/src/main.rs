@@ -205,7 +205,7 @@ async fn main() -> ExitCode {
     match run(cli).await {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", rekey_common::report_error::error_text(&e));
             ExitCode::FAILURE
         }
     }

@@ -50,7 +50,7 @@ async fn main() -> ExitCode {
     let settings = match rekey_common::Settings::load(args.config.as_deref()) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", rekey_common::report_error::error_text(&e));
             return ExitCode::FAILURE;
         }
     };
@@ -68,7 +68,7 @@ async fn main() -> ExitCode {
     let code = match consume::run(settings, opts, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", rekey_common::report_error::error_text(&e));
             ExitCode::FAILURE
         }
     };

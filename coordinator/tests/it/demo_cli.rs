@@ -194,3 +194,49 @@ async fn without_targets_commands_refuse_naming_rekey_toml_and_targets_and_chang
     let r = rekey_in(&dir.0, &env, &["keys", "census"]);
     assert!(r.ok, "{}", r.stderr);
 }
+
+/// A demo that fails after making its database drops it and says so (here: no
+/// `rekey-worker` beside the `rekey` binary).
+#[tokio::test]
+async fn a_failed_demo_drops_its_database_and_says_so() {
+    let dir = Scratch::new();
+    let bin = dir.0.join("rekey");
+    std::fs::copy(env!("CARGO_BIN_EXE_rekey"), &bin).unwrap();
+    let pg = admin_url();
+    let out = std::process::Command::new(&bin)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("REKEY_DATABASE_URL", &pg)
+        .current_dir(&dir.0)
+        .args(["demo", "--rows", "200"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("rekey-worker") && stderr.contains("not found"),
+        "{stderr}"
+    );
+    let name = stderr
+        .split_whitespace()
+        .find(|w| w.starts_with("rekey_demo_"))
+        .map(|w| w.trim_end_matches(';').to_owned())
+        .unwrap_or_else(|| panic!("no database named: {stderr}"));
+    assert!(
+        stderr.contains(&format!("the demo failed; its database {name} was dropped")),
+        "{stderr}"
+    );
+    let (client, conn) = tokio_postgres::connect(&pg, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let left: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_database WHERE datname = $1",
+            &[&name],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "{name} was left behind");
+}

@@ -348,3 +348,82 @@ async fn keys_status_exits_3_once_an_active_keys_rotation_is_overdue() {
         r.stdout
     );
 }
+
+/// `rekey … | head -1`: when the reader of its output goes away, rekey ends quietly (as
+/// other command-line tools do, by SIGPIPE), with no panic or backtrace on stderr.
+#[tokio::test]
+async fn output_into_a_closed_pipe_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let db = TestDb::new().await;
+    let key = generate_base64();
+    let env = [
+        ("REKEY_DATABASE_URL", db.url.as_str()),
+        ("REKEY_MASTER_KEY", key.expose_secret()),
+    ];
+    assert!(rekey(&env, &["keys", "init"]).ok);
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_rekey"));
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .args(["keys", "list"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    // The reader is gone before rekey writes a line.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(!stderr.contains("Broken pipe"), "{stderr}");
+    assert!(
+        out.status.success() || out.status.signal() == Some(13),
+        "{:?}: {stderr}",
+        out.status
+    );
+}
+
+/// Each cause said once and true to what happened: a server that answered and refused is
+/// not "cannot reach", and a bad master key names its setting once.
+#[test]
+fn errors_say_their_cause_once() {
+    let missing_db = format!(
+        "{}/rekey_no_such_database",
+        rekey_common::testing::admin_url()
+            .rsplit_once('/')
+            .unwrap()
+            .0
+    );
+    let r = rekey(
+        &[("REKEY_DATABASE_URL", missing_db.as_str())],
+        &["keys", "list"],
+    );
+    assert!(!r.ok);
+    assert!(
+        r.stderr.contains("refused the connection")
+            && r.stderr
+                .contains("\"rekey_no_such_database\" does not exist"),
+        "{}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains("cannot reach"), "{}", r.stderr);
+    assert!(!r.stderr.contains("db error: db error"), "{}", r.stderr);
+
+    let db_url = rekey_common::testing::admin_url();
+    let r = rekey(
+        &[
+            ("REKEY_DATABASE_URL", db_url.as_str()),
+            ("REKEY_MASTER_KEY", "not base64!"),
+        ],
+        &["keys", "init"],
+    );
+    assert!(!r.ok);
+    assert_eq!(
+        r.stderr.matches("REKEY_MASTER_KEY").count(),
+        1,
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("not valid base64"), "{}", r.stderr);
+}

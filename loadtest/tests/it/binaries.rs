@@ -609,3 +609,72 @@ async fn resume_without_a_run_takes_the_newest_unfinished_one_and_logs_have_no_c
         "colour codes in piped logs: {logs:?}"
     );
 }
+
+/// Ctrl-C while `rekey rotate` drives a run: it stops driving, names only reports that
+/// exist, and says how to carry on.
+#[tokio::test]
+async fn ctrl_c_while_driving_prints_the_resume_hint_and_no_missing_report() {
+    let db = TestDb::new().await;
+    let reports = std::env::temp_dir().join(format!("{}-reports", db.name));
+    let env = Env::new(&db, reports.clone());
+    let (ok, out, err) = env.run("rekey", &["keys", "init"]);
+    assert!(ok, "{out}{err}");
+    let (ok, out, err) = env.run("rekey-loadtest", &["seed", "--rows", "300"]);
+    assert!(ok, "{out}{err}");
+    // No worker: the run waits for one, driven, until the operator presses Ctrl-C.
+    let mut rotate = env
+        .cmd(
+            "rekey",
+            &[
+                "rotate",
+                "--skip-preflight",
+                "--key-propagation",
+                "0s",
+                "--observe",
+                "0",
+            ],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    loop {
+        let c = db.pool.get().await.unwrap();
+        let published: i64 = c
+            .query_one(
+                "SELECT count(*) FROM rekey.batches WHERE state = 'published'",
+                &[],
+            )
+            .await
+            .map(|r| r.get(0))
+            .unwrap_or(0);
+        if published > 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the run never published"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let status = Command::new("kill")
+        .args(["-INT", &rotate.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let code = wait_exit(&mut rotate, Duration::from_secs(30));
+    let mut err = String::new();
+    std::io::Read::read_to_string(rotate.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(
+        err.contains("`rekey resume 1` carries on"),
+        "{code:?}: {err}"
+    );
+    for line in err.lines().filter_map(|l| l.strip_prefix("report: ")) {
+        assert!(
+            std::path::Path::new(line).exists(),
+            "names a report that does not exist: {line}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&reports);
+}

@@ -434,3 +434,19 @@ fn the_operator_binary_does_not_depend_on_the_load_test_tooling() {
         );
     }
 }
+
+/// A master key written where README's walk-through writes it is never committed by
+/// accident: git ignores it.
+#[test]
+fn key_files_in_the_repository_are_ignored_by_git() {
+    for path in ["master.key", "new.key", "secrets/master_key"] {
+        let out = Command::new("git")
+            .args(["check-ignore", "-q", path])
+            .current_dir(repo(""))
+            .status();
+        match out {
+            Ok(s) => assert!(s.success(), "git does not ignore {path}"),
+            Err(e) => eprintln!("skipped: no git ({e})"),
+        }
+    }
+}
