@@ -66,9 +66,10 @@ pub enum Command {
         #[arg(long, value_delimiter = ',', default_value = "1,25,50,75,100")]
         stages: Vec<i32>,
         /// Observation after the first stage and after each later one, e.g. `24h,2h`
-        /// (the playbook), `30s`, or `0` for staging and tests.
-        #[arg(long, default_value = "24h,2h")]
-        observe: String,
+        /// (the playbook), `30s`, or `0` for staging and tests [default: 24h,2h; with
+        /// --dry-run, 0].
+        #[arg(long)]
+        observe: Option<String>,
         /// Promote each stage by itself once its observation ends (else `rekey promote`).
         #[arg(long)]
         auto_advance: bool,

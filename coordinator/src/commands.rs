@@ -64,6 +64,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             drive,
             json,
         } => {
+            // A dry run changes nothing, so there is nothing to observe unless asked.
+            let observe =
+                observe.unwrap_or_else(|| if dry_run { "0" } else { "24h,2h" }.to_owned());
             let (first, rest) = parse_observe(&observe)?;
             let key_propagation = parse_duration(&key_propagation).context("--key-propagation")?;
             let ctx = Context::connect(config).await?;

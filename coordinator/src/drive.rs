@@ -107,7 +107,10 @@ pub async fn drive(
     let topo = Topology::new(&settings.queue_prefix);
     let master = settings.load_master_key()?;
     let first = ledger::progress(&**pool.get().await?, run_id).await?;
-    let mut display = ProgressView::new(opts.progress, first.planned_rows_estimate as u64);
+    let dry_run = ledger::get_run(&**pool.get().await?, run_id)
+        .await?
+        .is_some_and(|r| r.kind == RunKind::DryRun);
+    let mut display = ProgressView::new(opts.progress, first.planned_rows_estimate as u64, dry_run);
     let mut stage_state = StageRuntime::default();
     let mut backoff = broker::Backoff::new();
     let mut failures = 0u32;

@@ -19,10 +19,12 @@ pub(crate) struct ProgressView {
     last_line: Instant,
     started: Instant,
     mode: ProgressMode,
+    /// "rotated", or "would rotate" for a dry run, which writes nothing.
+    verb: &'static str,
 }
 
 impl ProgressView {
-    pub(crate) fn new(mode: ProgressMode, total: u64) -> Self {
+    pub(crate) fn new(mode: ProgressMode, total: u64, dry_run: bool) -> Self {
         let bar = (mode == ProgressMode::Auto && std::io::stderr().is_terminal()).then(|| {
             let b = ProgressBar::new(total);
             b.set_style(
@@ -36,6 +38,7 @@ impl ProgressView {
             last_line: Instant::now(),
             started: Instant::now(),
             mode,
+            verb: if dry_run { "would rotate" } else { "rotated" },
         }
     }
 
@@ -64,11 +67,12 @@ impl ProgressView {
         {
             let secs = self.started.elapsed().as_secs_f64().max(0.001);
             eprintln!(
-                "run {run_id}: batches {}/{} done, {} rows ({:.0} rows/s), rotated {}, {msg}",
+                "run {run_id}: batches {}/{} done, {} rows ({:.0} rows/s), {} {}, {msg}",
                 p.done + p.failed,
                 p.n_batches,
                 p.n_rows,
                 p.n_rows as f64 / secs,
+                self.verb,
                 p.n_rotated
             );
             self.last_line = Instant::now();

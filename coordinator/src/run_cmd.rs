@@ -607,8 +607,14 @@ pub fn print_status(s: &Status) {
         "  batches      {} total: {} done, {} published, {} pending, {} failed",
         p.n_batches, p.done, p.published, p.pending, p.failed
     );
+    // A dry run writes nothing: its counts are what a rotation would do.
+    let rotated = if r.kind == RunKind::DryRun {
+        "would rotate"
+    } else {
+        "rotated"
+    };
     println!(
-        "  values       {} rows, {} values: {} rotated, {} already on target, {} null, {} decrypt errors ({:.4}%)",
+        "  values       {} rows, {} values: {} {rotated}, {} already on target, {} null, {} decrypt errors ({:.4}%)",
         p.n_rows,
         p.n_values,
         p.n_rotated,

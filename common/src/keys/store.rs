@@ -30,7 +30,7 @@ pub enum Error {
     },
     #[error(transparent)]
     Unwrap(#[from] UnwrapError),
-    #[error("illegal state change for {kind} key {key_id}: {from} -> {to}")]
+    #[error("illegal state change for {kind} key {key_id}: {from} -> {to}{}", transition_hint(*from, *to))]
     IllegalTransition {
         key_id: Uuid,
         kind: KeyKind,
@@ -63,6 +63,22 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What to do instead of an illegal key state change, for the error text.
+fn transition_hint(from: KeyState, to: KeyState) -> &'static str {
+    match (from, to) {
+        (KeyState::Active, KeyState::Retired) => {
+            ": an active key cannot be retired; `rekey keys activate` another key of its kind first (it becomes decrypt_only), move the values off it (`rekey rotate`), then retire it"
+        }
+        (KeyState::Active, KeyState::Destroyed) | (KeyState::DecryptOnly, KeyState::Destroyed) => {
+            ": only a retired key can be destroyed; retire it first (`rekey keys retire`, refused while values remain under it)"
+        }
+        (KeyState::Retired | KeyState::Destroyed, KeyState::Active) => {
+            ": a retired or destroyed key never comes back; generate a new key (`rekey keys generate`)"
+        }
+        _ => "",
+    }
+}
 
 /// A stored key's public facts: everything but its wrapped material.
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -105,6 +105,12 @@ async fn every_illegal_state_transition_is_refused_with_a_clear_error() {
     let err = store::retire(&tx, init.field_key.id, &demo_targets(), ACTOR)
         .await
         .unwrap_err();
+    // The text says what to do instead.
+    assert!(
+        err.to_string()
+            .contains("`rekey keys activate` another key"),
+        "{err}"
+    );
     assert!(
         matches!(
             err,

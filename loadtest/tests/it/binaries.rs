@@ -678,3 +678,55 @@ async fn ctrl_c_while_driving_prints_the_resume_hint_and_no_missing_report() {
     }
     let _ = std::fs::remove_dir_all(&reports);
 }
+
+/// `rekey rotate --dry-run` with the default flags finishes (no observation period to wait
+/// out), says "would rotate", and writes nothing to the target tables.
+#[tokio::test]
+async fn a_dry_run_with_default_flags_finishes_and_writes_nothing() {
+    let db = TestDb::new().await;
+    let reports = std::env::temp_dir().join(format!("{}-reports", db.name));
+    let env = Env::new(&db, reports.clone());
+    let (ok, out, err) = env.run("rekey", &["keys", "init"]);
+    assert!(ok, "{out}{err}");
+    let (ok, out, err) = env.run("rekey-loadtest", &["seed", "--rows", "300"]);
+    assert!(ok, "{out}{err}");
+    let digest = || async {
+        let c = db.pool.get().await.unwrap();
+        let d: String = c
+            .query_one(
+                "SELECT md5(string_agg(md5(u::text), '' ORDER BY u.id)) FROM demo.users u",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        d
+    };
+    let before = digest().await;
+    let mut worker = env.worker("dry");
+    let mut rotate = env
+        .cmd(
+            "rekey",
+            &[
+                "rotate",
+                "--dry-run",
+                "--skip-preflight",
+                "--key-propagation",
+                "0s",
+            ],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let code = wait_exit(&mut rotate, Duration::from_secs(90));
+    let mut text = String::new();
+    std::io::Read::read_to_string(rotate.stdout.as_mut().unwrap(), &mut text).unwrap();
+    std::io::Read::read_to_string(rotate.stderr.as_mut().unwrap(), &mut text).unwrap();
+    sigterm(&worker);
+    wait_exit(&mut worker, Duration::from_secs(30));
+    assert!(code.success(), "{code:?}: {text}");
+    assert!(text.contains("would rotate"), "{text}");
+    assert_eq!(digest().await, before, "a dry run changed demo.users");
+    let _ = std::fs::remove_dir_all(&reports);
+}
