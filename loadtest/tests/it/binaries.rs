@@ -551,6 +551,19 @@ async fn bench_refuses_before_touching_anything_when_its_binaries_are_missing_an
     let _ = std::fs::remove_dir_all(&empty);
 }
 
+/// A database with a key store and `rows` seeded records, the settings of the binaries
+/// for it, and where its reports go.
+async fn seeded(rows: u32) -> (TestDb, Env, std::path::PathBuf) {
+    let db = TestDb::new().await;
+    let reports = std::env::temp_dir().join(format!("{}-reports", db.name));
+    let env = Env::new(&db, reports.clone());
+    let (ok, out, err) = env.run("rekey", &["keys", "init"]);
+    assert!(ok, "{out}{err}");
+    let (ok, out, err) = env.run("rekey-loadtest", &["seed", "--rows", &rows.to_string()]);
+    assert!(ok, "{out}{err}");
+    (db, env, reports)
+}
+
 /// `rekey resume` without a RUN takes the newest run that is not over, says so, and refuses
 /// when there is none; log lines written to a pipe carry no colour codes.
 #[tokio::test]
@@ -614,13 +627,7 @@ async fn resume_without_a_run_takes_the_newest_unfinished_one_and_logs_have_no_c
 /// exist, and says how to carry on.
 #[tokio::test]
 async fn ctrl_c_while_driving_prints_the_resume_hint_and_no_missing_report() {
-    let db = TestDb::new().await;
-    let reports = std::env::temp_dir().join(format!("{}-reports", db.name));
-    let env = Env::new(&db, reports.clone());
-    let (ok, out, err) = env.run("rekey", &["keys", "init"]);
-    assert!(ok, "{out}{err}");
-    let (ok, out, err) = env.run("rekey-loadtest", &["seed", "--rows", "300"]);
-    assert!(ok, "{out}{err}");
+    let (db, env, reports) = seeded(300).await;
     // No worker: the run waits for one, driven, until the operator presses Ctrl-C.
     let mut rotate = env
         .cmd(
@@ -683,13 +690,7 @@ async fn ctrl_c_while_driving_prints_the_resume_hint_and_no_missing_report() {
 /// out), says "would rotate", and writes nothing to the target tables.
 #[tokio::test]
 async fn a_dry_run_with_default_flags_finishes_and_writes_nothing() {
-    let db = TestDb::new().await;
-    let reports = std::env::temp_dir().join(format!("{}-reports", db.name));
-    let env = Env::new(&db, reports.clone());
-    let (ok, out, err) = env.run("rekey", &["keys", "init"]);
-    assert!(ok, "{out}{err}");
-    let (ok, out, err) = env.run("rekey-loadtest", &["seed", "--rows", "300"]);
-    assert!(ok, "{out}{err}");
+    let (db, env, reports) = seeded(300).await;
     let digest = || async {
         let c = db.pool.get().await.unwrap();
         let d: String = c

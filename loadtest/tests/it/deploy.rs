@@ -24,6 +24,22 @@ fn compose() -> Value {
     serde_json::to_value(yaml).unwrap()
 }
 
+/// `binary args… --help` succeeds: clap checks the subcommands and flags (`--help` after the
+/// arguments), and nothing runs.
+fn assert_accepted(binary: &str, args: &[String], context: &str) {
+    let out = Command::new(bin(binary))
+        .args(args)
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{context}: `{binary} {}` is refused: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn strings(v: &Value) -> Vec<String> {
     v.as_array()
         .map(|a| a.iter().map(|s| s.as_str().unwrap().to_owned()).collect())
@@ -77,17 +93,7 @@ fn every_service_command_port_variable_and_path_matches_what_rekey_accepts() {
         let entry = strings(&svc["entrypoint"]);
         let binary = entry.first().cloned().unwrap_or_else(|| "rekey".into());
         let args = strings(&svc["command"]);
-        let out = Command::new(bin(&binary))
-            .args(&args)
-            .arg("--help")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{name}: `{binary} {}` is refused: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_accepted(&binary, &args, name);
         if let Some(i) = args.iter().position(|a| a == "--metrics-addr") {
             metrics_ports.insert(args[i + 1].rsplit(':').next().unwrap().to_owned());
         }
@@ -274,6 +280,18 @@ fn setup_script_run_again_changes_nothing_and_says_so() {
     assert_eq!(clusters(), before, "the script changed the clusters");
 }
 
+/// README, CONTRIBUTING and every page under docs/.
+fn markdown_files() -> Vec<String> {
+    let mut files = vec!["README.md".to_owned(), "CONTRIBUTING.md".to_owned()];
+    for e in std::fs::read_dir(repo("docs")).unwrap() {
+        let name = e.unwrap().file_name().to_string_lossy().into_owned();
+        if name.ends_with(".md") {
+            files.push(format!("docs/{name}"));
+        }
+    }
+    files
+}
+
 /// The sh blocks of a Markdown file, each as its logical lines (continuations joined,
 /// comments dropped).
 fn sh_lines(markdown: &str) -> Vec<String> {
@@ -302,13 +320,7 @@ fn sh_lines(markdown: &str) -> Vec<String> {
 /// the docs (and `docker compose run --rm coordinator …`, which is `rekey …`), as binary and
 /// arguments, placeholders filled in.
 fn documented_commands() -> Vec<(String, String, Vec<String>)> {
-    let mut files = vec!["README.md".to_owned(), "CONTRIBUTING.md".to_owned()];
-    for e in std::fs::read_dir(repo("docs")).unwrap() {
-        let name = e.unwrap().file_name().to_string_lossy().into_owned();
-        if name.ends_with(".md") {
-            files.push(format!("docs/{name}"));
-        }
-    }
+    let files = markdown_files();
     let mut out = Vec::new();
     for file in files {
         for line in sh_lines(&read(&file)) {
@@ -346,18 +358,7 @@ fn every_command_in_readme_and_docs_exists_with_the_flags_shown() {
     let cmds = documented_commands();
     assert!(cmds.len() > 30, "found only {} commands", cmds.len());
     for (file, binary, args) in cmds {
-        // `--help` after the arguments: clap checks the subcommands and flags, runs nothing.
-        let out = Command::new(bin(&binary))
-            .args(&args)
-            .arg("--help")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{file}: `{binary} {}` is refused: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_accepted(&binary, &args, &file);
     }
 }
 
@@ -379,13 +380,7 @@ fn readme_is_short_and_links_every_docs_page_and_every_link_resolves() {
         }
     }
     // Every relative link of README, CONTRIBUTING and the docs names a file that exists.
-    let mut files = vec!["README.md".to_owned(), "CONTRIBUTING.md".to_owned()];
-    for e in std::fs::read_dir(repo("docs")).unwrap() {
-        let name = e.unwrap().file_name().to_string_lossy().into_owned();
-        if name.ends_with(".md") {
-            files.push(format!("docs/{name}"));
-        }
-    }
+    let files = markdown_files();
     for file in files {
         let text = read(&file);
         let dir = Path::new(&file).parent().unwrap().to_path_buf();
