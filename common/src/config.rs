@@ -10,33 +10,14 @@ use std::str::FromStr;
 
 use anyhow::{Context, bail};
 use secrecy::{ExposeSecret, SecretString};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
+pub use crate::keys::KeyPolicy;
 use crate::keys::master::{EnvMasterKey, FileMasterKey, MasterKeyError, MasterKeyProvider};
 use crate::target::{Target, demo_targets, targets_toml};
 
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-
-/// How long keys live and how many encryptions a key may make.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct KeyPolicy {
-    pub field_rotation_days: u32,
-    pub data_rotation_days: u32,
-    /// Random 96-bit nonces allow 2^32 encryptions per key (NIST SP 800-38D).
-    pub nonce_budget: u64,
-}
-
-impl Default for KeyPolicy {
-    fn default() -> Self {
-        Self {
-            field_rotation_days: 30,
-            data_rotation_days: 90,
-            nonce_budget: 1 << 32,
-        }
-    }
-}
 
 /// The file form of the settings; every field is optional.
 #[derive(Debug, Default, Deserialize)]

@@ -13,6 +13,7 @@ pub mod ring;
 pub mod store;
 pub mod wrap;
 
+use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
 
@@ -50,6 +51,26 @@ impl FromStr for KeyKind {
             other => Err(format!(
                 "unknown key kind {other:?} (expected data or field)"
             )),
+        }
+    }
+}
+
+/// How long keys live and how many encryptions a key may make.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct KeyPolicy {
+    pub field_rotation_days: u32,
+    pub data_rotation_days: u32,
+    /// Random 96-bit nonces allow 2^32 encryptions per key (NIST SP 800-38D).
+    pub nonce_budget: u64,
+}
+
+impl Default for KeyPolicy {
+    fn default() -> Self {
+        Self {
+            field_rotation_days: 30,
+            data_rotation_days: 90,
+            nonce_budget: 1 << 32,
         }
     }
 }

@@ -8,6 +8,7 @@ use serde_json::json;
 use tokio_postgres::{GenericClient, Row, Transaction};
 use uuid::Uuid;
 
+use super::KeyPolicy;
 use super::census::{self, CensusRow};
 use super::master::MasterKey;
 use super::ring::{FieldKey, KeyRing};
@@ -15,7 +16,7 @@ use super::wrap::{self, UnwrapError};
 use super::{KeyKind, KeyState};
 use crate::audit::{self, AuditEntry};
 use crate::secret::KeyMaterial;
-use crate::{config::KeyPolicy, target::Target};
+use crate::target::Target;
 
 /// Why a key store operation was refused. Texts name keys by id, never by material.
 #[derive(Debug, thiserror::Error)]
