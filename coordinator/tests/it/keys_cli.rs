@@ -427,3 +427,31 @@ fn errors_say_their_cause_once() {
     );
     assert!(r.stderr.contains("not valid base64"), "{}", r.stderr);
 }
+
+/// With `--json`, a failure is a JSON object on stdout too (`{"error": {"message": …}}`),
+/// so that a script reading stdout always gets JSON.
+#[test]
+fn json_errors_are_json_on_stdout() {
+    let r = rekey(
+        &[(
+            "REKEY_DATABASE_URL",
+            "postgres://rekey:hunter2secret@127.0.0.1:1/nowhere",
+        )],
+        &["keys", "list", "--json"],
+    );
+    assert!(!r.ok);
+    let v: serde_json::Value = serde_json::from_str(r.stdout.trim())
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", r.stdout));
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("cannot reach PostgreSQL at 127.0.0.1:1/nowhere"),
+        "{message}"
+    );
+    assert!(!r.stdout.contains("hunter2secret"), "{}", r.stdout);
+    // Without --json, stdout stays empty.
+    let r = rekey(
+        &[("REKEY_DATABASE_URL", "postgres://rekey@127.0.0.1:1/nowhere")],
+        &["keys", "list"],
+    );
+    assert!(!r.ok && r.stdout.is_empty(), "{}", r.stdout);
+}
