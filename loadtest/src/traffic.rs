@@ -27,6 +27,12 @@ pub struct WriteReport {
     pub errors: u64,
     /// Updates that waited on a row lock held by a rotation batch for over 100 ms.
     pub slow: u64,
+    /// Writes Postgres chose as a deadlock's victim (each retried, as an application
+    /// retries SQLSTATE 40P01; a write that deadlocks five times in a row is an error).
+    pub deadlocks: u64,
+    /// The first failed write's error (SQL state and message; no value), for the test or
+    /// bench that reports it.
+    pub first_error: Option<String>,
 }
 
 /// Updates random `demo.users.email` values (ids 1..=max_id) until `deadline`, each in its
@@ -56,13 +62,21 @@ pub async fn update_emails(
             rng.random_range(0..1_000_000u32)
         );
         let t0 = Instant::now();
-        match write_one(pool, &ring, id, email.as_bytes()).await {
-            Ok(true) => report.updates += 1,
-            Ok(false) => {}
-            Err(e) => {
-                report.errors += 1;
-                tracing::debug!(error = %format!("{e:#}"), "application write failed");
+        for attempt in 1..=5 {
+            match write_one(pool, &ring, id, email.as_bytes()).await {
+                Ok(true) => report.updates += 1,
+                Ok(false) => {}
+                Err(e) if is_deadlock(&e) && attempt < 5 => {
+                    report.deadlocks += 1;
+                    continue;
+                }
+                Err(e) => {
+                    report.errors += 1;
+                    tracing::debug!(error = %format!("{e:#}"), "application write failed");
+                    report.first_error.get_or_insert_with(|| error_text(&e));
+                }
             }
+            break;
         }
         if t0.elapsed() > Duration::from_millis(100) {
             report.slow += 1;
@@ -121,6 +135,25 @@ async fn write_in(
     Ok(true)
 }
 
+/// Whether Postgres broke a deadlock by aborting this transaction (worth retrying).
+fn is_deadlock(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<tokio_postgres::Error>()
+        .and_then(tokio_postgres::Error::code)
+        == Some(&tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED)
+}
+
+/// An application write's error for a report: the SQL state and the server's message
+/// when Postgres refused it (never its detail, which may quote a value), else the chain.
+fn error_text(e: &anyhow::Error) -> String {
+    match e
+        .downcast_ref::<tokio_postgres::Error>()
+        .and_then(tokio_postgres::Error::as_db_error)
+    {
+        Some(db) => format!("{} {}", db.code().code(), db.message()),
+        None => format!("{e:#}"),
+    }
+}
+
 /// What the pair writer did.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct PairReport {
@@ -129,6 +162,8 @@ pub struct PairReport {
     /// Transactions Postgres chose as a deadlock's victim (each retried).
     pub deadlocks: u64,
     pub errors: u64,
+    /// The first failed pair's error (SQL state and message; no value).
+    pub first_error: Option<String>,
 }
 
 /// Hostile application writes: updates `demo.users.email` of row `id` and then of row
@@ -177,16 +212,13 @@ pub async fn update_pairs_descending(
                     report.committed += 1;
                     break;
                 }
-                Err(e)
-                    if e.downcast_ref::<tokio_postgres::Error>()
-                        .and_then(tokio_postgres::Error::code)
-                        == Some(&tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED) =>
-                {
+                Err(e) if is_deadlock(&e) => {
                     report.deadlocks += 1;
                 }
                 Err(e) => {
                     report.errors += 1;
                     tracing::warn!(error = %format!("{e:#}"), "pair write failed");
+                    report.first_error.get_or_insert_with(|| error_text(&e));
                     break;
                 }
             }
