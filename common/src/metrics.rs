@@ -38,6 +38,7 @@ pub const NAMES: &[&str] = &[
     "rekey_probe_impact_pct",
     "rekey_throttle_window",
     "rekey_throttle_gap_ms",
+    "rekey_run_events_total",
 ];
 
 /// The outcomes `batches_total` counts.
@@ -84,6 +85,9 @@ pub struct Metrics {
     pub throttle_window: Gauge<u64>,
     /// While pacing, the gap between batch publications (milliseconds; 0: not pacing).
     pub throttle_gap: Gauge<f64>,
+    /// Coordinator: run events (`stage_started`, `gate_breached`, `throttling`, …), by
+    /// `run_id` and `event`.
+    pub run_events: Counter<u64>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -205,6 +209,10 @@ impl Metrics {
             throttle_gap: m
                 .f64_gauge("rekey_throttle_gap_ms")
                 .with_description("While pacing, milliseconds between batch publications")
+                .build(),
+            run_events: m
+                .u64_counter("rekey_run_events_total")
+                .with_description("Run events, by run and event")
                 .build(),
             provider,
             prometheus,
@@ -342,6 +350,13 @@ mod tests {
         m.probe_impact.record(3.0, &[KeyValue::new("run_id", 1)]);
         m.throttle_window.record(64, &[KeyValue::new("run_id", 1)]);
         m.throttle_gap.record(700.0, &[KeyValue::new("run_id", 1)]);
+        m.run_events.add(
+            1,
+            &[
+                KeyValue::new("run_id", 1),
+                KeyValue::new("event", "started"),
+            ],
+        );
         let text = m.render();
         for name in NAMES {
             assert!(

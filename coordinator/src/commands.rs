@@ -3,6 +3,7 @@
 
 use crate::args::{parse_duration, parse_observe};
 use crate::context::Context;
+use crate::events::RunEvent;
 use crate::follow::follow;
 use crate::keys_cmd::{self};
 use crate::output::print_json_or;
@@ -112,16 +113,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     ..Default::default()
                 },
             };
-            let run = run_cmd::start_rotation(&ctx.pool, &ctx.settings, &master, &opts)
-                .await
-                .context("start the rotation")?;
+            let run =
+                run_cmd::start_rotation_with(&ctx.events, &ctx.pool, &ctx.settings, &master, &opts)
+                    .await
+                    .context("start the rotation")?;
             if !json {
                 eprintln!(
                     "run {} planned: target key {}, stages {:?}",
                     run.id, run.target_key_id, run.stages
                 );
             }
-            follow(&ctx, run.id, detach, &drive, json, "started").await
+            follow(&ctx, run.id, detach, &drive, json, RunEvent::Started).await
         }
         Command::Status { run, watch, json } => {
             let ctx = Context::connect(config).await?;
@@ -157,7 +159,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     r.id, r.current_stage, r.state
                 );
             }
-            follow(&ctx, r.id, !keep, &drive, json, "resumed").await
+            follow(&ctx, r.id, !keep, &drive, json, RunEvent::Resumed).await
         }
         Command::Pause { run, json } => {
             let ctx = Context::connect(config).await?;
@@ -183,7 +185,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if !json {
                 eprintln!("run {} resumed", r.id);
             }
-            follow(&ctx, r.id, detach, &drive, json, "resumed").await
+            follow(&ctx, r.id, detach, &drive, json, RunEvent::Resumed).await
         }
         Command::Rollback {
             run,
@@ -193,14 +195,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             json,
         } => {
             let ctx = Context::connect(config).await?;
-            let r = run_cmd::start_rollback(&ctx.pool, &ctx.settings, run, batch_size).await?;
+            let r = run_cmd::start_rollback_with(
+                &ctx.events,
+                &ctx.pool,
+                &ctx.settings,
+                run,
+                batch_size,
+            )
+            .await?;
             if !json {
                 eprintln!(
                     "rollback run {} started for run {run}: back to key {}",
                     r.id, r.target_key_id
                 );
             }
-            follow(&ctx, r.id, detach, &drive, json, "started").await
+            follow(&ctx, r.id, detach, &drive, json, RunEvent::Started).await
         }
         Command::Report { run, json } => {
             let ctx = Context::connect(config).await?;

@@ -1,14 +1,24 @@
-//! What every command that touches the database starts from: the settings and a pool.
+//! What every command that touches the database starts from: the settings, a pool, and
+//! where the process's run events and metrics go.
 
+use std::sync::Arc;
+
+use crate::events::Events;
 use deadpool_postgres::Pool;
 use rekey_common::Settings;
 use rekey_common::keys::master::MasterKey;
+use rekey_common::metrics::Metrics;
+use rekey_common::notify::Notifier;
 
 /// What every command that touches the database starts from.
 #[derive(Debug)]
 pub struct Context {
     pub settings: Settings,
     pub pool: Pool,
+    /// The process's instruments (served by `--metrics-addr` while a run is driven).
+    pub metrics: Arc<Metrics>,
+    /// Run events: the log, `metrics`, and the webhook of the settings.
+    pub events: Events,
 }
 
 impl Context {
@@ -21,7 +31,15 @@ impl Context {
     pub async fn with_settings(settings: Settings) -> anyhow::Result<Self> {
         let pool = rekey_common::db::pool(&settings, 6)?;
         rekey_common::db::check_connection(&pool, &settings).await?;
-        Ok(Self { settings, pool })
+        let metrics = Metrics::new("rekey");
+        let notifier = Notifier::new(settings.webhook_url.as_ref())?;
+        let events = Events::new(notifier, Some(metrics.clone()));
+        Ok(Self {
+            settings,
+            pool,
+            metrics,
+            events,
+        })
     }
 
     /// Loads the master key from the configured provider.

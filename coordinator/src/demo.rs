@@ -19,6 +19,7 @@ use secrecy::{ExposeSecret, SecretString};
 
 use crate::args::DriveArgs;
 use crate::context::Context;
+use crate::events::RunEvent;
 use crate::follow::follow;
 use crate::run_cmd::{self, RotateOptions};
 
@@ -180,14 +181,14 @@ pub async fn run(
         },
         ..Default::default()
     };
-    let run = run_cmd::start_rotation(&ctx.pool, &settings, &master, &opts).await?;
+    let run = run_cmd::start_rotation_with(&ctx.events, &ctx.pool, &settings, &master, &opts).await?;
     let drive = DriveArgs {
         max_in_flight: 32,
         lease_secs: 60,
         metrics_addr: None,
         metrics_linger: "0".into(),
     };
-    let code = follow(&ctx, run.id, false, &drive, false, "started").await?;
+    let code = follow(&ctx, run.id, false, &drive, false, RunEvent::Started).await?;
 
     let ring = store::load_ring(&**ctx.pool.get().await?, &master).await?;
     let v = rekey_demo::verify::verify(&ctx.pool, &ring, Some(run.target_key_id), 10_000).await?;

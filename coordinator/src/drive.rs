@@ -18,7 +18,7 @@ use rekey_common::keys::store;
 use rekey_common::ledger::{self, RunKind, RunState, StageState};
 use tracing::Instrument;
 
-use crate::events::{notify, record_run};
+use crate::events::{RunEvent, record_run};
 use crate::progress::ProgressView;
 use crate::runtime::{DriveOptions, Driver, StageRuntime};
 use crate::stage::{gate_stage, mark_breach, run_observe_secs, start_stage};
@@ -143,6 +143,7 @@ pub async fn drive(
                     topo: &topo,
                     run_id,
                     opts,
+                    events: &opts.events,
                 };
                 let stepped = step(&driver, &mut stage_state, &mut display).await?;
                 failures = 0;
@@ -217,6 +218,7 @@ async fn step(
         topo,
         run_id,
         opts,
+        events,
     } = *d;
     let client = pool.get().await?;
     let run = ledger::get_run(&**client, run_id)
@@ -245,7 +247,7 @@ async fn step(
     }
     match stage.state {
         StageState::Pending => {
-            start_stage(pool, settings, &run, stage_no).await?;
+            start_stage(pool, settings, events, &run, stage_no).await?;
         }
         StageState::Running => {
             if let Some(state) = latency::judge(d, rt, &run, stage_no).await? {
@@ -273,7 +275,7 @@ async fn step(
             }
         }
         StageState::Gating => {
-            return gate_stage(pool, settings, &opts.notifier, &run, &stage, rt).await;
+            return gate_stage(pool, settings, events, &run, &stage, rt).await;
         }
         StageState::Observing => {
             let every = Duration::from_secs_f64(
@@ -310,17 +312,9 @@ async fn step(
                         .await?
                         .and_then(|s| s.gate);
                     drop(client);
-                    return mark_breach(
-                        pool,
-                        settings,
-                        &opts.notifier,
-                        &run,
-                        stage_no,
-                        decision,
-                        &reason,
-                    )
-                    .await
-                    .map(Some);
+                    return mark_breach(pool, settings, events, &run, stage_no, decision, &reason)
+                        .await
+                        .map(Some);
                 }
             }
             let ended = stage.observe_until.is_none_or(|u| u <= chrono::Utc::now());
@@ -331,16 +325,11 @@ async fn step(
                 let path =
                     report::write(pool, settings, run_id, &format!("stage {stage_no} passed"))
                         .await?;
-                notify(
-                    &opts.notifier,
-                    pool,
-                    run_id,
-                    "stage_passed",
-                    Some(stage_no),
-                    None,
-                    Some(&path),
-                )
-                .await;
+                let passed = RunEvent::StagePassed {
+                    stage_no,
+                    report: &path,
+                };
+                events.emit(pool, run_id, passed).await;
                 if stage_no as usize + 1 >= run.stages.len() {
                     return Ok(Some(RunState::Completed));
                 }

@@ -2,14 +2,12 @@
 //! `--detach`), then the policy of its end: the final report, a rollback's finish,
 //! auto-rollback on a breach, notifications, the exit code.
 
-use crate::events::notify;
+use crate::events::RunEvent;
 use crate::run_cmd;
 use crate::runtime::DriveOptions;
 use anyhow::Context as _;
 
 use rekey_common::ledger::{self, RunKind, RunState};
-use rekey_common::metrics::Metrics;
-use rekey_common::notify::Notifier;
 use std::process::ExitCode;
 use std::time::Duration;
 use tracing::Instrument;
@@ -27,15 +25,14 @@ pub async fn follow(
     detach: bool,
     drive: &DriveArgs,
     json: bool,
-    opening: &'static str,
+    opening: RunEvent<'static>,
 ) -> anyhow::Result<ExitCode> {
     let mut run_id = run_id;
-    let notifier = Notifier::new(ctx.settings.webhook_url.as_ref())?;
     let pool = &ctx.pool;
+    let (metrics, events) = (&ctx.metrics, &ctx.events);
     if !detach {
-        notify(&notifier, pool, run_id, opening, None, None, None).await;
+        events.emit(pool, run_id, opening).await;
     }
-    let metrics = Metrics::new("rekey");
     let server = match (detach, drive.metrics_addr) {
         (false, Some(addr)) => Some(rekey_common::metrics::serve(addr, metrics.clone()).await?.1),
         _ => None,
@@ -52,14 +49,14 @@ pub async fn follow(
                 run_id,
                 &DriveOptions {
                     metrics: Some(metrics.clone()),
-                    notifier: notifier.clone(),
+                    events: events.clone(),
                     ..drive.options(json)
                 },
                 shutdown,
             )
             .instrument(span)
             .await?;
-            crate::events::record_final(&metrics, &ctx.pool, run_id).await?;
+            crate::events::record_final(metrics, &ctx.pool, run_id).await?;
             let run = ledger::get_run(&**ctx.pool.get().await?, run_id)
                 .await?
                 .context("run vanished")?;
@@ -67,25 +64,20 @@ pub async fn follow(
                 (RunState::Completed, RunKind::Rollback) => {
                     run_cmd::finish_rollback(&ctx.pool, &ctx.settings, &run).await?;
                     let parent = run.parent_run_id.unwrap_or(run_id);
-                    notify(&notifier, pool, parent, "rolled_back", None, None, None).await;
+                    events.emit(pool, parent, RunEvent::RolledBack).await;
                 }
                 (RunState::Completed, _) => {
                     let path =
                         crate::report::write(&ctx.pool, &ctx.settings, run_id, "run completed")
                             .await?;
-                    notify(
-                        &notifier,
-                        pool,
-                        run_id,
-                        "completed",
-                        None,
-                        None,
-                        Some(&path),
-                    )
-                    .await;
+                    let completed = RunEvent::Completed { report: &path };
+                    events.emit(pool, run_id, completed).await;
                 }
                 (RunState::Halted, _) => {
-                    notify(&notifier, pool, run_id, "halted", None, None, None).await;
+                    let halted = RunEvent::Halted {
+                        reason: run.halt_reason.as_deref(),
+                    };
+                    events.emit(pool, run_id, halted).await;
                 }
                 _ => {}
             }
@@ -100,7 +92,8 @@ pub async fn follow(
                             run.halt_reason.as_deref().unwrap_or("-")
                         );
                     }
-                    let rb = run_cmd::start_rollback(
+                    let rb = run_cmd::start_rollback_with(
+                        events,
                         &ctx.pool,
                         &ctx.settings,
                         run_id,
@@ -108,7 +101,7 @@ pub async fn follow(
                     )
                     .await?;
                     run_id = rb.id;
-                    notify(&notifier, pool, run_id, "started", None, None, None).await;
+                    events.emit(pool, run_id, RunEvent::Started).await;
                     continue;
                 }
                 _ => {}
@@ -117,7 +110,7 @@ pub async fn follow(
         }
     }
     // Deliver what is queued before exiting (bounded: a dead webhook never holds us long).
-    notifier.flush(Duration::from_secs(20)).await;
+    events.flush(Duration::from_secs(20)).await;
     let s = run_cmd::status(&ctx.pool, run_id).await?;
     print_json_or(json, &s, || run_cmd::print_status(&s))?;
     if !json && !detach {

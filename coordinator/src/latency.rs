@@ -2,7 +2,7 @@
 //! `probe_every`, move the throttle, fill the stage's performance figures and metrics, and
 //! breach the stage on a sustained impact.
 
-use crate::events::record_probe;
+use crate::events::{RunEvent, record_probe};
 use crate::runtime::{Driver, StageRuntime};
 use crate::stage::breach;
 use crate::{gate, probe};
@@ -113,20 +113,23 @@ pub(crate) async fn judge(
         // A warning when latency first slows the stage and a note when the
         // throttle lets go; the steps in between are debug (the report counts them).
         if over > 0 && rt.perf.figures.throttled_samples == 1 {
-            tracing::warn!(
-                run_id,
+            let throttling = RunEvent::Throttling {
                 stage_no,
-                probes_over = over,
-                probes = over + under,
-                p99_ms = lat.p99_ms,
-                read_threshold_ms = run.settings.throttle_threshold_ms(false),
-                write_threshold_ms = run.settings.throttle_threshold_ms(true),
-                window = throttle.window,
-                gap_ms = throttle.gap.as_millis() as u64,
-                "application latency up: throttling"
-            );
+                probes_over: over,
+                probes: over + under,
+                p99_ms: lat.p99_ms,
+                read_threshold_ms: run.settings.throttle_threshold_ms(false),
+                write_threshold_ms: run.settings.throttle_threshold_ms(true),
+                window: throttle.window,
+                gap_ms: throttle.gap.as_millis() as u64,
+            };
+            d.events.emit(pool, run_id, throttling).await;
         } else if was.engaged() && !throttle.engaged() {
-            tracing::info!(run_id, stage_no, p99_ms = lat.p99_ms, "throttle released");
+            let released = RunEvent::ThrottleReleased {
+                stage_no,
+                p99_ms: lat.p99_ms,
+            };
+            d.events.emit(pool, run_id, released).await;
         } else if throttle.window != was.window || throttle.gap != was.gap {
             tracing::debug!(
                 run_id,
@@ -145,17 +148,9 @@ pub(crate) async fn judge(
             );
             let decision =
                 gate::evaluate(&**pool.get().await?, run, stage_no, 0, 0, &rt.perf.figures).await?;
-            return breach(
-                pool,
-                settings,
-                &opts.notifier,
-                run,
-                stage_no,
-                &decision,
-                &reason,
-            )
-            .await
-            .map(Some);
+            return breach(pool, settings, d.events, run, stage_no, &decision, &reason)
+                .await
+                .map(Some);
         }
     }
     Ok(None)

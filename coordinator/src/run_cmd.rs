@@ -1,6 +1,7 @@
 //! Starting, pausing, resuming and inspecting rotation runs. Every decision is taken from
 //! the ledger; `resume` recomputes everything from it and never trusts broker state.
 
+use crate::events::{Events, RunEvent};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -71,6 +72,17 @@ async fn new_target_key(
 /// Chooses the target key, makes it active for new writes (unless a dry run), records the
 /// run, plans its batches into the ledger and marks it running. Nothing is published yet.
 pub async fn start_rotation(
+    pool: &Pool,
+    settings: &Settings,
+    master: &MasterKey,
+    opts: &RotateOptions,
+) -> anyhow::Result<Run> {
+    start_rotation_with(&Events::default(), pool, settings, master, opts).await
+}
+
+/// [`start_rotation`], saying its events (`planned`, the first `stage_started`) to `events`.
+pub async fn start_rotation_with(
+    events: &Events,
     pool: &Pool,
     settings: &Settings,
     master: &MasterKey,
@@ -204,7 +216,7 @@ pub async fn start_rotation(
     .await?;
     ledger::create_stages(&*tx, run.id, &opts.stages).await?;
     // The first stage's batches are in the ledger before anything is published.
-    crate::stage::start_stage_in(&tx, &run, 0, &settings.actor).await?;
+    let started = crate::stage::start_stage_in(&tx, &run, 0, &settings.actor).await?;
     ledger::set_run_state(&*tx, run.id, RunState::Running, None).await?;
     let action = if opts.dry_run { "dry_run" } else { "rotate" };
     record_action(
@@ -216,7 +228,14 @@ pub async fn start_rotation(
     )
     .await?;
     tx.commit().await?;
-    tracing::info!(run_id = run.id, target_key = %target.id, dry_run = opts.dry_run, "run planned");
+    let planned = RunEvent::Planned {
+        target_key: target.id.to_string(),
+        dry_run: opts.dry_run,
+    };
+    events.emit(pool, run.id, planned).await;
+    if let Some(started) = started {
+        events.emit(pool, run.id, started).await;
+    }
     Ok(ledger::get_run(&**client, run.id)
         .await?
         .expect("just created"))
@@ -307,6 +326,17 @@ pub async fn start_rollback(
     run_id: i64,
     batch_size: i64,
 ) -> anyhow::Result<Run> {
+    start_rollback_with(&Events::default(), pool, settings, run_id, batch_size).await
+}
+
+/// [`start_rollback`], saying its events (`rollback_planned`, `stage_started`) to `events`.
+pub async fn start_rollback_with(
+    events: &Events,
+    pool: &Pool,
+    settings: &Settings,
+    run_id: i64,
+    batch_size: i64,
+) -> anyhow::Result<Run> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     tx.execute("SELECT pg_advisory_xact_lock(hashtext('rekey keys'))", &[])
@@ -375,7 +405,7 @@ pub async fn start_rollback(
     )
     .await?;
     ledger::create_stages(&*tx, rollback.id, &[100]).await?;
-    crate::stage::start_stage_in(&tx, &rollback, 0, &settings.actor).await?;
+    let started = crate::stage::start_stage_in(&tx, &rollback, 0, &settings.actor).await?;
     ledger::set_run_state(&*tx, rollback.id, RunState::Running, None).await?;
     record_action(
         &*tx,
@@ -386,7 +416,14 @@ pub async fn start_rollback(
     )
     .await?;
     tx.commit().await?;
-    tracing::warn!(run_id, rollback_run = rollback.id, previous_key = %previous, "rollback started");
+    let planned = RunEvent::RollbackPlanned {
+        rollback_run: rollback.id,
+        previous_key: previous.to_string(),
+    };
+    events.emit(pool, run_id, planned).await;
+    if let Some(started) = started {
+        events.emit(pool, rollback.id, started).await;
+    }
     Ok(ledger::get_run(&**client, rollback.id)
         .await?
         .expect("just created"))

@@ -8,7 +8,6 @@ use rekey_common::Settings;
 use rekey_common::broker::Topology;
 use rekey_common::keys::master::MasterKey;
 use rekey_common::metrics::Metrics;
-use rekey_common::notify::Notifier;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,8 +34,8 @@ pub struct DriveOptions {
     pub probe_spacing: Duration,
     /// Where the run's gauges go (served by `--metrics-addr`).
     pub metrics: Option<Arc<Metrics>>,
-    /// Where run events go (the webhook, if configured).
-    pub notifier: Notifier,
+    /// Where run events go: the log, and the event counter and webhook if it has them.
+    pub events: crate::events::Events,
 }
 
 /// The driver's defaults, one place for the flags (`DriveArgs`) and `DriveOptions`.
@@ -56,7 +55,7 @@ impl Default for DriveOptions {
             probe_every: Duration::from_secs(2),
             probe_spacing: Duration::from_millis(50),
             metrics: None,
-            notifier: Notifier::default(),
+            events: crate::events::Events::default(),
         }
     }
 }
@@ -101,4 +100,6 @@ pub(crate) struct Driver<'a> {
     pub(crate) topo: &'a Topology,
     pub(crate) run_id: i64,
     pub(crate) opts: &'a DriveOptions,
+    /// Where the run's events go (`opts.events`).
+    pub(crate) events: &'a crate::events::Events,
 }

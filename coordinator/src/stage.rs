@@ -1,7 +1,7 @@
 //! A stage's transitions as the driver makes them: starting it (planning its batches),
 //! gating it (coverage sweeps, then the gate decision), breaching it.
 
-use crate::events::notify;
+use crate::events::{Events, RunEvent};
 use crate::runtime::StageRuntime;
 use crate::{coverage, gate, plan, report};
 use anyhow::Context;
@@ -9,7 +9,6 @@ use deadpool_postgres::Pool;
 use rekey_common::Settings;
 use rekey_common::audit::{self, AuditEntry};
 use rekey_common::ledger::{self, Run, RunKind, RunState};
-use rekey_common::notify::Notifier;
 
 pub(crate) fn run_observe_secs(run: &Run, stage_no: i32) -> u64 {
     if stage_no == 0 {
@@ -23,24 +22,29 @@ pub(crate) fn run_observe_secs(run: &Run, stage_no: i32) -> u64 {
 pub(crate) async fn start_stage(
     pool: &Pool,
     settings: &Settings,
+    events: &Events,
     run: &Run,
     stage_no: i32,
 ) -> anyhow::Result<()> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
-    start_stage_in(&tx, run, stage_no, &settings.actor).await?;
+    let started = start_stage_in(&tx, run, stage_no, &settings.actor).await?;
     tx.commit().await?;
+    if let Some(event) = started {
+        events.emit(pool, run.id, event).await;
+    }
     Ok(())
 }
 
 /// Plans a stage's batches into the ledger and marks the stage running, in `tx`. A stage
-/// is planned when it starts, so that rows inserted since the run began are in it.
+/// is planned when it starts, so that rows inserted since the run began are in it. The
+/// event to emit once `tx` commits; none when the stage was no longer pending.
 pub async fn start_stage_in(
     tx: &tokio_postgres::Transaction<'_>,
     run: &Run,
     stage_no: i32,
     actor: &str,
-) -> anyhow::Result<usize> {
+) -> anyhow::Result<Option<RunEvent<'static>>> {
     let (lo, hi) =
         rekey_common::stages::bucket_range(&run.stages, stage_no).context("stage out of range")?;
     let fraction = f64::from(hi - lo) / f64::from(rekey_common::stages::BUCKETS);
@@ -63,7 +67,7 @@ pub async fn start_stage_in(
     }
     let n = ledger::start_stage(tx, run.id, stage_no).await?;
     if n == 0 {
-        return Ok(0);
+        return Ok(None);
     }
     let plans = plan::plan_stage(tx, &run.targets, stage_no, &range_rows).await?;
     ledger::insert_batches(tx, run.id, &plans).await?;
@@ -72,14 +76,11 @@ pub async fn start_stage_in(
         &[AuditEntry::run_event(run.id, run.target_key_id, "stage_start", true, actor, serde_json::json!({"stage_no": stage_no, "percent": run.stages[stage_no as usize], "batches": plans.len()}))],
     )
     .await?;
-    tracing::info!(
-        run_id = run.id,
+    Ok(Some(RunEvent::StageStarted {
         stage_no,
-        percent = run.stages[stage_no as usize],
-        n_batches = plans.len(),
-        "stage started"
-    );
-    Ok(plans.len())
+        percent: run.stages[stage_no as usize],
+        batches: plans.len(),
+    }))
 }
 
 /// Sweeps stragglers (re-batching them) or decides the stage's gates.
@@ -87,7 +88,7 @@ pub async fn start_stage_in(
 pub(crate) async fn gate_stage(
     pool: &Pool,
     settings: &Settings,
-    notifier: &Notifier,
+    events: &Events,
     run: &Run,
     stage: &ledger::Stage,
     rt: &mut StageRuntime,
@@ -124,25 +125,24 @@ pub(crate) async fn gate_stage(
         ));
     }
     if left > 0 && sweeps < MAX_SWEEPS {
-        tracing::info!(
-            run_id = run.id,
-            stage_no,
-            stragglers = left,
-            sweep = sweeps + 1,
-            "coverage sweep: re-batching stragglers"
-        );
         let mut client = pool.get().await?;
         let tx = client.transaction().await?;
         ledger::insert_batches(&*tx, run.id, &plans).await?;
         ledger::sweep_again(&*tx, run.id, stage_no, i64::from(sweeps + 1)).await?;
         tx.commit().await?;
+        let sweep = RunEvent::CoverageSweep {
+            stage_no,
+            stragglers: left,
+            sweep: sweeps + 1,
+        };
+        events.emit(pool, run.id, sweep).await;
         return Ok(None);
     }
     let decision = gate::evaluate(&**client, run, stage_no, left, sweeps, &rt.perf.figures).await?;
     drop(client);
     rekey_common::failpoint!("coordinator.mid_gate");
     if let Some(reason) = decision.reason() {
-        return breach(pool, settings, notifier, run, stage_no, &decision, &reason)
+        return breach(pool, settings, events, run, stage_no, &decision, &reason)
             .await
             .map(Some);
     }
@@ -176,12 +176,11 @@ pub(crate) async fn gate_stage(
     )
     .await?;
     tx.commit().await?;
-    tracing::info!(
-        run_id = run.id,
+    let passed = RunEvent::GatesPassed {
         stage_no,
-        observe_secs = observe,
-        "stage gates passed; observing"
-    );
+        observe_secs: observe,
+    };
+    events.emit(pool, run.id, passed).await;
     report::write(
         pool,
         settings,
@@ -198,7 +197,7 @@ pub const MAX_SWEEPS: u32 = 5;
 pub(crate) async fn breach(
     pool: &Pool,
     settings: &Settings,
-    notifier: &Notifier,
+    events: &Events,
     run: &Run,
     stage_no: i32,
     decision: &gate::GateDecision,
@@ -207,7 +206,7 @@ pub(crate) async fn breach(
     mark_breach(
         pool,
         settings,
-        notifier,
+        events,
         run,
         stage_no,
         Some(serde_json::to_value(decision)?),
@@ -220,7 +219,7 @@ pub(crate) async fn breach(
 pub(crate) async fn mark_breach(
     pool: &Pool,
     settings: &Settings,
-    notifier: &Notifier,
+    events: &Events,
     run: &Run,
     stage_no: i32,
     gate_json: Option<serde_json::Value>,
@@ -249,12 +248,6 @@ pub(crate) async fn mark_breach(
     )
     .await?;
     tx.commit().await?;
-    tracing::error!(
-        run_id = run.id,
-        stage_no,
-        reason,
-        "stage breached: run halted"
-    );
     let path = report::write(
         pool,
         settings,
@@ -262,15 +255,11 @@ pub(crate) async fn mark_breach(
         &format!("stage {stage_no} breached"),
     )
     .await?;
-    notify(
-        notifier,
-        pool,
-        run.id,
-        "gate_breached",
-        Some(stage_no),
-        Some(reason.to_owned()),
-        Some(&path),
-    )
-    .await;
+    let breached = RunEvent::Breached {
+        stage_no,
+        reason,
+        report: &path,
+    };
+    events.emit(pool, run.id, breached).await;
     Ok(RunState::Halted)
 }

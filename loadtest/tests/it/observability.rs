@@ -165,6 +165,24 @@ async fn worker_and_coordinator_metrics_agree_with_the_ledger() {
     assert_eq!(sum(&coord, "rekey_run_decrypt_error_rate", &r), 0.0);
     assert_eq!(sum(&coord, "rekey_batches_in_flight", &r), 0.0);
     assert!(sum(&coord, "key_rotation_duration_seconds", &r) > 0.0);
+    // The run's events, counted by the process that planned and drove it: two stages, each
+    // started, gated and passed (the last one completes the run), nothing breached.
+    let events = |event: &str| {
+        let label = format!("event=\"{event}\"");
+        sum(&coord, "rekey_run_events_total", &[&run, &label])
+    };
+    for (event, n) in [
+        ("planned", 1.0),
+        ("started", 1.0),
+        ("stage_started", 2.0),
+        ("gates_passed", 2.0),
+        ("stage_passed", 2.0),
+        ("completed", 1.0),
+        ("gate_breached", 0.0),
+        ("halted", 0.0),
+    ] {
+        assert_eq!(events(event), n, "{event} events:\n{coord}");
+    }
     // Every metric rekey names exists in one of the scrapes.
     let all = format!("{coord}\n{}\n{during}", workers.join("\n"));
     for name in rekey_common::metrics::NAMES {
