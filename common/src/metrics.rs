@@ -39,6 +39,7 @@ pub const NAMES: &[&str] = &[
     "rekey_throttle_window",
     "rekey_throttle_gap_ms",
     "rekey_run_events_total",
+    "rekey_queue_consumers",
 ];
 
 /// The outcomes `batches_total` counts.
@@ -88,6 +89,8 @@ pub struct Metrics {
     /// Coordinator: run events (`stage_started`, `gate_breached`, `throttling`, …), by
     /// `run_id` and `event`.
     pub run_events: Counter<u64>,
+    /// Coordinator: consumers on a queue (`queue`), as the driver last saw them.
+    pub queue_consumers: Gauge<u64>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -213,6 +216,10 @@ impl Metrics {
             run_events: m
                 .u64_counter("rekey_run_events_total")
                 .with_description("Run events, by run and event")
+                .build(),
+            queue_consumers: m
+                .u64_gauge("rekey_queue_consumers")
+                .with_description("Consumers on a queue, as the driver last saw them")
                 .build(),
             provider,
             prometheus,
@@ -357,6 +364,8 @@ mod tests {
                 KeyValue::new("event", "started"),
             ],
         );
+        m.queue_consumers
+            .record(0, &[KeyValue::new("queue", "q.batches")]);
         let text = m.render();
         for name in NAMES {
             assert!(

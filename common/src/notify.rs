@@ -16,8 +16,8 @@ use tokio::sync::{mpsc, oneshot};
 /// One run event.
 #[derive(Debug, Clone, Serialize)]
 pub struct Event {
-    /// `started`, `resumed`, `stage_passed`, `gate_breached`, `halted`, `rolled_back`,
-    /// `completed`.
+    /// `started`, `resumed`, `stage_passed`, `gate_breached`, `no_consumer`,
+    /// `consumers_back`, `halted`, `rolled_back`, `completed`.
     pub event: &'static str,
     pub run_id: i64,
     /// `rotation`, `rollback`, `dry_run`.
@@ -45,16 +45,17 @@ impl Event {
         if let Some(s) = self.stage_no {
             t.push_str(&format!(" (stage {s})"));
         }
-        if let (Some(r), Some(e)) = (
-            self.figures.get("rotated").and_then(|v| v.as_i64()),
-            self.figures
-                .get("decrypt_error_rate")
-                .and_then(|v| v.as_f64()),
-        ) {
-            t.push_str(&format!(
-                "; {r} values rotated, decrypt error rate {:.4}%",
-                e * 100.0
-            ));
+        let rate = self
+            .figures
+            .get("decrypt_error_rate")
+            .and_then(|v| v.as_f64());
+        for (key, verb) in [("rotated", "rotated"), ("would_rotate", "would rotate")] {
+            if let (Some(r), Some(e)) = (self.figures.get(key).and_then(|v| v.as_i64()), rate) {
+                t.push_str(&format!(
+                    "; {r} values {verb}, decrypt error rate {:.4}%",
+                    e * 100.0
+                ));
+            }
         }
         if let Some(r) = &self.reason {
             t.push_str(&format!("; reason: {r}"));

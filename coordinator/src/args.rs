@@ -53,6 +53,14 @@ pub struct DriveArgs {
     /// the final figures (e.g. 30s, a scrape interval or two).
     #[arg(long, default_value = "0")]
     pub metrics_linger: String,
+    /// Say so (log, metric, webhook) when batches wait and nobody has consumed the batch
+    /// queue for this long (e.g. 30s, 2m).
+    #[arg(long, default_value = "30s", value_parser = parse_duration_arg)]
+    pub no_consumer_after: Duration,
+}
+
+fn parse_duration_arg(s: &str) -> Result<Duration, String> {
+    parse_duration(s).map_err(|e| format!("{e:#}"))
 }
 
 impl DriveArgs {
@@ -60,6 +68,7 @@ impl DriveArgs {
         crate::runtime::DriveOptions {
             max_in_flight: self.max_in_flight.max(1),
             lease: Duration::from_secs(self.lease_secs.max(1)),
+            no_consumer_after: self.no_consumer_after,
             progress: if json {
                 crate::progress::ProgressMode::Quiet
             } else {

@@ -152,12 +152,32 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             json,
         } => {
             let ctx = Context::connect(config).await?;
+            if keep {
+                ctx.checked_master_key().await?;
+                crate::lease::check_free(&ctx.pool, run).await?;
+            }
             let r = run_cmd::promote(&ctx.pool, &ctx.settings, run).await?;
             if !json {
                 eprintln!(
                     "run {} promoted: now at stage {} ({})",
                     r.id, r.current_stage, r.state
                 );
+            }
+            if !keep && !json {
+                // Promoting only marks the stage passed; a driver starts the next one.
+                let lease = ledger::driver(&**ctx.pool.get().await?, r.id).await?;
+                match lease.filter(|l| l.live) {
+                    Some(l) => eprintln!(
+                        "run {} is driven by {}: it starts the next stage",
+                        r.id,
+                        l.who()
+                    ),
+                    None if !r.state.is_final() => eprintln!(
+                        "nobody is driving run {id}: the next stage stays pending until `rekey resume {id}` (or promote with `--follow` to drive it from here)",
+                        id = r.id
+                    ),
+                    None => {}
+                }
             }
             follow(&ctx, r.id, !keep, &drive, json, RunEvent::Resumed).await
         }
@@ -181,6 +201,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .map(|r| r.id)
                     .context("no run to resume: every run in the ledger is over (`rekey status` lists them)")?,
             };
+            // Nothing changes unless the master key opens the key store.
+            ctx.checked_master_key().await?;
             let r = run_cmd::resume(&ctx.pool, run).await?;
             if !json {
                 eprintln!("run {} resumed", r.id);

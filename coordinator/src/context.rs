@@ -3,6 +3,8 @@
 
 use std::sync::Arc;
 
+use anyhow::Context as _;
+
 use crate::events::Events;
 use deadpool_postgres::Pool;
 use rekey_common::Settings;
@@ -45,5 +47,16 @@ impl Context {
     /// Loads the master key from the configured provider.
     pub fn master_key(&self) -> anyhow::Result<MasterKey> {
         self.settings.load_master_key()
+    }
+
+    /// Loads the master key and checks that it opens the key store (every data key and
+    /// field key unwraps), before a command changes anything: a wrong master key is
+    /// refused here, not by every batch later.
+    pub async fn checked_master_key(&self) -> anyhow::Result<MasterKey> {
+        let master = self.master_key()?;
+        rekey_common::keys::store::load_ring(&**self.pool.get().await?, &master)
+            .await
+            .context("the master key does not open the key store; nothing was changed")?;
+        Ok(master)
     }
 }

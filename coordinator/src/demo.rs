@@ -187,6 +187,7 @@ pub async fn run(
         lease_secs: 60,
         metrics_addr: None,
         metrics_linger: "0".into(),
+        no_consumer_after: std::time::Duration::from_secs(30),
     };
     let code = follow(&ctx, run.id, false, &drive, false, RunEvent::Started).await?;
 

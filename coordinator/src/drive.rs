@@ -4,6 +4,7 @@
 //! ledger is the only source of progress; broker state is never trusted. When the broker
 //! drops, the driver reconnects by itself.
 
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -19,8 +20,9 @@ use rekey_common::ledger::{self, RunKind, RunState, StageState};
 use tracing::Instrument;
 
 use crate::events::{RunEvent, record_run};
+use crate::lease::Lease;
 use crate::progress::ProgressView;
-use crate::runtime::{DriveOptions, Driver, StageRuntime};
+use crate::runtime::{ConsumerWatch, DriveOptions, Driver, StageRuntime};
 use crate::stage::{gate_stage, mark_breach, run_observe_secs, start_stage};
 use crate::{gate, latency, observe, report};
 use rekey_common::messages::{BatchMessage, BatchReport, FORMAT_VERSION};
@@ -96,6 +98,9 @@ async fn publish_window(
 /// Returns the run's state at that moment. Stages are planned, gated, observed and (with
 /// `auto_advance`) promoted here; the ledger records every step, so a driver that dies is
 /// replaced by `rekey resume` without loss.
+///
+/// The driver holds the run's lease (`lease.rs`) while it drives: a second driver is
+/// refused, and one whose lease another process took over stops.
 pub async fn drive(
     pool: &Pool,
     settings: &Settings,
@@ -103,7 +108,26 @@ pub async fn drive(
     opts: &DriveOptions,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<RunState> {
+    let mut lease = Lease::acquire(pool, run_id).await?;
+    let consumers = lease.consumers.clone();
+    let result = tokio::select! {
+        r = drive_leased(pool, settings, run_id, opts, shutdown, &consumers) => r,
+        lost = lease.lost() => Err(lost.into()),
+    };
+    lease.release(pool).await;
+    result
+}
+
+async fn drive_leased(
+    pool: &Pool,
+    settings: &Settings,
+    run_id: i64,
+    opts: &DriveOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+    consumers: &AtomicI32,
+) -> anyhow::Result<RunState> {
     tokio::pin!(shutdown);
+    let mut watch = ConsumerWatch::default();
     let topo = Topology::new(&settings.queue_prefix);
     let master = settings.load_master_key()?;
     let first = ledger::progress(&**pool.get().await?, run_id).await?;
@@ -144,9 +168,13 @@ pub async fn drive(
                     run_id,
                     opts,
                     events: &opts.events,
+                    consumers,
                 };
                 let stepped = step(&driver, &mut stage_state, &mut display).await?;
                 failures = 0;
+                if stepped.is_none() {
+                    watch_consumers(&driver, &mut watch, consumers).await?;
+                }
                 if let Some(state) = stepped {
                     return anyhow::Ok(state);
                 }
@@ -219,6 +247,7 @@ async fn step(
         run_id,
         opts,
         events,
+        ..
     } = *d;
     let client = pool.get().await?;
     let run = ledger::get_run(&**client, run_id)
@@ -341,6 +370,56 @@ async fn step(
         StageState::Passed => {}
     }
     Ok(None)
+}
+
+/// Every heartbeat: counts the batch queue's consumers (for the lease, `rekey status` and
+/// `rekey_queue_consumers`), and says `no_consumer` when batches have waited with nobody
+/// consuming for `no_consumer_after` (and `consumers_back` when somebody returns).
+async fn watch_consumers(
+    d: &Driver<'_>,
+    watch: &mut ConsumerWatch,
+    seen: &AtomicI32,
+) -> anyhow::Result<()> {
+    if watch
+        .last_check
+        .is_some_and(|t| t.elapsed() < ledger::HEARTBEAT_EVERY)
+    {
+        return Ok(());
+    }
+    watch.last_check = Some(Instant::now());
+    let queue = &d.topo.batches;
+    let n = broker::consumer_count(d.channel, queue).await?;
+    seen.store(i32::try_from(n).unwrap_or(i32::MAX), Ordering::Relaxed);
+    if let Some(m) = &d.opts.metrics {
+        m.queue_consumers
+            .record(u64::from(n), &[KeyValue::new("queue", queue.clone())]);
+    }
+    let p = ledger::progress(&**d.pool.get().await?, d.run_id).await?;
+    let waiting = p.pending + p.published > 0;
+    if n > 0 || !waiting {
+        if watch.said && n > 0 {
+            let back = RunEvent::ConsumersBack {
+                queue: queue.clone(),
+                consumers: n,
+            };
+            d.events.emit(d.pool, d.run_id, back).await;
+        }
+        *watch = ConsumerWatch {
+            last_check: watch.last_check,
+            ..Default::default()
+        };
+        return Ok(());
+    }
+    let since = *watch.none_since.get_or_insert_with(Instant::now);
+    if !watch.said && since.elapsed() >= d.opts.no_consumer_after {
+        watch.said = true;
+        let none = RunEvent::NoConsumer {
+            queue: queue.clone(),
+            secs: since.elapsed().as_secs(),
+        };
+        d.events.emit(d.pool, d.run_id, none).await;
+    }
+    Ok(())
 }
 
 /// Consecutive failed sessions (each backing off up to 10 s) before the driver gives up.

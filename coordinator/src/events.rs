@@ -64,6 +64,10 @@ pub enum RunEvent<'a> {
     },
     /// The throttle let go.
     ThrottleReleased { stage_no: i32, p99_ms: f64 },
+    /// Batches wait and nobody has consumed the batch queue for `secs`.
+    NoConsumer { queue: String, secs: u64 },
+    /// Consumers came back after a `no_consumer`.
+    ConsumersBack { queue: String, consumers: u32 },
     /// Every stage passed.
     Completed { report: &'a Path },
     /// The run stopped and waits for an operator.
@@ -87,6 +91,8 @@ impl RunEvent<'_> {
             Self::Breached { .. } => "gate_breached",
             Self::Throttling { .. } => "throttling",
             Self::ThrottleReleased { .. } => "throttle_released",
+            Self::NoConsumer { .. } => "no_consumer",
+            Self::ConsumersBack { .. } => "consumers_back",
             Self::Completed { .. } => "completed",
             Self::Halted { .. } => "halted",
             Self::RolledBack => "rolled_back",
@@ -106,6 +112,8 @@ impl RunEvent<'_> {
         "gate_breached",
         "throttling",
         "throttle_released",
+        "no_consumer",
+        "consumers_back",
         "completed",
         "halted",
         "rolled_back",
@@ -120,6 +128,8 @@ impl RunEvent<'_> {
                 | Self::Resumed
                 | Self::StagePassed { .. }
                 | Self::Breached { .. }
+                | Self::NoConsumer { .. }
+                | Self::ConsumersBack { .. }
                 | Self::Completed { .. }
                 | Self::Halted { .. }
                 | Self::RolledBack
@@ -142,6 +152,7 @@ impl RunEvent<'_> {
     fn reason(&self) -> Option<&str> {
         match self {
             Self::Breached { reason, .. } => Some(reason),
+            Self::NoConsumer { .. } => Some("nobody is consuming the batch queue: start workers"),
             Self::Halted { reason } => *reason,
             _ => None,
         }
@@ -241,6 +252,20 @@ impl RunEvent<'_> {
             Self::ThrottleReleased { stage_no, p99_ms } => {
                 tracing::info!(run_id, stage_no, p99_ms, "throttle released")
             }
+            Self::NoConsumer { queue, secs } => tracing::warn!(
+                run_id,
+                queue,
+                secs,
+                "batches wait and nobody is consuming the batch queue: start workers (`rekey-worker`, or `docker-compose up -d --scale worker=N`)"
+            ),
+            Self::ConsumersBack { queue, consumers } => {
+                tracing::info!(
+                    run_id,
+                    queue,
+                    consumers,
+                    "the batch queue has consumers again"
+                )
+            }
             Self::Completed { report } => {
                 tracing::info!(run_id, report = %report.display(), "run completed")
             }
@@ -297,6 +322,23 @@ async fn post(notifier: &Notifier, pool: &Pool, run_id: i64, event: &RunEvent<'_
             .await?
             .with_context(|| format!("run {run_id} not found"))?;
         let p = ledger::progress(&**c, run_id).await?;
+        let mut figures = serde_json::json!({
+            "batches": p.n_batches,
+            "batches_done": p.done,
+            "batches_failed": p.failed,
+            "rows": p.n_rows,
+            "decrypt_errors": p.n_errors,
+            "decrypt_error_rate": p.error_rate(),
+            "stages": run.stages,
+            "duration_secs": (run.finished_at.unwrap_or_else(chrono::Utc::now) - run.created_at).num_milliseconds() as f64 / 1000.0,
+        });
+        // A dry run writes nothing: its count is what a rotation would rotate.
+        let verb = if run.kind == ledger::RunKind::DryRun {
+            "would_rotate"
+        } else {
+            "rotated"
+        };
+        figures[verb] = serde_json::json!(p.n_rotated);
         anyhow::Ok(Event {
             event: name,
             run_id,
@@ -304,17 +346,7 @@ async fn post(notifier: &Notifier, pool: &Pool, run_id: i64, event: &RunEvent<'_
             state: run.state.as_str().to_owned(),
             stage_no: event.stage_no().or(Some(run.current_stage)),
             reason: event.reason().map(str::to_owned).or(run.halt_reason),
-            figures: serde_json::json!({
-                "batches": p.n_batches,
-                "batches_done": p.done,
-                "batches_failed": p.failed,
-                "rows": p.n_rows,
-                "rotated": p.n_rotated,
-                "decrypt_errors": p.n_errors,
-                "decrypt_error_rate": p.error_rate(),
-                "stages": run.stages,
-                "duration_secs": (run.finished_at.unwrap_or_else(chrono::Utc::now) - run.created_at).num_milliseconds() as f64 / 1000.0,
-            }),
+            figures,
             report: event.report().map(|p| p.display().to_string()),
             at: chrono::Utc::now(),
         })
@@ -457,6 +489,14 @@ mod tests {
                 stage_no: 1,
                 p99_ms: 2.0,
             },
+            RunEvent::NoConsumer {
+                queue: "rekey.batches".into(),
+                secs: 30,
+            },
+            RunEvent::ConsumersBack {
+                queue: "rekey.batches".into(),
+                consumers: 2,
+            },
             RunEvent::Completed { report },
             RunEvent::Halted { reason: None },
             RunEvent::RolledBack,
@@ -489,6 +529,8 @@ mod tests {
                 "resumed",
                 "stage_passed",
                 "gate_breached",
+                "no_consumer",
+                "consumers_back",
                 "completed",
                 "halted",
                 "rolled_back"

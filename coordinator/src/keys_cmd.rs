@@ -314,8 +314,14 @@ pub async fn run(config: Option<&Path>, command: KeysCommand) -> anyhow::Result<
                 )?;
             } else {
                 println!(
-                    "{n} data key(s) re-wrapped under master key {}; switch REKEY_MASTER_KEY(_FILE) to the new key now",
-                    new.id()
+                    "{n} data key(s) re-wrapped under master key {} (was {}).\n\
+                     Next: give every process the new key (REKEY_MASTER_KEY, or replace the file REKEY_MASTER_KEY_FILE names), then\n\
+                     - restart every rekey-worker (a worker whose key file was replaced reloads it by itself; one given the key in REKEY_MASTER_KEY must be restarted),\n\
+                     - restart every coordinator driving a run (`rekey resume N` after the restart carries on),\n\
+                     - restart the application's processes that unwrap keys.\n\
+                     `rekey status` names workers still holding the old key, and `rekey preflight` fails while one is live.",
+                    new.id(),
+                    old.id()
                 );
             }
         }

@@ -9,6 +9,7 @@ use crate::{gate, probe};
 use opentelemetry::KeyValue;
 use rekey_common::ledger;
 use rekey_common::ledger::{Run, RunState};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crate::throttle::{SUSTAINED_SAMPLES, Throttle};
@@ -80,8 +81,19 @@ pub(crate) async fn judge(
             }
             probe::Latency::of(&mut reads)
         };
-        rt.perf.record(&run.settings, lat.median_ms);
-        let (over, under) = rt.perf.probes(&run.settings, &samples);
+        // Latency is the rotation's doing only while batches are worked on: with nothing
+        // in flight, or nobody consuming them, it is the application's own, and neither
+        // the throttle nor the breach hears of it.
+        let in_flight = ledger::progress(&**pool.get().await?, run_id)
+            .await?
+            .published;
+        let working = in_flight > 0 && d.consumers.load(Ordering::Relaxed) != 0;
+        let (over, under) = if working {
+            rt.perf.record(&run.settings, lat.median_ms);
+            rt.perf.probes(&run.settings, &samples)
+        } else {
+            (0, samples.len())
+        };
         if let Some(m) = &opts.metrics {
             record_probe(
                 m,
@@ -94,9 +106,6 @@ pub(crate) async fn judge(
             )
             .await;
         }
-        let in_flight = ledger::progress(&**pool.get().await?, run_id)
-            .await?
-            .published;
         let was = throttle.clone();
         throttle.adjust(over, under, in_flight);
         rt.perf.figures.max_gap_ms = rt

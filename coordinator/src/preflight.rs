@@ -102,6 +102,7 @@ pub async fn run(settings: &Settings) -> Preflight {
         )),
     }
     if let (Ok(pool), Ok(_)) = (&pool, &db) {
+        checks.push(workers_check(pool).await);
         checks.push(audit_check(pool, settings).await);
         checks.push(backup_check(pool, settings).await);
     }
@@ -148,6 +149,73 @@ async fn broker_check(settings: &Settings) -> Check {
         ),
         Err(e) => check("broker_and_workers", Status::Fail, format!("{e:#}")),
     }
+}
+
+/// The live workers (their presence rows): each must hold the master key the key store
+/// is wrapped by, and none may be failing every batch.
+async fn workers_check(pool: &Pool) -> Check {
+    let result = async {
+        let c = pool.get().await?;
+        let workers = rekey_common::ledger::live_workers(&**c).await?;
+        let store_ids = store::wrapping_master_ids(&**c).await?;
+        anyhow::Ok((workers, store_ids))
+    }
+    .await;
+    let (workers, store_ids) = match result {
+        Ok(x) => x,
+        Err(e) => return check("workers", Status::Fail, format!("{e:#}")),
+    };
+    let stale: Vec<String> = workers
+        .iter()
+        .filter(|w| !store_ids.is_empty() && !store_ids.contains(&w.master_key_id))
+        .map(|w| format!("{} (master key {})", w.worker_id, w.master_key_id))
+        .collect();
+    if !stale.is_empty() {
+        let store: Vec<String> = store_ids.iter().map(ToString::to_string).collect();
+        return check(
+            "workers",
+            Status::Fail,
+            format!(
+                "{} live worker(s) hold another master key than the key store's ({}): {}; restart them with the key store's master key",
+                stale.len(),
+                store.join(", "),
+                stale.join(", ")
+            ),
+        );
+    }
+    let failing = rekey_common::ledger::failing_groups(&workers);
+    if let Some((kind, error, ids)) = failing.first() {
+        // A worker that cannot open the key store fails every batch; contention passes.
+        let status = if kind == "wrong_master_key" {
+            Status::Fail
+        } else {
+            Status::Warn
+        };
+        return check(
+            "workers",
+            status,
+            format!(
+                "{} worker(s) failing every batch ({kind}): {error}: {}",
+                ids.len(),
+                ids.join(", ")
+            ),
+        );
+    }
+    if workers.is_empty() {
+        return check(
+            "workers",
+            Status::Warn,
+            "no worker has reported its presence in the last 30 s (workers older than this rekey do not)",
+        );
+    }
+    check(
+        "workers",
+        Status::Pass,
+        format!(
+            "{} live worker(s), all on the key store's master key",
+            workers.len()
+        ),
+    )
 }
 
 async fn key_checks(

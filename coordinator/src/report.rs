@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use deadpool_postgres::Pool;
 use rekey_common::Settings;
-use rekey_common::ledger;
+use rekey_common::ledger::{self, RunKind};
 use serde_json::{Value, json};
 
 /// The report's schema version.
@@ -48,7 +48,7 @@ pub async fn build(pool: &Pool, run_id: i64, reason: &str) -> anyhow::Result<Val
             "observe_until": s.observe_until,
             "finished_at": s.finished_at,
             "duration_secs": duration,
-            "counts": counts(&p),
+            "counts": counts(&p, run.kind == RunKind::DryRun),
             "decrypt_error_rate": p.error_rate(),
             "gate": s.gate,
         }));
@@ -122,7 +122,7 @@ pub async fn build(pool: &Pool, run_id: i64, reason: &str) -> anyhow::Result<Val
             "gating": run.settings,
         },
         "totals": {
-            "counts": counts(&total),
+            "counts": counts(&total, run.kind == RunKind::DryRun),
             "decrypt_error_rate": total.error_rate(),
         },
         "stages": stages,
@@ -136,12 +136,17 @@ pub async fn build(pool: &Pool, run_id: i64, reason: &str) -> anyhow::Result<Val
     }))
 }
 
-fn counts(p: &ledger::Progress) -> Value {
-    json!({
+/// A stage's or the run's counts. A dry run writes nothing: what it counted is what a
+/// rotation would rotate, and the report says so (`would_rotate`, no `rotated`).
+fn counts(p: &ledger::Progress, dry_run: bool) -> Value {
+    let mut v = json!({
         "batches": p.n_batches, "batches_done": p.done, "batches_failed": p.failed,
-        "rows": p.n_rows, "values": p.n_values, "rotated": p.n_rotated,
+        "rows": p.n_rows, "values": p.n_values,
         "already_on_target": p.n_skipped, "null": p.n_null, "decrypt_errors": p.n_errors,
-    })
+    });
+    let verb = if dry_run { "would_rotate" } else { "rotated" };
+    v[verb] = json!(p.n_rotated);
+    v
 }
 
 /// Builds the report, writes it to the reports directory and to `rekey.reports`, and

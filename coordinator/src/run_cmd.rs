@@ -470,6 +470,9 @@ pub async fn pause(pool: &Pool, run_id: i64) -> anyhow::Result<Run> {
 /// Makes a paused, halted or interrupted run runnable again. Batches marked published
 /// are published again (a duplicate message is harmless: the worker finds it done).
 pub async fn resume(pool: &Pool, run_id: i64) -> anyhow::Result<Run> {
+    // Another live driver keeps the run: reopening its published batches under it would
+    // publish them twice.
+    crate::lease::check_free(pool, run_id).await?;
     let client = pool.get().await?;
     let run = ledger::get_run(&**client, run_id)
         .await?
@@ -532,6 +535,8 @@ pub struct Status {
     pub failed_batches: Vec<FailedBatch>,
     pub decrypt_errors: Vec<ErrorCount>,
     pub elapsed_secs: Option<f64>,
+    /// Who drives the run and works on it, why batches fail, and what happens next.
+    pub health: crate::health::RunHealth,
 }
 
 pub async fn status(pool: &Pool, run_id: i64) -> anyhow::Result<Status> {
@@ -576,8 +581,11 @@ pub async fn status(pool: &Pool, run_id: i64) -> anyhow::Result<Status> {
         let end = run.finished_at.unwrap_or_else(chrono::Utc::now);
         (end - s).num_milliseconds() as f64 / 1000.0
     });
+    let stages = ledger::stages(&**client, run_id).await?;
+    let health = crate::health::read(&**client, &run, &stages).await?;
     Ok(Status {
-        stages: ledger::stages(&**client, run_id).await?,
+        stages,
+        health,
         decrypt_error_rate: progress.error_rate(),
         run,
         progress,
@@ -611,7 +619,12 @@ pub fn print_status(s: &Status) {
         } else {
             " "
         };
+        let awaiting = s.health.awaiting_promote && st.stage_no == r.current_stage;
         let until = match (st.state, st.observe_until) {
+            (StageState::Observing, Some(u)) if awaiting => format!(
+                " ended {}: awaiting promote",
+                u.format("%Y-%m-%d %H:%M:%S UTC")
+            ),
             (StageState::Observing, Some(u)) => {
                 format!(" until {}", u.format("%Y-%m-%d %H:%M:%S UTC"))
             }
@@ -682,6 +695,9 @@ pub fn print_status(s: &Status) {
             "  undecryptable {}.{} ({}): {} values, see rekey.decrypt_errors",
             e.table, e.column, e.error_kind, e.n_values
         );
+    }
+    for line in crate::health::lines(r, &s.health) {
+        println!("{line}");
     }
 }
 

@@ -34,6 +34,9 @@ pub struct DriveOptions {
     pub probe_spacing: Duration,
     /// Where the run's gauges go (served by `--metrics-addr`).
     pub metrics: Option<Arc<Metrics>>,
+    /// Batches waiting and no consumer on the batch queue for this long: a `no_consumer`
+    /// event.
+    pub no_consumer_after: Duration,
     /// Where run events go: the log, and the event counter and webhook if it has them.
     pub events: crate::events::Events,
 }
@@ -55,6 +58,7 @@ impl Default for DriveOptions {
             probe_every: Duration::from_secs(2),
             probe_spacing: Duration::from_millis(50),
             metrics: None,
+            no_consumer_after: Duration::from_secs(30),
             events: crate::events::Events::default(),
         }
     }
@@ -100,6 +104,18 @@ pub(crate) struct Driver<'a> {
     pub(crate) topo: &'a Topology,
     pub(crate) run_id: i64,
     pub(crate) opts: &'a DriveOptions,
+    /// Consumers on the batch queue as last counted (-1: not yet).
+    pub(crate) consumers: &'a std::sync::atomic::AtomicI32,
     /// Where the run's events go (`opts.events`).
     pub(crate) events: &'a crate::events::Events,
+}
+
+/// What the driver knows of the batch queue's consumers, across stages and sessions.
+#[derive(Debug, Default)]
+pub(crate) struct ConsumerWatch {
+    pub(crate) last_check: Option<Instant>,
+    /// Since when batches have waited with nobody consuming.
+    pub(crate) none_since: Option<Instant>,
+    /// Whether the `no_consumer` event was said for this stretch.
+    pub(crate) said: bool,
 }

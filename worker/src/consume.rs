@@ -28,8 +28,9 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
+use crate::presence::Health;
 use crate::ring::RingHandle;
-use crate::rotate::{BatchError, BatchResult, BatchSettings, rotate_batch};
+use crate::rotate::{BatchError, BatchResult, BatchSettings, error_kind, rotate_batch};
 
 /// How a worker runs.
 #[derive(Debug, Clone)]
@@ -87,13 +88,15 @@ pub fn shutdown_signal() -> impl Future<Output = ()> {
 }
 
 /// What every batch task shares.
-struct Shared {
-    pool: Pool,
-    ring: RingHandle,
-    topo: Topology,
-    batch: BatchSettings,
-    max_attempts: u32,
-    metrics: Arc<Metrics>,
+pub(crate) struct Shared {
+    pub(crate) pool: Pool,
+    pub(crate) ring: RingHandle,
+    pub(crate) topo: Topology,
+    pub(crate) batch: BatchSettings,
+    pub(crate) max_attempts: u32,
+    pub(crate) metrics: Arc<Metrics>,
+    /// What the worker's presence row says of it.
+    pub(crate) health: Health,
 }
 
 /// Runs a worker until `shutdown` resolves.
@@ -105,9 +108,11 @@ pub async fn run(
     let master = settings.load_master_key()?;
     let pool = db::pool(&settings, opts.concurrency + 1)?;
     db::check_connection(&pool, &settings).await?;
+    let source = settings.clone();
     let ring = RingHandle::load(&pool, master)
         .await
-        .context("load the key ring")?;
+        .context("load the key ring")?
+        .with_master_source(Box::new(move || source.load_master_key()));
     let metrics = Metrics::new("rekey-worker");
     metrics.init_worker_series();
     let _server = match opts.metrics_addr {
@@ -126,17 +131,30 @@ pub async fn run(
             blocking_threshold: opts.blocking_threshold,
         },
         max_attempts: opts.max_attempts.max(1),
+        health: Health::default(),
     });
+    let presence = crate::presence::spawn(shared.clone());
+    let result = run_sessions(&settings, &shared, &opts, shutdown).await;
+    presence.stop(&shared).await;
+    result
+}
+
+async fn run_sessions(
+    settings: &Settings,
+    shared: &Arc<Shared>,
+    opts: &WorkerOptions,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     tokio::pin!(shutdown);
     let mut backoff = broker::Backoff::new();
     loop {
         let Some(conn) =
-            broker::connect_until(&settings, &opts.worker_id, &mut backoff, &mut shutdown).await
+            broker::connect_until(settings, &opts.worker_id, &mut backoff, &mut shutdown).await
         else {
             return Ok(());
         };
         tracing::info!(worker = %opts.worker_id, "connected to the broker");
-        match serve(&conn, &shared, &opts, &mut shutdown).await {
+        match serve(&conn, shared, opts, &mut shutdown).await {
             Ok(Served::Shutdown) => {
                 broker::close(&conn, "worker shutting down").await;
                 shared.metrics.shutdown();
@@ -302,6 +320,7 @@ async fn handle_in(shared: &Shared, publish_ch: &Channel, delivery: Delivery) {
         attempt += 1;
         match rotate_batch(&shared.pool, &shared.ring, &msg, &shared.batch).await {
             Ok(result) => {
+                shared.health.success();
                 log_result(&msg, &result);
                 record_metrics(&shared.metrics, &result);
                 rekey_common::failpoint!("worker.after_commit");
@@ -321,18 +340,21 @@ async fn handle_in(shared: &Shared, publish_ch: &Channel, delivery: Delivery) {
             }
             Err(BatchError::Failed(reason)) => {
                 count(shared, "failed");
+                shared.health.failed();
                 mark_failed(shared, &msg, &reason).await;
                 dead_letter(shared, publish_ch, &delivery, Some(&msg), &reason).await;
                 return;
             }
             Err(BatchError::Transient(e)) if attempt < shared.max_attempts => {
                 count(shared, "retried");
+                shared.health.retried(error_kind(&e), &e);
                 tracing::warn!(run_id = msg.run_id, batch_no = msg.batch_no, attempt, error = %format!("{e:#}"), "batch failed; retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
             Err(BatchError::Transient(e)) => {
                 count(shared, "handed_back");
+                shared.health.retried(error_kind(&e), &e);
                 tracing::error!(run_id = msg.run_id, batch_no = msg.batch_no, attempt, error = %format!("{e:#}"), "batch failed; handing it back to the broker");
                 let _ = delivery
                     .nack(BasicNackOptions {

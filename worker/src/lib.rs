@@ -6,8 +6,11 @@
 //!   (`rotate/compute.rs`) does no I/O.
 //! - [`consume`]: the consumer loop: prefetch, concurrency, retries, acks, reports,
 //!   reconnection, graceful shutdown.
-//! - [`ring`]: the worker's key ring, reloaded when a batch names a key it does not know.
+//! - [`ring`]: the worker's key ring, reloaded when a batch names a key it does not know
+//!   (and its master key, when the key store was re-wrapped by `rotate-master`).
+//! - [`presence`]: the worker's row in `rekey.workers`, written every few seconds.
 
 pub mod consume;
+pub mod presence;
 pub mod ring;
 pub mod rotate;

@@ -1,5 +1,9 @@
 //! The worker's key ring: loaded from the key store at start and reloaded when a batch
-//! needs a key the ring does not have (a key generated after the worker started).
+//! needs a key the ring does not have (a key generated after the worker started). When
+//! the key store is wrapped by another master key (after `rekey keys rotate-master`), the
+//! worker reads its master key again from its settings (a rotated key file) and uses it if
+//! it opens the store; otherwise every batch fails with the mismatch, which the worker's
+//! presence reports to `rekey status`.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, RwLock};
@@ -11,13 +15,24 @@ use rekey_common::keys::master::MasterKey;
 use rekey_common::keys::ring::KeyRing;
 use rekey_common::keys::store;
 
-#[derive(Debug)]
+/// Reads the master key again from where the settings say it is.
+pub type MasterSource = Box<dyn Fn() -> anyhow::Result<MasterKey> + Send + Sync>;
+
 pub struct RingHandle {
-    master: MasterKey,
+    master: RwLock<Arc<MasterKey>>,
+    source: Option<MasterSource>,
     current: RwLock<Arc<KeyRing>>,
     /// Key ids that were still unknown after a reload: values under them are corrupt or
     /// foreign, and must not make every batch reload the ring.
     known_missing: Mutex<HashSet<Uuid>>,
+}
+
+impl std::fmt::Debug for RingHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RingHandle")
+            .field("master_key_id", &self.master_id())
+            .finish_non_exhaustive()
+    }
 }
 
 impl RingHandle {
@@ -25,10 +40,22 @@ impl RingHandle {
         let client = pool.get().await?;
         let ring = store::load_ring(&**client, &master).await?;
         Ok(Self {
-            master,
+            master: RwLock::new(Arc::new(master)),
+            source: None,
             current: RwLock::new(Arc::new(ring)),
             known_missing: Mutex::new(HashSet::new()),
         })
+    }
+
+    /// Where to read the master key again when the key store no longer opens with it.
+    pub fn with_master_source(mut self, source: MasterSource) -> Self {
+        self.source = Some(source);
+        self
+    }
+
+    /// The fingerprint of the master key the worker holds now.
+    pub fn master_id(&self) -> Uuid {
+        self.master.read().expect("master lock").id()
     }
 
     pub fn get(&self) -> Arc<KeyRing> {
@@ -48,10 +75,32 @@ impl RingHandle {
     }
 
     /// Reloads from the key store. Encryption counts not yet flushed stay with the old
-    /// ring; callers flush before they reload.
+    /// ring; callers flush before they reload. A wrong master key makes the worker read
+    /// its master key again, once per failure; a new one that opens the store is kept.
     pub async fn reload(&self, pool: &Pool) -> anyhow::Result<Arc<KeyRing>> {
         let client = pool.get().await?;
-        let ring = Arc::new(store::load_ring(&**client, &self.master).await?);
+        let master = self.master.read().expect("master lock").clone();
+        let ring = match store::load_ring(&**client, &master).await {
+            Ok(ring) => ring,
+            Err(wrong @ store::Error::WrongMasterKey { .. }) => {
+                let Some(fresh) = self.source.as_ref().and_then(|s| s().ok()) else {
+                    return Err(wrong.into());
+                };
+                if fresh.id() == master.id() {
+                    return Err(wrong.into());
+                }
+                let ring = store::load_ring(&**client, &fresh).await?;
+                tracing::warn!(
+                    old = %master.id(),
+                    new = %fresh.id(),
+                    "the key store is wrapped by another master key; reloaded the master key from the settings"
+                );
+                *self.master.write().expect("master lock") = Arc::new(fresh);
+                ring
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let ring = Arc::new(ring);
         *self.current.write().expect("ring lock") = ring.clone();
         tracing::info!(n_keys = ring.len(), "key ring reloaded");
         Ok(ring)

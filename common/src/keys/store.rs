@@ -703,3 +703,17 @@ pub async fn add_encryptions<C: GenericClient>(c: &C, counts: &[(Uuid, u64)]) ->
     .await?;
     Ok(())
 }
+
+/// The master keys (fingerprints) that wrap the key store's data keys: one, unless a
+/// `rotate-master` was interrupted.
+pub async fn wrapping_master_ids<C: GenericClient>(c: &C) -> Result<Vec<Uuid>> {
+    Ok(c.query(
+        "SELECT DISTINCT wrapping_key_id FROM rekey.keys
+              WHERE kind = 'data' AND state <> 'destroyed' ORDER BY 1",
+        &[],
+    )
+    .await?
+    .iter()
+    .map(|r| r.get(0))
+    .collect())
+}

@@ -35,10 +35,12 @@
 //! makes what is left runnable again ([`reopen_batches`], [`rerun_breached`]).
 
 mod batches;
+mod presence;
 mod runs;
 mod stages;
 
 pub use batches::*;
+pub use presence::*;
 pub use runs::*;
 pub use stages::*;
 

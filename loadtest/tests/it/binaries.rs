@@ -57,7 +57,7 @@ impl Env {
         c
     }
 
-    fn run(&self, name: &str, args: &[&str]) -> (bool, String, String) {
+    pub(crate) fn run(&self, name: &str, args: &[&str]) -> (bool, String, String) {
         let out = self.cmd(name, args).output().unwrap();
         (
             out.status.success(),
@@ -66,7 +66,7 @@ impl Env {
         )
     }
 
-    fn worker(&self, id: &str) -> Child {
+    pub(crate) fn worker(&self, id: &str) -> Child {
         self.cmd("rekey-worker", &["--worker-id", id])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -75,7 +75,7 @@ impl Env {
     }
 }
 
-fn sigterm(child: &Child) {
+pub(crate) fn sigterm(child: &Child) {
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -83,7 +83,7 @@ fn sigterm(child: &Child) {
     assert!(status.success());
 }
 
-fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
+pub(crate) fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
     let start = Instant::now();
     loop {
         if let Some(s) = child.try_wait().unwrap() {
@@ -553,7 +553,7 @@ async fn bench_refuses_before_touching_anything_when_its_binaries_are_missing_an
 
 /// A database with a key store and `rows` seeded records, the settings of the binaries
 /// for it, and where its reports go.
-async fn seeded(rows: u32) -> (TestDb, Env, std::path::PathBuf) {
+pub(crate) async fn seeded(rows: u32) -> (TestDb, Env, std::path::PathBuf) {
     let db = TestDb::new().await;
     let reports = std::env::temp_dir().join(format!("{}-reports", db.name));
     let env = Env::new(&db, reports.clone());
@@ -729,5 +729,16 @@ async fn a_dry_run_with_default_flags_finishes_and_writes_nothing() {
     assert!(code.success(), "{code:?}: {text}");
     assert!(text.contains("would rotate"), "{text}");
     assert_eq!(digest().await, before, "a dry run changed demo.users");
+    // The evidence report says "would rotate" too, and never "rotated".
+    let report = std::fs::read_dir(&reports)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "json"))
+        .expect("a report was written");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let counts = &r["totals"]["counts"];
+    assert!(counts["would_rotate"].is_i64(), "{counts}");
+    assert!(counts.get("rotated").is_none(), "{counts}");
     let _ = std::fs::remove_dir_all(&reports);
 }

@@ -12,4 +12,5 @@ mod observability;
 mod receiver;
 mod scene;
 mod seed;
+mod stalls;
 mod tls;

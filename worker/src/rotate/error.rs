@@ -71,3 +71,49 @@ pub fn is_contention(e: &tokio_postgres::Error) -> bool {
             || *c == SqlState::T_R_SERIALIZATION_FAILURE || *c == SqlState::QUERY_CANCELED
     )
 }
+
+/// The kind of a transient failure, as the worker's presence reports it to `rekey status`:
+/// `wrong_master_key`, `lock_timeout`, `deadlock`, `serialization`, `connection` or
+/// `other`.
+pub fn error_kind(e: &anyhow::Error) -> &'static str {
+    for cause in e.chain() {
+        if let Some(rekey_common::keys::store::Error::WrongMasterKey { .. }) = cause.downcast_ref()
+        {
+            return "wrong_master_key";
+        }
+        if let Some(pg) = cause.downcast_ref::<tokio_postgres::Error>() {
+            return match pg.code() {
+                Some(c) if *c == SqlState::LOCK_NOT_AVAILABLE => "lock_timeout",
+                Some(c) if *c == SqlState::QUERY_CANCELED => "statement_timeout",
+                Some(c) if *c == SqlState::T_R_DEADLOCK_DETECTED => "deadlock",
+                Some(c) if *c == SqlState::T_R_SERIALIZATION_FAILURE => "serialization",
+                Some(_) => "database",
+                None => "connection",
+            };
+        }
+        if cause
+            .downcast_ref::<deadpool_postgres::PoolError>()
+            .is_some()
+        {
+            return "connection";
+        }
+    }
+    "other"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wrong_master_key_is_named_however_deep_in_the_chain() {
+        let wrong = rekey_common::keys::store::Error::WrongMasterKey {
+            data_key_id: uuid::Uuid::nil(),
+            expected: uuid::Uuid::nil(),
+            supplied: uuid::Uuid::max(),
+        };
+        let e = anyhow::Error::new(wrong).context("reload the key ring");
+        assert_eq!(error_kind(&e), "wrong_master_key");
+        assert_eq!(error_kind(&anyhow::anyhow!("something else")), "other");
+    }
+}

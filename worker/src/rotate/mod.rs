@@ -36,7 +36,7 @@ use uuid::Uuid;
 
 use compute::{Computed, compute};
 pub use compute::{Counts, OpCounts};
-pub use error::{BatchError, is_contention};
+pub use error::{BatchError, error_kind, is_contention};
 
 use crate::ring::RingHandle;
 
