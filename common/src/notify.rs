@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 #[derive(Debug, Clone, Serialize)]
 pub struct Event {
     /// `started`, `resumed`, `stage_passed`, `gate_breached`, `no_consumer`,
-    /// `consumers_back`, `halted`, `rolled_back`, `completed`.
+    /// `consumers_back`, `workers_failing`, `halted`, `rolled_back`, `completed`.
     pub event: &'static str,
     pub run_id: i64,
     /// `rotation`, `rollback`, `dry_run`.

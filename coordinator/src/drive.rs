@@ -404,11 +404,9 @@ async fn watch_consumers(
             };
             d.events.emit(d.pool, d.run_id, back).await;
         }
-        *watch = ConsumerWatch {
-            last_check: watch.last_check,
-            ..Default::default()
-        };
-        return Ok(());
+        watch.none_since = None;
+        watch.said = false;
+        return watch_workers(d, watch).await;
     }
     let since = *watch.none_since.get_or_insert_with(Instant::now);
     if !watch.said && since.elapsed() >= d.opts.no_consumer_after {
@@ -418,6 +416,28 @@ async fn watch_consumers(
             secs: since.elapsed().as_secs(),
         };
         d.events.emit(d.pool, d.run_id, none).await;
+    }
+    Ok(())
+}
+
+/// Says `workers_failing` once for each cause for which live workers fail every batch
+/// (from their presence rows), and again if it clears and comes back.
+async fn watch_workers(d: &Driver<'_>, watch: &mut ConsumerWatch) -> anyhow::Result<()> {
+    let workers = ledger::live_workers(&**d.pool.get().await?).await?;
+    let groups = ledger::failing_groups(&workers);
+    watch
+        .failing_said
+        .retain(|kind| groups.iter().any(|g| &g.0 == kind));
+    for (kind, error, ids) in groups {
+        if watch.failing_said.insert(kind.clone()) {
+            let failing = RunEvent::WorkersFailing {
+                hint: crate::health::hint(&kind).to_owned(),
+                kind,
+                error,
+                workers: ids,
+            };
+            d.events.emit(d.pool, d.run_id, failing).await;
+        }
     }
     Ok(())
 }

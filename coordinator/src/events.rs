@@ -68,6 +68,13 @@ pub enum RunEvent<'a> {
     NoConsumer { queue: String, secs: u64 },
     /// Consumers came back after a `no_consumer`.
     ConsumersBack { queue: String, consumers: u32 },
+    /// Live workers fail every batch for one cause (their presence rows say so).
+    WorkersFailing {
+        kind: String,
+        error: String,
+        workers: Vec<String>,
+        hint: String,
+    },
     /// Every stage passed.
     Completed { report: &'a Path },
     /// The run stopped and waits for an operator.
@@ -93,6 +100,7 @@ impl RunEvent<'_> {
             Self::ThrottleReleased { .. } => "throttle_released",
             Self::NoConsumer { .. } => "no_consumer",
             Self::ConsumersBack { .. } => "consumers_back",
+            Self::WorkersFailing { .. } => "workers_failing",
             Self::Completed { .. } => "completed",
             Self::Halted { .. } => "halted",
             Self::RolledBack => "rolled_back",
@@ -114,6 +122,7 @@ impl RunEvent<'_> {
         "throttle_released",
         "no_consumer",
         "consumers_back",
+        "workers_failing",
         "completed",
         "halted",
         "rolled_back",
@@ -130,6 +139,7 @@ impl RunEvent<'_> {
                 | Self::Breached { .. }
                 | Self::NoConsumer { .. }
                 | Self::ConsumersBack { .. }
+                | Self::WorkersFailing { .. }
                 | Self::Completed { .. }
                 | Self::Halted { .. }
                 | Self::RolledBack
@@ -153,6 +163,7 @@ impl RunEvent<'_> {
         match self {
             Self::Breached { reason, .. } => Some(reason),
             Self::NoConsumer { .. } => Some("nobody is consuming the batch queue: start workers"),
+            Self::WorkersFailing { error, .. } => Some(error),
             Self::Halted { reason } => *reason,
             _ => None,
         }
@@ -257,6 +268,19 @@ impl RunEvent<'_> {
                 queue,
                 secs,
                 "batches wait and nobody is consuming the batch queue: start workers (`rekey-worker`, or `docker-compose up -d --scale worker=N`)"
+            ),
+            Self::WorkersFailing {
+                kind,
+                error,
+                workers,
+                hint,
+            } => tracing::error!(
+                run_id,
+                kind,
+                error,
+                workers = %workers.join(","),
+                "{} worker(s) failing every batch: {hint}",
+                workers.len()
             ),
             Self::ConsumersBack { queue, consumers } => {
                 tracing::info!(
@@ -497,6 +521,12 @@ mod tests {
                 queue: "rekey.batches".into(),
                 consumers: 2,
             },
+            RunEvent::WorkersFailing {
+                kind: "wrong_master_key".into(),
+                error: "wrong master key: …".into(),
+                workers: vec!["w1".into()],
+                hint: "restart them".into(),
+            },
             RunEvent::Completed { report },
             RunEvent::Halted { reason: None },
             RunEvent::RolledBack,
@@ -531,6 +561,7 @@ mod tests {
                 "gate_breached",
                 "no_consumer",
                 "consumers_back",
+                "workers_failing",
                 "completed",
                 "halted",
                 "rolled_back"

@@ -40,7 +40,8 @@ pub struct RunHealth {
     pub next: String,
 }
 
-fn hint(kind: &str) -> &'static str {
+/// What to do about workers failing for `kind`.
+pub(crate) fn hint(kind: &str) -> &'static str {
     match kind {
         "wrong_master_key" => "restart them with the key store's master key",
         "lock_timeout" | "deadlock" | "serialization" | "statement_timeout" => {

@@ -118,4 +118,6 @@ pub(crate) struct ConsumerWatch {
     pub(crate) none_since: Option<Instant>,
     /// Whether the `no_consumer` event was said for this stretch.
     pub(crate) said: bool,
+    /// The failure kinds of live workers already said (`workers_failing`), until they clear.
+    pub(crate) failing_said: std::collections::BTreeSet<String>,
 }

@@ -365,6 +365,13 @@ async fn workers_left_with_the_old_master_key_are_named_by_status_and_fail_prefl
     let mut text = String::new();
     std::io::Read::read_to_string(driver.stderr.as_mut().unwrap(), &mut text).unwrap();
     assert!(code.success(), "{code:?}: {text}");
+    // The driver said it too, with the remedy.
+    assert!(
+        text.contains(
+            "worker(s) failing every batch: restart them with the key store's master key"
+        ),
+        "{text}"
+    );
     for w in [&mut stale, &mut by_file] {
         sigterm(w);
         wait_exit(w, Duration::from_secs(30));
