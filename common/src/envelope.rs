@@ -59,7 +59,7 @@ pub enum Error {
     #[error("the key ring has no key to encrypt with")]
     NoEncryptKey,
     #[error(
-        "field key {key_id} has used up its nonce budget of random-nonce encryptions; rotate it"
+        "field key {key_id} has reached its nonce budget of random-nonce encryptions: rotate to a new key"
     )]
     BudgetExhausted { key_id: Uuid },
 }

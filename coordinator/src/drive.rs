@@ -299,6 +299,17 @@ async fn step(
                     .record(total.published.max(0) as u64, &run_label);
             }
             display.update(run_id, &total, &stage);
+            if p.failed > 0
+                && let Some(reason) =
+                    ledger::failure_containing(&**pool.get().await?, run_id, store::BUDGET_SPENT)
+                        .await?
+            {
+                // A spent nonce budget fails every batch that follows: halt now, naming the
+                // key, rather than at the stage's gate.
+                return mark_breach(pool, settings, events, &run, stage_no, None, &reason)
+                    .await
+                    .map(Some);
+            }
             if p.is_finished() {
                 ledger::begin_gating(&**pool.get().await?, run_id, stage_no).await?;
             }

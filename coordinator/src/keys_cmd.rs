@@ -82,8 +82,9 @@ pub enum KeysCommand {
     },
     /// Each key's age, rotation due date (field keys 30 days, data keys 90), state,
     /// encryptions against its nonce budget, and the values (field keys) or field keys
-    /// (data keys) still under it. Exits 3 when an active key's rotation is overdue, so that
-    /// a scheduler can alert on it.
+    /// (data keys) still under it. Exits 3 when an active key's rotation is overdue, and 4
+    /// when a field key that can still encrypt has used 80% of its nonce budget or more, so
+    /// that a scheduler can alert on either.
     Status {
         /// Skip counting the values under each field key (a scan of every target column).
         #[arg(long)]
@@ -95,6 +96,14 @@ pub enum KeysCommand {
 
 /// Exit code of `rekey keys status` when a rotation is overdue.
 pub const EXIT_OVERDUE: u8 = 3;
+
+/// Exit code of `rekey keys status` when a field key that can still encrypt (pending or
+/// active) has used [`BUDGET_WARN_PCT`] of its nonce budget or more (it takes precedence
+/// over [`EXIT_OVERDUE`]: a spent budget stops rotations).
+pub const EXIT_BUDGET: u8 = 4;
+
+/// The share of a key's nonce budget past which `rekey keys status` warns.
+pub const BUDGET_WARN_PCT: f64 = 80.0;
 
 /// One key's line of `rekey keys status`.
 #[derive(Debug, Serialize)]
@@ -376,6 +385,26 @@ pub async fn run(config: Option<&Path>, command: KeysCommand) -> anyhow::Result<
                 output::json(&report)?;
             } else {
                 print_status(&report);
+            }
+            let near_budget: Vec<&KeyStatus> = report
+                .keys
+                .iter()
+                .filter(|k| {
+                    k.kind == KeyKind::Field
+                        && matches!(k.state, KeyState::Active | KeyState::Pending)
+                        && k.nonce_budget_used_pct >= BUDGET_WARN_PCT
+                })
+                .collect();
+            if !near_budget.is_empty() {
+                if !json {
+                    for k in &near_budget {
+                        eprintln!(
+                            "field key {} has used {:.1}% of its nonce budget (warning at {BUDGET_WARN_PCT}%): rotate to a new key",
+                            k.id, k.nonce_budget_used_pct
+                        );
+                    }
+                }
+                return Ok(ExitCode::from(EXIT_BUDGET));
             }
             if !report.overdue.is_empty() {
                 return Ok(ExitCode::from(EXIT_OVERDUE));

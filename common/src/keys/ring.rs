@@ -21,7 +21,7 @@ pub enum Error {
     )]
     UnknownKey { key_id: Uuid },
     #[error(
-        "field key {key_id} has used up its nonce budget of random-nonce encryptions; rotate it"
+        "field key {key_id} has reached its nonce budget of random-nonce encryptions: rotate to a new key"
     )]
     BudgetExhausted { key_id: Uuid },
 }
@@ -37,6 +37,9 @@ pub struct FieldKey {
     nonce_budget: u64,
     /// Encryptions made through this ring since load or since the last flush.
     sealed: AtomicU64,
+    /// Encryptions made through this ring and already taken for the key store
+    /// ([`KeyRing::take_encryption_counts`]): they still count against the budget here.
+    flushed: AtomicU64,
 }
 
 impl FieldKey {
@@ -55,6 +58,7 @@ impl FieldKey {
             encryptions_at_load,
             nonce_budget,
             sealed: AtomicU64::new(0),
+            flushed: AtomicU64::new(0),
         }
     }
 
@@ -70,10 +74,16 @@ impl FieldKey {
         &self.cipher
     }
 
-    /// Counts one encryption, refusing it once the nonce budget is spent.
+    /// Counts one encryption, refusing it once the nonce budget is spent: the store's count
+    /// at load plus every encryption this ring made since, flushed or not. (Other
+    /// processes' encryptions are the key store's to refuse: `store::add_encryptions`.)
     pub(crate) fn reserve_encryption(&self) -> Result<(), Error> {
         let before = self.sealed.fetch_add(1, Ordering::Relaxed);
-        if self.encryptions_at_load.saturating_add(before) >= self.nonce_budget {
+        let used = self
+            .encryptions_at_load
+            .saturating_add(self.flushed.load(Ordering::Relaxed))
+            .saturating_add(before);
+        if used >= self.nonce_budget {
             self.sealed.fetch_sub(1, Ordering::Relaxed);
             return Err(Error::BudgetExhausted { key_id: self.id });
         }
@@ -144,6 +154,7 @@ impl KeyRing {
             .values()
             .filter_map(|k| {
                 let n = k.sealed.swap(0, Ordering::Relaxed);
+                k.flushed.fetch_add(n, Ordering::Relaxed);
                 (n > 0).then_some((k.id, n))
             })
             .collect();

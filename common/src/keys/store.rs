@@ -18,6 +18,10 @@ use crate::audit::{self, AuditEntry};
 use crate::secret::KeyMaterial;
 use crate::target::Target;
 
+/// The words every refusal for a spent nonce budget carries (a failed batch's reason
+/// holds them; the driver halts the run on them).
+pub const BUDGET_SPENT: &str = "has reached its nonce budget";
+
 /// Why a key store operation was refused. Texts name keys by id, never by material.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -40,6 +44,16 @@ pub enum Error {
     },
     #[error("no key with id {0}")]
     UnknownKey(Uuid),
+    #[error(
+        "field key {key_id} {} ({used} of {budget} random-nonce encryptions used, {more} more refused): rotate to a new key",
+        BUDGET_SPENT
+    )]
+    BudgetSpent {
+        key_id: Uuid,
+        used: i64,
+        budget: i64,
+        more: i64,
+    },
     #[error("no active {0} key: run `rekey keys init` first")]
     NoActiveKey(KeyKind),
     #[error(
@@ -364,6 +378,15 @@ pub async fn activate(tx: &Transaction<'_>, id: Uuid, actor: &str) -> Result<Key
             kind: rec.kind,
             from: rec.state,
             to: KeyState::Active,
+        });
+    }
+    if rec.kind == KeyKind::Field && rec.encryptions >= rec.nonce_budget {
+        // A key with no nonce left would refuse every encryption it was made active for.
+        return Err(Error::BudgetSpent {
+            key_id: id,
+            used: rec.encryptions,
+            budget: rec.nonce_budget,
+            more: 0,
         });
     }
     let current = tx
@@ -695,13 +718,30 @@ pub async fn add_encryptions<C: GenericClient>(c: &C, counts: &[(Uuid, u64)]) ->
         .iter()
         .map(|(_, n)| i64::try_from(*n).unwrap_or(i64::MAX))
         .collect();
-    c.execute(
-        "UPDATE rekey.keys k SET encryptions = k.encryptions + u.n
-           FROM unnest($1::uuid[], $2::int8[]) AS u(id, n) WHERE k.id = u.id",
-        &[&ids, &ns],
-    )
-    .await?;
-    Ok(())
+    // One statement that refuses to pass a budget, whatever other processes counted
+    // meanwhile (the row lock orders concurrent flushes): a key whose count would pass it
+    // is not updated and is named; the caller's transaction then fails, so nothing sealed
+    // past the budget is ever committed.
+    let refused = c
+        .query(
+            "WITH u AS (SELECT * FROM unnest($1::uuid[], $2::int8[]) AS u(id, n)),
+                  upd AS (UPDATE rekey.keys k SET encryptions = k.encryptions + u.n
+                            FROM u WHERE k.id = u.id AND k.encryptions + u.n <= k.nonce_budget
+                          RETURNING k.id)
+             SELECT k.id, k.encryptions, k.nonce_budget, u.n FROM u JOIN rekey.keys k ON k.id = u.id
+              WHERE u.id NOT IN (SELECT id FROM upd)",
+            &[&ids, &ns],
+        )
+        .await?;
+    match refused.first() {
+        Some(r) => Err(Error::BudgetSpent {
+            key_id: r.get(0),
+            used: r.get(1),
+            budget: r.get(2),
+            more: r.get(3),
+        }),
+        None => Ok(()),
+    }
 }
 
 /// The master keys (fingerprints) that wrap the key store's data keys: one, unless a

@@ -468,3 +468,20 @@ pub async fn progress_of<C: GenericClient>(
         planned_rows_estimate: settings,
     })
 }
+
+/// The reason of a failed batch of run `run_id` that contains `words`, if any (the driver
+/// halts a run at once on some reasons, such as a spent nonce budget).
+pub async fn failure_containing<C: GenericClient>(
+    c: &C,
+    run_id: i64,
+    words: &str,
+) -> Result<Option<String>, LedgerError> {
+    Ok(c.query_opt(
+        "SELECT error FROM rekey.batches
+              WHERE run_id = $1 AND state = 'failed' AND strpos(error, $2) > 0
+              ORDER BY batch_no LIMIT 1",
+        &[&run_id, &words],
+    )
+    .await?
+    .map(|r| r.get(0)))
+}

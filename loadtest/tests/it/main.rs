@@ -6,6 +6,7 @@
 //! point tests need `--all-features`.
 
 mod binaries;
+mod budget;
 mod deploy;
 mod faults;
 mod observability;

@@ -48,6 +48,9 @@ pub(super) struct Computed {
     pub(super) counts: Counts,
     /// Key ids named by values that the ring does not hold.
     pub(super) unknown_keys: HashSet<Uuid>,
+    /// Encryptions made under the target key, written or not: each used a random nonce,
+    /// so each counts against the key's nonce budget ([`Computed::forget`] keeps them).
+    pub(super) sealed: u64,
 }
 
 /// Re-encrypts one batch's values. Pure CPU; no I/O.
@@ -107,6 +110,7 @@ pub(super) fn compute(
                 Ok(plain) => {
                     *out.audit.entry((header_key, "decrypt", true)).or_default() += 1;
                     let sealed = envelope::seal_with(target_key, &loc, plain.as_bytes())?;
+                    out.sealed += 1;
                     // Verify before anything is written: the new value must open to the
                     // same plaintext, or the batch fails whole.
                     let check = envelope::open_with(target_key, &loc, &sealed)
@@ -214,6 +218,7 @@ impl Computed {
         c.n_null += o.n_null;
         c.n_errors += o.n_errors;
         self.unknown_keys.extend(other.unknown_keys);
+        self.sealed += other.sealed;
         // `new_values` and `rows_idx` describe only the first computation's rows; the other's
         // values are already written.
     }
@@ -338,9 +343,15 @@ mod tests {
             .cloned()
             .collect();
         let redo = compute(&ring, target, None, "demo.users", &columns, &again).unwrap();
+        let redone = redo.sealed;
         first.absorb(redo);
 
         assert_eq!(first.counts, whole.counts);
+        // The forgotten rows' encryptions still count against the budget, and so do the
+        // redo's: more nonces were used than values written.
+        assert_eq!(whole.sealed, whole.counts.n_rotated as u64);
+        assert_eq!(first.sealed, whole.sealed + redone);
+        assert!(redone > 0);
         assert_eq!(audit_sorted(&first), audit_sorted(&whole));
         assert_eq!(first.errors.len(), whole.errors.len());
         let mut a = first.ids.clone();

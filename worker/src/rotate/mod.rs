@@ -250,14 +250,16 @@ async fn rotate_in(
     }
     let mut computed = run_compute(ring.clone(), &claim, &rows, settings).await?;
     if !computed.unknown_keys.is_empty() && ring_handle.worth_reloading(&computed.unknown_keys) {
-        // Perhaps a key generated after this worker loaded its ring: reload once and redo.
-        flush_counts(&tx, &ring).await?;
+        // Perhaps a key generated after this worker loaded its ring: reload once and redo
+        // (the encryptions of the first try still count against the budget).
+        let discarded = computed.sealed;
         ring = ring_handle
             .reload(pool)
             .await
             .map_err(BatchError::Transient)?;
         ring_handle.note_missing(&ring, &computed.unknown_keys);
         computed = run_compute(ring.clone(), &claim, &rows, settings).await?;
+        computed.sealed += discarded;
     }
 
     if !computed.ids.is_empty() {
@@ -335,10 +337,10 @@ async fn rotate_in(
         if !still_open {
             return Ok((Outcome::AlreadyDone, Counts::default(), Vec::new()));
         }
-        record(&tx, msg, &claim, &computed, &ring, settings).await?;
+        record(&tx, msg, &claim, &computed, settings).await?;
         tx.commit().await?;
     } else {
-        record(&tx, msg, &claim, &computed, &ring, settings).await?;
+        record(&tx, msg, &claim, &computed, settings).await?;
         tx.commit().await?;
     }
     Ok((
@@ -408,13 +410,26 @@ async fn run_compute(
     result.map_err(|e| BatchError::Failed(format!("{e:#}")))
 }
 
+/// Adds the batch's own encryptions under `key` to the key's count, in the batch's
+/// transaction: the key store refuses to pass the budget, whatever other workers counted.
+/// (Counted per batch, not per ring: a ring is shared by the batches a worker runs at once,
+/// and a batch that rolls back must not take another's counts with it.)
 async fn flush_counts(
     tx: &tokio_postgres::Transaction<'_>,
-    ring: &KeyRing,
+    key: Uuid,
+    sealed: u64,
 ) -> Result<(), BatchError> {
-    store::add_encryptions(tx, &ring.take_encryption_counts())
+    if sealed == 0 {
+        return Ok(());
+    }
+    store::add_encryptions(tx, &[(key, sealed)])
         .await
-        .map_err(|e| BatchError::Transient(anyhow::Error::new(e)))
+        .map_err(|e| match e {
+            // The key's budget is spent (by this worker or by others): the batch can never
+            // commit under it, and the driver halts the run on these words.
+            e @ store::Error::BudgetSpent { .. } => BatchError::Failed(e.to_string()),
+            e => BatchError::Transient(anyhow::Error::new(e)),
+        })
 }
 
 /// Error table, audit entries, encryption counts and the ledger row, in `tx`.
@@ -423,7 +438,6 @@ async fn record(
     msg: &BatchMessage,
     claim: &Claim,
     computed: &Computed,
-    ring: &KeyRing,
     settings: &BatchSettings,
 ) -> Result<(), BatchError> {
     let errors = async {
@@ -495,7 +509,7 @@ async fn record(
     // for the commit.
     tokio::try_join!(
         async { done.await.map_err(BatchError::from) },
-        flush_counts(tx, ring)
+        flush_counts(tx, claim.target_key_id, computed.sealed)
     )?;
     Ok(())
 }
