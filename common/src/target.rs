@@ -139,3 +139,54 @@ pub fn targets_toml(targets: &[Target]) -> String {
     }
     out
 }
+
+/// The column types rekey rotates: the id column `bigint` (`int8`: every batch reads and
+/// binds ids as 64-bit integers), the encrypted columns `bytea` (rekey envelopes).
+pub const ID_TYPE: &str = "bigint";
+pub const VALUE_TYPE: &str = "bytea";
+
+/// What is wrong with the targets' tables in the database: each problem names the table,
+/// the column and the type found. Empty when every target can be rotated.
+pub async fn schema_problems<C: tokio_postgres::GenericClient>(
+    c: &C,
+    targets: &[Target],
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let mut problems = Vec::new();
+    for t in targets {
+        // Names are bound as parameters, never written into the SQL.
+        let exists: bool = c
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&t.quoted_table()])
+            .await?
+            .get(0);
+        if !exists {
+            problems.push(format!("table {} does not exist", t.table));
+            continue;
+        }
+        let mut wanted = vec![(t.id_column.as_str(), ID_TYPE, "its id column")];
+        wanted.extend(
+            t.columns
+                .iter()
+                .map(|col| (col.as_str(), VALUE_TYPE, "an encrypted column")),
+        );
+        for (column, want, role) in wanted {
+            let found: Option<String> = c
+                .query_opt(
+                    "SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
+                      WHERE a.attrelid = to_regclass($1) AND a.attname = $2
+                        AND a.attnum > 0 AND NOT a.attisdropped",
+                    &[&t.quoted_table(), &column],
+                )
+                .await?
+                .map(|r| r.get(0));
+            match found {
+                None => problems.push(format!("{}.{column} ({role}) does not exist", t.table)),
+                Some(ty) if ty != want => problems.push(format!(
+                    "{}.{column} ({role}) is {ty}; rekey needs {want}",
+                    t.table
+                )),
+                Some(_) => {}
+            }
+        }
+    }
+    Ok(problems)
+}

@@ -102,6 +102,7 @@ pub async fn run(settings: &Settings) -> Preflight {
         )),
     }
     if let (Ok(pool), Ok(_)) = (&pool, &db) {
+        checks.push(targets_check(pool, settings).await);
         checks.push(workers_check(pool).await);
         checks.push(audit_check(pool, settings).await);
         checks.push(backup_check(pool, settings).await);
@@ -148,6 +149,32 @@ async fn broker_check(settings: &Settings) -> Check {
             format!("queues declared; {n} worker(s) consuming {}", topo.batches),
         ),
         Err(e) => check("broker_and_workers", Status::Fail, format!("{e:#}")),
+    }
+}
+
+/// Every target's table exists with a `bigint` id column and `bytea` encrypted columns.
+async fn targets_check(pool: &Pool, settings: &Settings) -> Check {
+    let problems = async {
+        let c = pool.get().await?;
+        anyhow::Ok(rekey_common::target::schema_problems(&**c, &settings.targets).await?)
+    }
+    .await;
+    match problems {
+        Err(e) => check("targets", Status::Fail, format!("{e:#}")),
+        Ok(p) if !p.is_empty() => check("targets", Status::Fail, p.join("; ")),
+        Ok(_) => {
+            let columns: usize = settings.targets.iter().map(|t| t.columns.len()).sum();
+            check(
+                "targets",
+                Status::Pass,
+                format!(
+                    "{} table(s): {} ids, {columns} {} column(s)",
+                    settings.targets.len(),
+                    rekey_common::target::ID_TYPE,
+                    rekey_common::target::VALUE_TYPE
+                ),
+            )
+        }
     }
 }
 

@@ -101,6 +101,14 @@ pub async fn start_rotation_with(
     store::load_ring(&**client, master)
         .await
         .context("load the key ring")?;
+    // Tables whose columns rekey cannot rotate are refused before a key is generated.
+    let problems = rekey_common::target::schema_problems(&**client, &settings.targets).await?;
+    if !problems.is_empty() {
+        bail!(
+            "the [[targets]] cannot be rotated: {}; nothing was changed",
+            problems.join("; ")
+        );
+    }
     // A new key is first published as pending, which every reader can already decrypt
     // with, and made active only once readers have had `key_propagation` to load it, so
     // that no reader meets a value under a key it does not know.

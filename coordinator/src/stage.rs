@@ -101,6 +101,16 @@ pub(crate) async fn gate_stage(
         .and_then(|v| v.as_u64())
         .unwrap_or(0) as u32;
     let client = pool.get().await?;
+    // A target column whose type changed since the run was planned fails its batches and
+    // cannot be swept: halt here, naming it, instead of retrying the sweep for ever.
+    let problems = rekey_common::target::schema_problems(&**client, &run.targets).await?;
+    if !problems.is_empty() {
+        drop(client);
+        let reason = format!("the targets cannot be rotated: {}", problems.join("; "));
+        return mark_breach(pool, settings, events, run, stage_no, None, &reason)
+            .await
+            .map(Some);
+    }
     let mut plans = Vec::new();
     let mut left = 0i64;
     // A dry run writes nothing, so every record is "left": coverage has no meaning there.

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use deadpool_postgres::Pool;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions,
@@ -293,13 +293,36 @@ async fn handle(shared: &Shared, publish_ch: &Channel, delivery: Delivery) {
         worker = %shared.batch.worker_id,
     );
     telemetry::extract(&span, delivery.properties.headers().as_ref());
-    handle_in(shared, publish_ch, delivery)
+    // A panic in a batch (a bug; never expected) must not leave its delivery unsettled,
+    // which would stop the broker sending this worker anything once `prefetch` of them
+    // pile up: the batch is marked failed and its message dead-lettered, and the worker
+    // goes on.
+    let handled = std::panic::AssertUnwindSafe(handle_in(shared, publish_ch, &delivery))
+        .catch_unwind()
         .instrument(span)
         .await;
+    if let Err(panic) = handled {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        let reason: String = format!("the worker panicked while handling the batch: {what}")
+            .chars()
+            .take(256)
+            .collect();
+        count(shared, "failed");
+        shared.health.failed();
+        let msg = BatchMessage::decode(&delivery.data).ok();
+        if let Some(m) = &msg {
+            mark_failed(shared, m, &reason).await;
+        }
+        dead_letter(shared, publish_ch, &delivery, msg.as_ref(), &reason).await;
+    }
     shared.metrics.batches_in_progress.add(-1, &[]);
 }
 
-async fn handle_in(shared: &Shared, publish_ch: &Channel, delivery: Delivery) {
+async fn handle_in(shared: &Shared, publish_ch: &Channel, delivery: &Delivery) {
     let msg = match BatchMessage::decode(&delivery.data) {
         Ok(m) => {
             let span = tracing::Span::current();
@@ -310,7 +333,7 @@ async fn handle_in(shared: &Shared, publish_ch: &Channel, delivery: Delivery) {
         }
         Err(e) => {
             count(shared, "poison");
-            dead_letter(shared, publish_ch, &delivery, None, &format!("{e}")).await;
+            dead_letter(shared, publish_ch, delivery, None, &format!("{e}")).await;
             return;
         }
     };
@@ -335,14 +358,14 @@ async fn handle_in(shared: &Shared, publish_ch: &Channel, delivery: Delivery) {
             }
             Err(BatchError::Poison(reason)) => {
                 count(shared, "poison");
-                dead_letter(shared, publish_ch, &delivery, Some(&msg), &reason).await;
+                dead_letter(shared, publish_ch, delivery, Some(&msg), &reason).await;
                 return;
             }
             Err(BatchError::Failed(reason)) => {
                 count(shared, "failed");
                 shared.health.failed();
                 mark_failed(shared, &msg, &reason).await;
-                dead_letter(shared, publish_ch, &delivery, Some(&msg), &reason).await;
+                dead_letter(shared, publish_ch, delivery, Some(&msg), &reason).await;
                 return;
             }
             Err(BatchError::Transient(e)) if attempt < shared.max_attempts => {

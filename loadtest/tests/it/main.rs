@@ -12,6 +12,7 @@ mod faults;
 mod observability;
 mod receiver;
 mod scene;
+mod schema;
 mod seed;
 mod stalls;
 mod tls;

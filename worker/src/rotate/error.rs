@@ -52,6 +52,16 @@ impl From<deadpool_postgres::PoolError> for BatchError {
 /// Splits database errors: a missing table or column (SQL class 42) can never succeed;
 /// everything else (timeouts, deadlocks, lost connections, shutdowns) is retried.
 fn classify(e: tokio_postgres::Error) -> BatchError {
+    // A parameter of another type than its column (an `int4` id bound as `int8`): the
+    // batch's SQL can never run against this schema.
+    if std::error::Error::source(&e).is_some_and(|s| {
+        s.downcast_ref::<tokio_postgres::types::WrongType>()
+            .is_some()
+    }) {
+        return BatchError::Failed(format!(
+            "a target column's type is not what rekey needs (ids bigint, values bytea): {e}"
+        ));
+    }
     if let Some(code) = e.code()
         && code.code().starts_with("42")
     {

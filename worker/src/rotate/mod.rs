@@ -239,7 +239,7 @@ async fn rotate_in(
         .await?
     };
     rekey_common::failpoint!("worker.after_read");
-    let (rows, versions) = split_rows(rows, cols.len());
+    let (rows, versions) = split_rows(rows, target)?;
 
     let mut ring = ring_handle.get();
     if !ring.contains(&claim.target_key_id) {
@@ -297,7 +297,7 @@ async fn rotate_in(
                     &[&missed],
                 )
                 .await?;
-            let (rows2, versions2) = split_rows(again, cols.len());
+            let (rows2, versions2) = split_rows(again, target)?;
             let redo = run_compute(ring.clone(), &claim, &rows2, settings).await?;
             tracing::debug!(
                 batch_no = msg.batch_no,
@@ -351,20 +351,46 @@ async fn rotate_in(
 }
 
 /// Rows as read (id, version, values…) → (id, values) and the versions, in the same order.
+/// A column of another type than rekey rotates (an id that is not `bigint`, a value that
+/// is not `bytea`) fails the batch, naming the table, the column and the type.
 #[allow(clippy::type_complexity)]
 fn split_rows(
     rows: Vec<tokio_postgres::Row>,
-    n_cols: usize,
-) -> (Vec<(i64, Vec<Option<Vec<u8>>>)>, Vec<i64>) {
+    target: &Target,
+) -> Result<(Vec<(i64, Vec<Option<Vec<u8>>>)>, Vec<i64>), BatchError> {
+    let n_cols = target.columns.len();
+    let wrong = |r: &tokio_postgres::Row, i: usize, want: &str| {
+        let column = if i == 0 {
+            target.id_column.as_str()
+        } else {
+            target.columns[i - 2].as_str()
+        };
+        BatchError::Failed(format!(
+            "{}.{column} is of type {}; rekey needs {want}",
+            target.table,
+            r.columns()[i].type_().name()
+        ))
+    };
     let mut versions = Vec::with_capacity(rows.len());
-    let rows = rows
-        .into_iter()
-        .map(|r| {
-            versions.push(r.get(1));
-            (r.get(0), (2..n_cols + 2).map(|i| r.get(i)).collect())
-        })
-        .collect();
-    (rows, versions)
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        versions.push(
+            r.try_get(1)
+                .map_err(|e| BatchError::Failed(format!("row version: {e}")))?,
+        );
+        let id: i64 = r
+            .try_get(0)
+            .map_err(|_| wrong(&r, 0, rekey_common::target::ID_TYPE))?;
+        let mut values = Vec::with_capacity(n_cols);
+        for i in 2..n_cols + 2 {
+            values.push(
+                r.try_get::<_, Option<Vec<u8>>>(i)
+                    .map_err(|_| wrong(&r, i, rekey_common::target::VALUE_TYPE))?,
+            );
+        }
+        out.push((id, values));
+    }
+    Ok((out, versions))
 }
 
 /// The compare-and-swap write-back ([`Target::write_back_sql`]): the ids it wrote.
