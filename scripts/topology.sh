@@ -75,6 +75,7 @@ export REKEY_DATABASE_PASSWORD_FILE="$secrets/postgres_password"
 export REKEY_AMQP_URL="amqp://rekey@127.0.0.1:$mq_port/%2f"
 export REKEY_AMQP_PASSWORD_FILE="$secrets/rabbitmq_password"
 export REKEY_MASTER_KEY_FILE="$secrets/master_key"
+export REKEY_ALLOW_INSECURE_KEY_FILE=1     # as the compose file: its secrets are 0640 for group 10001
 export REKEY_QUEUE_PREFIX=rekey
 export REKEY_REPORTS_DIR="$work/reports"
 export REKEY_BACKUP_CHECK=none

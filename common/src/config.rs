@@ -32,6 +32,7 @@ struct FileSettings {
     probe_query: Option<String>,
     backup_check: Option<String>,
     webhook_url: Option<String>,
+    allow_insecure_key_file: Option<bool>,
     #[serde(default)]
     keys: Option<KeyPolicy>,
     #[serde(default)]
@@ -111,6 +112,10 @@ pub struct Settings {
     /// Who acts, for the audit log.
     pub actor: String,
     pub key_policy: KeyPolicy,
+    /// Accept a master key file that group or others can read
+    /// (`REKEY_ALLOW_INSECURE_KEY_FILE=1`, `allow_insecure_key_file = true`, or the
+    /// binaries' `--allow-insecure-key-file`).
+    pub allow_insecure_key_file: bool,
     pub targets: Vec<Target>,
     /// Where evidence reports are written (`exports/rotation_reports` by default).
     pub reports_dir: PathBuf,
@@ -151,8 +156,22 @@ impl Settings {
             Some(p) => {
                 let text = std::fs::read_to_string(p)
                     .with_context(|| format!("read configuration file {}", p.display()))?;
-                toml::from_str(&text)
-                    .with_context(|| format!("parse configuration file {}", p.display()))?
+                // The message and the position only: toml's own text quotes the line,
+                // which may hold a password or a webhook token.
+                toml::from_str(&text).map_err(|e: toml::de::Error| {
+                    let at = e.span().map(|r| {
+                        let before = &text[..r.start.min(text.len())];
+                        let line = before.matches('\n').count() + 1;
+                        let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                        format!(" at line {line}, column {column}")
+                    });
+                    anyhow::anyhow!(
+                        "configuration file {} is not valid: {}{}",
+                        p.display(),
+                        e.message(),
+                        at.unwrap_or_default()
+                    )
+                })?
             }
             None => FileSettings::default(),
         };
@@ -289,6 +308,11 @@ impl Settings {
             queue_prefix,
             actor,
             key_policy,
+            allow_insecure_key_file: env
+                .get("REKEY_ALLOW_INSECURE_KEY_FILE")
+                .map(|v| matches!(v.as_str(), "1" | "true" | "yes"))
+                .or(file.allow_insecure_key_file)
+                .unwrap_or(false),
             targets,
         })
     }
@@ -300,9 +324,10 @@ impl Settings {
             MasterKeySource::Env(v) => {
                 Ok(Box::new(EnvMasterKey::new("REKEY_MASTER_KEY", v.clone())))
             }
-            MasterKeySource::File(p) => {
-                Ok(Box::new(FileMasterKey::new("REKEY_MASTER_KEY_FILE", p)))
-            }
+            MasterKeySource::File(p) => Ok(Box::new(
+                FileMasterKey::new("REKEY_MASTER_KEY_FILE", p)
+                    .allow_insecure(self.allow_insecure_key_file),
+            )),
         }
     }
 

@@ -34,9 +34,29 @@ fn colour() -> bool {
     std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none()
 }
 
+/// Directives appended after `RUST_LOG`, whatever it says: crates that log secrets at
+/// their debug or trace levels (lapin and amq-protocol the AMQP login with its password,
+/// tokio-postgres statement parameters: wrapped keys and ciphertexts; the HTTP stack the
+/// webhook's URL, whose path is its token).
+pub const LOG_FLOOR: &[&str] = &[
+    "lapin=off",
+    "amq_protocol=off",
+    "amq_protocol_types=off",
+    "amq_protocol_uri=off",
+    "tokio_postgres=info",
+    "postgres_protocol=info",
+    "reqwest=info",
+    "hyper=info",
+    "hyper_util=info",
+];
+
 fn filter() -> EnvFilter {
-    EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,refinery_core=warn,tokio_postgres=warn,lapin=off"))
+    let mut f = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,refinery_core=warn,tokio_postgres=warn"));
+    for d in LOG_FLOOR {
+        f = f.add_directive(d.parse().expect("a valid directive"));
+    }
+    f
 }
 
 /// Installs the global subscriber without OTLP; a second call is a no-op (tests call it

@@ -20,6 +20,9 @@ pub struct Cli {
     /// Configuration file (default: $REKEY_CONFIG, then ./rekey.toml if present).
     #[arg(long, global = true)]
     pub config: Option<PathBuf>,
+    /// Accept a master key file that group or others can read (refused by default).
+    #[arg(long, global = true)]
+    pub allow_insecure_key_file: bool,
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

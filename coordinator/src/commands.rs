@@ -18,6 +18,9 @@ use crate::cli::{Cli, Command};
 /// Runs one command; the exit code is for commands whose result is a verdict.
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let config = cli.config.as_deref();
+    if cli.allow_insecure_key_file {
+        rekey_common::keys::master::allow_insecure_key_files();
+    }
     match cli.command {
         Command::Migrate { demo, json } => {
             let ctx = Context::connect(config).await?;

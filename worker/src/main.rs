@@ -18,6 +18,9 @@ struct Args {
     /// Configuration file (default: $REKEY_CONFIG, then ./rekey.toml if present).
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Accept a master key file that group or others can read (refused by default).
+    #[arg(long)]
+    allow_insecure_key_file: bool,
     /// Batches processed at once, each in its own transaction and connection.
     #[arg(long, env = "REKEY_WORKER_CONCURRENCY", default_value_t = consume::DEFAULT_CONCURRENCY)]
     concurrency: usize,
@@ -47,6 +50,9 @@ async fn main() -> ExitCode {
     rekey_common::failpoint::setup();
     // Before anything that takes time: a SIGTERM from here on drains and exits 0.
     let shutdown = consume::shutdown_signal();
+    if args.allow_insecure_key_file {
+        rekey_common::keys::master::allow_insecure_key_files();
+    }
     let settings = match rekey_common::Settings::load(args.config.as_deref()) {
         Ok(s) => s,
         Err(e) => {

@@ -33,6 +33,19 @@ pub enum MasterKeyError {
         source_name: String,
         error: std::io::Error,
     },
+    #[error(
+        "{source_name} can be read by other users (mode {mode:04o}): `chmod 600` it, or pass --allow-insecure-key-file (REKEY_ALLOW_INSECURE_KEY_FILE=1) if a group must read it"
+    )]
+    InsecureFile { source_name: String, mode: u32 },
+}
+
+/// Set by `--allow-insecure-key-file`: key files readable by group or others are accepted.
+static ALLOW_INSECURE_KEY_FILES: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Accept master key files that group or others can read (the binaries' flag).
+pub fn allow_insecure_key_files() {
+    ALLOW_INSECURE_KEY_FILES.store(true, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// An unwrapped master key and its fingerprint id.
@@ -118,10 +131,13 @@ impl MasterKeyProvider for EnvMasterKey {
 }
 
 /// A master key held in a file as base64 text (surrounding whitespace ignored).
+/// The file must not be readable by group or others, unless allowed
+/// ([`FileMasterKey::allow_insecure`], `--allow-insecure-key-file`).
 #[derive(Debug)]
 pub struct FileMasterKey {
     var: String,
     path: PathBuf,
+    allow_insecure: bool,
 }
 
 impl FileMasterKey {
@@ -129,7 +145,14 @@ impl FileMasterKey {
         Self {
             var: var.into(),
             path: path.into(),
+            allow_insecure: false,
         }
+    }
+
+    /// Accepts a file that group or others can read.
+    pub fn allow_insecure(mut self, allow: bool) -> Self {
+        self.allow_insecure = allow;
+        self
     }
 }
 
@@ -139,6 +162,18 @@ impl MasterKeyProvider for FileMasterKey {
     }
 
     fn load(&self) -> Result<MasterKey, MasterKeyError> {
+        use std::os::unix::fs::PermissionsExt;
+        let allowed = self.allow_insecure
+            || ALLOW_INSECURE_KEY_FILES.load(std::sync::atomic::Ordering::Relaxed);
+        if !allowed && let Ok(meta) = std::fs::metadata(&self.path) {
+            let mode = meta.permissions().mode() & 0o7777;
+            if mode & 0o077 != 0 {
+                return Err(MasterKeyError::InsecureFile {
+                    source_name: self.describe(),
+                    mode,
+                });
+            }
+        }
         let text = Zeroizing::new(std::fs::read_to_string(&self.path).map_err(|error| {
             MasterKeyError::Unreadable {
                 source_name: self.describe(),

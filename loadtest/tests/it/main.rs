@@ -9,6 +9,7 @@ mod binaries;
 mod budget;
 mod deploy;
 mod faults;
+mod hardening;
 mod observability;
 mod receiver;
 mod scene;

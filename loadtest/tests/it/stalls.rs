@@ -273,6 +273,11 @@ async fn workers_left_with_the_old_master_key_are_named_by_status_and_fail_prefl
     // Worker "stale" holds the old key in its environment; worker "file" reads a key file.
     let key_file = dir.join("master.key");
     std::fs::write(&key_file, &old).unwrap();
+    std::fs::set_permissions(
+        &key_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     let mut stale = env.worker("stale");
     let mut file_env = Env {
         vars: env
