@@ -33,6 +33,7 @@ struct FileSettings {
     backup_check: Option<String>,
     webhook_url: Option<String>,
     allow_insecure_key_file: Option<bool>,
+    require_tls: Option<bool>,
     #[serde(default)]
     keys: Option<KeyPolicy>,
     #[serde(default)]
@@ -116,6 +117,9 @@ pub struct Settings {
     /// (`REKEY_ALLOW_INSECURE_KEY_FILE=1`, `allow_insecure_key_file = true`, or the
     /// binaries' `--allow-insecure-key-file`).
     pub allow_insecure_key_file: bool,
+    /// Refuse a database or broker URL that may travel in cleartext (`REKEY_REQUIRE_TLS=1`,
+    /// `require_tls = true`).
+    pub require_tls: bool,
     pub targets: Vec<Target>,
     /// Where evidence reports are written (`exports/rotation_reports` by default).
     pub reports_dir: PathBuf,
@@ -198,9 +202,7 @@ impl Settings {
                 "REKEY_DATABASE_URL cannot take the password from REKEY_DATABASE_PASSWORD_FILE",
             )?;
         }
-        tokio_postgres::Config::from_str(&database_url).map_err(|_| {
-            anyhow::anyhow!("REKEY_DATABASE_URL is not a valid PostgreSQL connection URL")
-        })?;
+        let parsed_db = crate::tls::parse_postgres_url(&database_url)?;
         let (mut amqp_url, amqp_url_from) = url_setting(
             env,
             "REKEY_AMQP_URL",
@@ -218,6 +220,25 @@ impl Settings {
         {
             amqp_url = with_password(&amqp_url, &read_secret_file("REKEY_AMQP_PASSWORD_FILE", f)?)
                 .context("REKEY_AMQP_URL cannot take the password from REKEY_AMQP_PASSWORD_FILE")?;
+        }
+        let require_tls = env
+            .get("REKEY_REQUIRE_TLS")
+            .map(|v| matches!(v.as_str(), "1" | "true" | "yes"))
+            .or(file.require_tls)
+            .unwrap_or(false);
+        if require_tls {
+            // Refuse to start on a URL that may travel in cleartext.
+            if !parsed_db.mode.always_tls() {
+                bail!(
+                    "REKEY_REQUIRE_TLS is set, but REKEY_DATABASE_URL ({database_url_from}) allows a cleartext connection ({:?}): use sslmode=verify-full (or verify-ca, require)",
+                    parsed_db.mode
+                );
+            }
+            if !amqp_url.starts_with("amqps://") {
+                bail!(
+                    "REKEY_REQUIRE_TLS is set, but REKEY_AMQP_URL ({amqp_url_from}) is not amqps://"
+                );
+            }
         }
 
         let master_key = if let Some(v) = env.get("REKEY_MASTER_KEY").filter(|v| !v.is_empty()) {
@@ -313,6 +334,7 @@ impl Settings {
                 .map(|v| matches!(v.as_str(), "1" | "true" | "yes"))
                 .or(file.allow_insecure_key_file)
                 .unwrap_or(false),
+            require_tls,
             targets,
         })
     }

@@ -3,8 +3,6 @@
 //! with its own migration history, so that rekey never touches an application's schema
 //! unless asked to seed the demo.
 
-use std::str::FromStr;
-
 use anyhow::Context;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use secrecy::ExposeSecret;
@@ -26,15 +24,10 @@ pub fn pool(settings: &Settings, max_size: usize) -> anyhow::Result<Pool> {
 }
 
 pub fn pool_for_url(url: &str, max_size: usize) -> anyhow::Result<Pool> {
-    // TLS settings in the URL (see `tls`): `sslrootcert` is ours, and rustls verifies the
-    // host name in every mode, so `verify-ca` and `verify-full` mean `require` here.
-    let (url, ca_file) = crate::tls::take_param(url, "sslrootcert");
-    let url = url
-        .replace("sslmode=verify-full", "sslmode=require")
-        .replace("sslmode=verify-ca", "sslmode=require");
-    let mut cfg = tokio_postgres::Config::from_str(&url).map_err(|_| {
-        anyhow::anyhow!("REKEY_DATABASE_URL is not a valid PostgreSQL connection URL")
-    })?;
+    // The one parse of the URL's TLS settings (`tls::parse_postgres_url`), shared with the
+    // settings' validation.
+    let parsed = crate::tls::parse_postgres_url(url)?;
+    let mut cfg = parsed.config.clone();
     if cfg.get_application_name().is_none() {
         cfg.application_name("rekey");
     }
@@ -42,22 +35,9 @@ pub fn pool_for_url(url: &str, max_size: usize) -> anyhow::Result<Pool> {
     let manager_config = ManagerConfig {
         recycling_method: RecyclingMethod::Fast,
     };
-    let mgr = if cfg.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
-        let ca = ca_file
-            .as_deref()
-            .map(|f| crate::tls::read_ca("REKEY_DATABASE_URL (sslrootcert)", f))
-            .transpose()?;
-        Manager::from_config(
-            cfg,
-            crate::tls::postgres_connector(ca.as_deref())?,
-            manager_config,
-        )
-    } else {
-        anyhow::ensure!(
-            ca_file.is_none(),
-            "REKEY_DATABASE_URL names sslrootcert without sslmode=require"
-        );
-        Manager::from_config(cfg, NoTls, manager_config)
+    let mgr = match crate::tls::connector_for(&parsed)? {
+        Some(tls) => Manager::from_config(cfg, tls, manager_config),
+        None => Manager::from_config(cfg, NoTls, manager_config),
     };
     Pool::builder(mgr)
         .max_size(max_size)
@@ -65,14 +45,26 @@ pub fn pool_for_url(url: &str, max_size: usize) -> anyhow::Result<Pool> {
         .context("build the PostgreSQL connection pool")
 }
 
-/// Takes a connection, naming the setting and the address (never the password) on failure.
+/// Takes a connection, naming the setting and the address (never the password) on failure;
+/// the server's version and whether the connection is encrypted (`15.4 over TLSv1.3`).
 pub async fn check_connection(pool: &Pool, settings: &Settings) -> anyhow::Result<String> {
     let client = pool
         .get()
         .await
         .map_err(|e| connection_error(&e, settings))?;
-    let row = client.query_one("SHOW server_version", &[]).await?;
-    Ok(row.get(0))
+    // The version, and whether this connection is encrypted, as the server sees it.
+    let row = client
+        .query_one(
+            "SELECT current_setting('server_version'),
+                    (SELECT version FROM pg_stat_ssl WHERE pid = pg_backend_pid() AND ssl)",
+            &[],
+        )
+        .await?;
+    let (version, tls): (String, Option<String>) = (row.get(0), row.get(1));
+    Ok(match tls {
+        Some(t) => format!("{version} over {t}"),
+        None => format!("{version}, not encrypted"),
+    })
 }
 
 /// Why a connection failed, said once: a server that answered and refused (a database

@@ -1,10 +1,12 @@
 //! TLS for the PostgreSQL and RabbitMQ connections, with rustls (ring). Configured in the
 //! URLs, the way libpq and RabbitMQ's URI spec do it:
 //!
-//! - PostgreSQL: `?sslmode=require` turns TLS on (`verify-ca` and `verify-full` are taken as
-//!   `require`: rustls always verifies the certificate chain and the host name, so
-//!   `require` is as strict here); `&sslrootcert=/path/ca.pem` names the CA certificates to
-//!   trust instead of the system's. Without `sslmode=require`, no TLS (as before).
+//! - PostgreSQL: libpq's `sslmode`, meaning what libpq says: `disable`; `prefer` (the
+//!   default: TLS when the server offers it, the certificate not verified); `require` (TLS
+//!   or nothing; verified against `sslrootcert` when one is named); `verify-ca` (the chain
+//!   verified, not the host name); `verify-full` (chain and host name).
+//!   `&sslrootcert=/path/ca.pem` names the CA certificates to trust instead of the system's.
+//!   [`parse_postgres_url`] is the one parser, for validation and connection alike.
 //! - RabbitMQ: an `amqps://` URL uses TLS; `?cacertfile=/path/ca.pem` names the CA to trust
 //!   besides the system's.
 //!
@@ -71,10 +73,191 @@ pub fn read_ca(setting: &str, path: &str) -> anyhow::Result<String> {
     Ok(pem)
 }
 
+/// libpq's `sslmode` values, meaning what libpq says they mean.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PgSslMode {
+    /// No TLS.
+    Disable,
+    /// TLS when the server offers it (libpq's default), the certificate not verified.
+    Prefer,
+    /// TLS or no connection; the certificate verified against `sslrootcert` when one is
+    /// named (as libpq does when a root CA file exists), else not verified.
+    Require,
+    /// TLS, the certificate chain verified (`sslrootcert`, else the system's roots), not
+    /// the host name.
+    VerifyCa,
+    /// TLS, the chain and the host name verified.
+    VerifyFull,
+}
+
+impl PgSslMode {
+    fn parse(s: &str) -> anyhow::Result<Self> {
+        Ok(match s {
+            "disable" => Self::Disable,
+            "prefer" => Self::Prefer,
+            "require" => Self::Require,
+            "verify-ca" => Self::VerifyCa,
+            "verify-full" => Self::VerifyFull,
+            "allow" => anyhow::bail!(
+                "REKEY_DATABASE_URL: sslmode=allow (cleartext first) is not supported; use prefer, require, verify-ca or verify-full"
+            ),
+            other => anyhow::bail!(
+                "REKEY_DATABASE_URL: sslmode={other:?} is not one of disable, prefer, require, verify-ca, verify-full"
+            ),
+        })
+    }
+
+    /// Whether a connection in this mode is always encrypted.
+    pub fn always_tls(self) -> bool {
+        matches!(self, Self::Require | Self::VerifyCa | Self::VerifyFull)
+    }
+}
+
+/// A PostgreSQL URL taken apart once, for validation and connection alike: the driver's
+/// configuration (without our TLS parameters) and what TLS to use.
+#[derive(Debug, Clone)]
+pub struct PgUrl {
+    pub config: tokio_postgres::Config,
+    pub mode: PgSslMode,
+    /// The CA file `sslrootcert` names.
+    pub root_cert: Option<String>,
+}
+
+/// Parses a PostgreSQL URL with libpq's `sslmode` (default `prefer`) and `sslrootcert`.
+/// Errors name the setting, never the URL (it may hold a password).
+pub fn parse_postgres_url(url: &str) -> anyhow::Result<PgUrl> {
+    let (url, root_cert) = take_param(url, "sslrootcert");
+    let (url, mode) = take_param(&url, "sslmode");
+    let mode = PgSslMode::parse(mode.as_deref().unwrap_or("prefer"))?;
+    let mut config =
+        <tokio_postgres::Config as std::str::FromStr>::from_str(&url).map_err(|_| {
+            anyhow::anyhow!("REKEY_DATABASE_URL is not a valid PostgreSQL connection URL")
+        })?;
+    anyhow::ensure!(
+        !(mode == PgSslMode::Disable && root_cert.is_some()),
+        "REKEY_DATABASE_URL names sslrootcert with sslmode=disable"
+    );
+    config.ssl_mode(match mode {
+        PgSslMode::Disable => tokio_postgres::config::SslMode::Disable,
+        PgSslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+        _ => tokio_postgres::config::SslMode::Require,
+    });
+    Ok(PgUrl {
+        config,
+        mode,
+        root_cert,
+    })
+}
+
+/// The TLS connector for a parsed URL's mode (`None` for `disable`).
+pub fn connector_for(
+    url: &PgUrl,
+) -> anyhow::Result<Option<tokio_postgres_rustls::MakeRustlsConnect>> {
+    let ca = url
+        .root_cert
+        .as_deref()
+        .map(|f| read_ca("REKEY_DATABASE_URL (sslrootcert)", f))
+        .transpose()?;
+    let verify = match (url.mode, ca.is_some()) {
+        (PgSslMode::Disable, _) => return Ok(None),
+        (PgSslMode::Prefer, _) | (PgSslMode::Require, false) => Verify::Nothing,
+        (PgSslMode::Require, true) | (PgSslMode::VerifyCa, _) => Verify::Chain,
+        (PgSslMode::VerifyFull, _) => Verify::ChainAndName,
+    };
+    Ok(Some(postgres_connector_with(ca.as_deref(), verify)?))
+}
+
+/// How much of the server's certificate is verified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verify {
+    Nothing,
+    Chain,
+    ChainAndName,
+}
+
+/// A verifier for libpq's weaker modes: `Nothing` accepts any certificate (the handshake's
+/// signatures are still checked); `Chain` verifies the chain but not the host name.
+#[derive(Debug)]
+struct LibpqVerifier {
+    /// The chain's verifier (`None` when nothing is verified).
+    inner: Option<Arc<rustls::client::WebPkiServerVerifier>>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    verify: Verify,
+}
+
+impl rustls::client::danger::ServerCertVerifier for LibpqVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let Some(inner) = self
+            .inner
+            .as_ref()
+            .filter(|_| self.verify != Verify::Nothing)
+        else {
+            return Ok(rustls::client::danger::ServerCertVerified::assertion());
+        };
+        match inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForName
+                | rustls::CertificateError::NotValidForNameContext { .. },
+            )) if self.verify == Verify::Chain => {
+                Ok(rustls::client::danger::ServerCertVerified::assertion())
+            }
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
 /// A tokio-postgres TLS connector trusting the certificates in `ca_pem`, or the system's
-/// roots without it.
+/// roots without it; the chain and the host name verified.
 pub fn postgres_connector(
     ca_pem: Option<&str>,
+) -> anyhow::Result<tokio_postgres_rustls::MakeRustlsConnect> {
+    postgres_connector_with(ca_pem, Verify::ChainAndName)
+}
+
+fn postgres_connector_with(
+    ca_pem: Option<&str>,
+    verify: Verify,
 ) -> anyhow::Result<tokio_postgres_rustls::MakeRustlsConnect> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
@@ -98,11 +281,34 @@ pub fn postgres_connector(
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .context("TLS protocol versions")?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .context("TLS protocol versions")?;
+    let config = if verify == Verify::ChainAndName {
+        builder.with_root_certificates(roots).with_no_client_auth()
+    } else {
+        let inner = match verify {
+            Verify::Nothing => None,
+            _ => Some(
+                rustls::client::WebPkiServerVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider.clone(),
+                )
+                .build()
+                .context(
+                    "REKEY_DATABASE_URL: no usable CA certificate to verify the server with",
+                )?,
+            ),
+        };
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(LibpqVerifier {
+                inner,
+                provider,
+                verify,
+            }))
+            .with_no_client_auth()
+    };
     Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }
 
