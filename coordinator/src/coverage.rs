@@ -27,16 +27,18 @@ pub async fn stragglers<C: GenericClient>(
 ) -> anyhow::Result<Vec<i64>> {
     let (_, hi) = stages::bucket_range(&run.stages, stage_no).context("stage out of range")?;
     let id = quote_ident(&target.id_column);
+    // Column names are bound as parameters ($6, $7, …), never written into the SQL as text.
     let conds: Vec<String> = target
         .columns
         .iter()
-        .map(|col| {
+        .enumerate()
+        .map(|(i, col)| {
             let q = quote_ident(col);
             format!(
                 "({} AND NOT EXISTS (SELECT 1 FROM rekey.decrypt_errors e WHERE e.run_id = $2 AND e.table_name = $3
-                   AND e.column_name = '{}' AND e.row_id = t.{id}::text))",
+                   AND e.column_name = ${}::text AND e.row_id = t.{id}::text))",
                 needs_rotation(&format!("t.{q}"), run),
-                col
+                i + 6
             )
         })
         .collect();
@@ -58,8 +60,13 @@ pub async fn stragglers<C: GenericClient>(
     } else {
         &target_key
     };
+    let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+        vec![keys, &run.id, &target.table, &run.seed, &hi];
+    for col in &target.columns {
+        params.push(col);
+    }
     let rows = c
-        .query(&sql, &[keys, &run.id, &target.table, &run.seed, &hi])
+        .query(&sql, &params)
         .await
         .with_context(|| format!("coverage sweep of {}", target.table))?;
     Ok(rows.iter().map(|r| r.get(0)).collect())

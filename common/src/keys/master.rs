@@ -237,6 +237,24 @@ mod tests {
     fn file_master_key_reads_base64_text() {
         let dir = std::env::temp_dir().join(format!("rekey-mk-{}", Uuid::new_v4()));
         std::fs::write(&dir, format!("{}\n", generate_base64().expose_secret())).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        // Readable by others: refused, naming the file and its mode.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = FileMasterKey::new("REKEY_MASTER_KEY_FILE", &dir)
+            .load()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("mode 0644") && err.contains("REKEY_MASTER_KEY_FILE"),
+            "{err}"
+        );
+        assert!(
+            FileMasterKey::new("REKEY_MASTER_KEY_FILE", &dir)
+                .allow_insecure(true)
+                .load()
+                .is_ok()
+        );
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o600)).unwrap();
         let key = FileMasterKey::new("REKEY_MASTER_KEY_FILE", &dir)
             .load()
             .unwrap();
