@@ -40,6 +40,12 @@ async fn a_whole_key_lifecycle_logs_no_key_bytes_and_no_plaintext() {
     let new_master_b64 = generate_base64();
     let master_file = std::env::temp_dir().join(format!("rekey-new-master-{}", Uuid::new_v4()));
     std::fs::write(&master_file, new_master_b64.expose_secret()).unwrap();
+    // As `rekey keys new-master` writes it: readable by its owner only.
+    std::fs::set_permissions(
+        &master_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     let env = [
         ("REKEY_DATABASE_URL", db.url.as_str()),
         ("REKEY_MASTER_KEY", master_b64.expose_secret()),
