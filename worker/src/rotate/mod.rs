@@ -194,7 +194,19 @@ async fn rotate_in(
         BatchState::Done | BatchState::Failed => {
             return Ok((Outcome::AlreadyDone, Counts::default(), Vec::new()));
         }
-        BatchState::Pending | BatchState::Published => {}
+        BatchState::Pending => {
+            // The coordinator marks a batch published before it publishes its message, so
+            // a message for a pending batch was not sent by it now: a stale copy of a batch
+            // `resume` reopened or handed back, or anyone's copy. Never run it (that would
+            // bypass the in-flight window and the throttle); the coordinator publishes it.
+            tracing::debug!(
+                run_id = msg.run_id,
+                batch_no = msg.batch_no,
+                "message for a batch that is not published: skipped"
+            );
+            return Ok((Outcome::Skipped, Counts::default(), Vec::new()));
+        }
+        BatchState::Published => {}
     }
     rekey_common::failpoint!("worker.after_claim");
     if claim.run_state != RunState::Running {

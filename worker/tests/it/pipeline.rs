@@ -433,6 +433,92 @@ async fn poison_messages_are_dead_lettered_without_touching_a_row_and_workers_ke
     env.finish().await;
 }
 
+/// A well-formed copy of a batch the coordinator never published (still `pending`, e.g.
+/// sent by anyone who can publish on the vhost, or a stale message of a batch `resume`
+/// reopened) is acked and skipped: no row is touched, the batch stays pending, nothing is
+/// dead-lettered, and the in-flight window and the throttle stay the coordinator's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_copy_of_a_batch_never_published_is_skipped_without_touching_a_row() {
+    let env = Env::seeded(600, 0.0).await;
+    let run = run_cmd::start_rotation(&env.db.pool, &env.settings, &env.master, &opts(100))
+        .await
+        .unwrap();
+    let w = env.worker("w", 1);
+    let (_conn, ch) = env.channel().await;
+    let row = env
+        .db
+        .pool
+        .get()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT batch_no, stage_no, table_name, id_lo, id_hi FROM rekey.batches
+              WHERE run_id = $1 AND state = 'pending' ORDER BY batch_no LIMIT 1",
+            &[&run.id],
+        )
+        .await
+        .unwrap();
+    let batch_no: i64 = row.get(0);
+    let copy = BatchMessage {
+        format: FORMAT_VERSION,
+        run_id: run.id,
+        batch_no,
+        stage_no: row.get(1),
+        table: row.get(2),
+        id_lo: row.get(3),
+        id_hi: row.get(4),
+        attempt: 1,
+    };
+    broker::publish(&ch, &env.topo.batches, &copy.encode(), None)
+        .await
+        .unwrap();
+    wait_until("the copy is consumed", async || {
+        broker::queue_depth(&ch, &env.topo.batches).await.unwrap() == 0
+    })
+    .await;
+    // The worker settles it at once; give the report a moment, then look.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let state: String = env
+        .db
+        .pool
+        .get()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT state FROM rekey.batches WHERE run_id = $1 AND batch_no = $2",
+            &[&run.id, &batch_no],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        state, "pending",
+        "a batch the coordinator never published was run"
+    );
+    let census = rekey_common::keys::census::census(
+        &**env.db.pool.get().await.unwrap(),
+        &env.settings.targets,
+    )
+    .await
+    .unwrap();
+    assert!(
+        census.iter().all(|r| r.key_id != Some(run.target_key_id)),
+        "no row touched"
+    );
+    assert_eq!(
+        broker::queue_depth(&ch, &env.topo.dead_letters)
+            .await
+            .unwrap(),
+        0,
+        "nothing dead-lettered"
+    );
+    // The coordinator's own publication then runs it.
+    assert_eq!(env.drive(run.id).await, RunState::Completed);
+    w.stop().await;
+    assert!(env.verify(Some(run.target_key_id)).await.passed());
+    env.finish().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn application_updates_during_the_rotation_are_never_lost() {
     let env = Env::seeded(6_000, 0.0).await;
