@@ -443,6 +443,22 @@ async fn report(shared: &Shared, publish_ch: &Channel, msg: &BatchMessage, r: &B
     }
 }
 
+/// The most of a refusal's reason kept in the log, the audit entry and the dead letter's
+/// header: a reason may quote the sender's text (a table name of any length).
+pub const MAX_REASON_BYTES: usize = 256;
+
+/// `reason` cut to [`MAX_REASON_BYTES`] at a character boundary, marked when cut.
+pub fn bounded_reason(reason: &str) -> String {
+    if reason.len() <= MAX_REASON_BYTES {
+        return reason.to_owned();
+    }
+    let mut end = MAX_REASON_BYTES - '…'.len_utf8();
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &reason[..end])
+}
+
 /// Sends a refused message to the dead-letter queue with its reason, audits it, and acks
 /// the original. If the publish fails, rejects it so the broker dead-letters it instead.
 async fn dead_letter(
@@ -452,6 +468,8 @@ async fn dead_letter(
     msg: Option<&BatchMessage>,
     reason: &str,
 ) {
+    let reason = bounded_reason(reason);
+    let reason = reason.as_str();
     tracing::error!(
         run_id = msg.map(|m| m.run_id),
         batch_no = msg.map(|m| m.batch_no),
@@ -492,5 +510,20 @@ async fn dead_letter(
     };
     if let Err(e) = settled {
         tracing::warn!(error = %e, "could not settle a refused message");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reason_is_cut_to_256_bytes_at_a_character_boundary() {
+        assert_eq!(bounded_reason("short"), "short");
+        let long = format!("table {} is unknown", "é".repeat(40_000));
+        let cut = bounded_reason(&long);
+        assert!(cut.len() <= MAX_REASON_BYTES, "{}", cut.len());
+        assert!(cut.ends_with('…'));
+        assert!(cut.starts_with("table éé"));
     }
 }

@@ -357,6 +357,11 @@ async fn poison_messages_are_dead_lettered_without_touching_a_row_and_workers_ke
         format: 2,
         ..tampered.clone()
     };
+    // A sender's text in the reason is bounded: a 60 KB table name.
+    let long_table = BatchMessage {
+        table: "t".repeat(60_000),
+        ..tampered.clone()
+    };
     let random: Vec<u8> = (0..97u32)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 7) as u8)
         .collect();
@@ -364,17 +369,18 @@ async fn poison_messages_are_dead_lettered_without_touching_a_row_and_workers_ke
         tampered.encode(),
         unknown_run.encode(),
         future_version.encode(),
+        long_table.encode(),
         random,
     ] {
         broker::publish(&ch, &env.topo.batches, &body, None)
             .await
             .unwrap();
     }
-    wait_until("four messages are dead-lettered", async || {
+    wait_until("five messages are dead-lettered", async || {
         broker::queue_depth(&ch, &env.topo.dead_letters)
             .await
             .unwrap()
-            == 4
+            == 5
     })
     .await;
     let census = rekey_common::keys::census::census(
@@ -393,7 +399,7 @@ async fn poison_messages_are_dead_lettered_without_touching_a_row_and_workers_ke
             &[],
         )
         .await;
-    assert_eq!(dead, 4, "each refusal audited");
+    assert_eq!(dead, 5, "each refusal audited");
     let reasons: Vec<String> = env
         .db
         .pool
@@ -406,6 +412,11 @@ async fn poison_messages_are_dead_lettered_without_touching_a_row_and_workers_ke
         .iter()
         .map(|r| r.get(0))
         .collect();
+    assert!(
+        reasons.iter().all(|r| r.len() <= 256),
+        "a reason is at most 256 bytes: {:?}",
+        reasons.iter().map(String::len).collect::<Vec<_>>()
+    );
     // Two workers' tasks may audit in any order.
     for expected in [
         "disagrees with the ledger",
