@@ -60,9 +60,7 @@ pub const DEFAULT_BLOCKING_THRESHOLD: usize = 256;
 
 impl Default for WorkerOptions {
     fn default() -> Self {
-        let host = std::fs::read_to_string("/etc/hostname")
-            .map(|h| h.trim().to_owned())
-            .unwrap_or_default();
+        let host = ledger::host_name();
         Self {
             concurrency: DEFAULT_CONCURRENCY,
             prefetch: DEFAULT_PREFETCH,
@@ -307,10 +305,9 @@ async fn handle(shared: &Shared, publish_ch: &Channel, delivery: Delivery) {
             .map(|s| (*s).to_owned())
             .or_else(|| panic.downcast_ref::<String>().cloned())
             .unwrap_or_default();
-        let reason: String = format!("the worker panicked while handling the batch: {what}")
-            .chars()
-            .take(256)
-            .collect();
+        let reason = bounded_reason(&format!(
+            "the worker panicked while handling the batch: {what}"
+        ));
         count(shared, "failed");
         shared.health.failed();
         let msg = BatchMessage::decode(&delivery.data).ok();
