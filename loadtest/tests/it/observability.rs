@@ -107,7 +107,10 @@ async fn worker_and_coordinator_metrics_agree_with_the_ledger() {
     let mut coord = String::new();
     for _ in 0..50 {
         coord = scrape(cport).await.expect("the coordinator serves metrics");
-        if coord.contains("state=\"completed\"} 1") {
+        // The final gauges and then the `completed` event (after the final report).
+        if coord.contains("state=\"completed\"} 1")
+            && sum(&coord, "rekey_run_events_total", &["event=\"completed\""]) >= 1.0
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
