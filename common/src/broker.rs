@@ -24,20 +24,35 @@ pub const DELIVERY_LIMIT: i64 = 10;
 /// Header carrying why a worker refused a message.
 pub const REASON_HEADER: &str = "x-rekey-reason";
 
-/// The queue names of one prefix.
+/// The most messages a dead-letter queue keeps by default; beyond it the oldest are
+/// dropped, so that a flood of refused messages cannot fill the broker.
+pub const DEFAULT_DEAD_LETTER_MAX_LENGTH: i64 = 10_000;
+
+/// The queue names of one prefix, and the dead-letter queue's length limit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topology {
     pub batches: String,
     pub dead_letters: String,
     pub reports: String,
+    pub dead_letter_max_length: i64,
 }
 
 impl Topology {
+    /// The queues of `prefix`, with the default dead-letter limit.
     pub fn new(prefix: &str) -> Self {
         Self {
             batches: format!("{prefix}.batches"),
             dead_letters: format!("{prefix}.batches.dead"),
             reports: format!("{prefix}.reports"),
+            dead_letter_max_length: DEFAULT_DEAD_LETTER_MAX_LENGTH,
+        }
+    }
+
+    /// The queues these settings name: what every process that declares them uses.
+    pub fn of(settings: &crate::Settings) -> Self {
+        Self {
+            dead_letter_max_length: settings.dead_letter_max_length,
+            ..Self::new(&settings.queue_prefix)
         }
     }
 }
@@ -203,10 +218,21 @@ pub async fn declare(channel: &Channel, topo: &Topology) -> anyhow::Result<()> {
         durable: true,
         ..Default::default()
     };
+    let mut dead = quorum_args();
+    dead.insert(
+        "x-max-length".into(),
+        AMQPValue::LongLongInt(topo.dead_letter_max_length),
+    );
+    dead.insert("x-overflow".into(), long("drop-head"));
     channel
-        .queue_declare(topo.dead_letters.as_str().into(), durable, quorum_args())
+        .queue_declare(topo.dead_letters.as_str().into(), durable, dead)
         .await
-        .with_context(|| format!("declare queue {}", topo.dead_letters))?;
+        .with_context(|| {
+            format!(
+                "declare queue {} (x-max-length {}: a queue declared before with another limit, or none, must be deleted first or given the same REKEY_DEAD_LETTER_MAX_LENGTH)",
+                topo.dead_letters, topo.dead_letter_max_length
+            )
+        })?;
     let mut args = quorum_args();
     args.insert(
         "x-delivery-limit".into(),
@@ -240,9 +266,31 @@ pub async fn confirmed_channel(conn: &Connection) -> anyhow::Result<Channel> {
     Ok(ch)
 }
 
+/// How long a publish may wait for the broker's confirm. A broker under a memory or disk
+/// alarm blocks publishers without a word; past this the publish is an error that says
+/// so (the caller retries or reconnects) instead of a silent hang.
+pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Publishes a persistent message to `queue` through the default exchange, mandatory, and
-/// waits for the broker's confirm. A nack or a returned message is an error.
+/// waits for the broker's confirm (at most [`CONFIRM_TIMEOUT`]). A nack, a returned
+/// message or no confirm in time is an error.
 pub async fn publish(
+    channel: &Channel,
+    queue: &str,
+    payload: &[u8],
+    headers: Option<FieldTable>,
+) -> anyhow::Result<()> {
+    tokio::time::timeout(CONFIRM_TIMEOUT, publish_confirmed(channel, queue, payload, headers))
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "the broker did not confirm a message for {queue} within {} s (is it blocking publishers under a memory or disk alarm? `rabbitmq-diagnostics alarms`)",
+                CONFIRM_TIMEOUT.as_secs()
+            )
+        })?
+}
+
+async fn publish_confirmed(
     channel: &Channel,
     queue: &str,
     payload: &[u8],

@@ -34,6 +34,7 @@ struct FileSettings {
     webhook_url: Option<String>,
     allow_insecure_key_file: Option<bool>,
     require_tls: Option<bool>,
+    dead_letter_max_length: Option<i64>,
     #[serde(default)]
     keys: Option<KeyPolicy>,
     #[serde(default)]
@@ -61,8 +62,10 @@ impl fmt::Debug for MasterKeySource {
 /// A secret from a file named by `setting` (a mounted Docker or Kubernetes secret): its
 /// first line. Errors name the setting and the path, never the contents.
 fn read_secret_file(setting: &str, path: &str) -> anyhow::Result<SecretString> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| anyhow::anyhow!("{setting}: cannot read {path}: {}", e.kind()))?;
+    let text = zeroize::Zeroizing::new(
+        std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("{setting}: cannot read {path}: {}", e.kind()))?,
+    );
     let line = text.lines().next().unwrap_or("").trim_end_matches('\r');
     if line.is_empty() {
         bail!("{setting}: {path} is empty");
@@ -82,7 +85,7 @@ fn with_password(url: &str, password: &SecretString) -> anyhow::Result<String> {
         .rsplit_once('@')
         .ok_or_else(|| anyhow::anyhow!("the URL names no user (user@host)"))?;
     let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
-    let mut encoded = String::new();
+    let mut encoded = zeroize::Zeroizing::new(String::new());
     for b in password.expose_secret().bytes() {
         if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
             encoded.push(b as char);
@@ -90,7 +93,10 @@ fn with_password(url: &str, password: &SecretString) -> anyhow::Result<String> {
             encoded.push_str(&format!("%{b:02X}"));
         }
     }
-    Ok(format!("{scheme}://{user}:{encoded}@{host}{tail}"))
+    Ok(format!(
+        "{scheme}://{user}:{}@{host}{tail}",
+        encoded.as_str()
+    ))
 }
 
 /// Everything a rekey process is configured with.
@@ -120,6 +126,11 @@ pub struct Settings {
     /// Refuse a database or broker URL that may travel in cleartext (`REKEY_REQUIRE_TLS=1`,
     /// `require_tls = true`).
     pub require_tls: bool,
+    /// The most messages the dead-letter queue keeps (the oldest are dropped beyond it):
+    /// `REKEY_DEAD_LETTER_MAX_LENGTH`, `dead_letter_max_length`, default
+    /// [`crate::broker::DEFAULT_DEAD_LETTER_MAX_LENGTH`]. Every process declaring the
+    /// queues must use the same value (the broker refuses a declaration that differs).
+    pub dead_letter_max_length: i64,
     pub targets: Vec<Target>,
     /// Where evidence reports are written (`exports/rotation_reports` by default).
     pub reports_dir: PathBuf,
@@ -137,10 +148,16 @@ impl Settings {
     /// Loads from the process environment and, if present, the file named by `--config`,
     /// `REKEY_CONFIG`, or `./rekey.toml`.
     pub fn load(config_file: Option<&Path>) -> anyhow::Result<Self> {
-        let env: HashMap<String, String> = std::env::vars()
+        let mut env: HashMap<String, String> = std::env::vars()
             .filter(|(k, _)| k.starts_with("REKEY_"))
             .collect();
-        Self::from_sources(config_file, &env)
+        let settings = Self::from_sources(config_file, &env);
+        // This copy of the environment holds REKEY_MASTER_KEY (and perhaps URLs with
+        // passwords): wiped before it is freed.
+        for v in env.values_mut() {
+            zeroize::Zeroize::zeroize(v);
+        }
+        settings
     }
 
     /// Loads from an explicit environment map (tests use this).
@@ -283,6 +300,17 @@ impl Settings {
             .or(file.actor)
             .unwrap_or_else(default_actor);
 
+        let dead_letter_max_length = match env.get("REKEY_DEAD_LETTER_MAX_LENGTH") {
+            Some(v) => v.parse().ok().filter(|n: &i64| *n > 0).with_context(|| {
+                format!("REKEY_DEAD_LETTER_MAX_LENGTH must be a positive whole number, not {v:?}")
+            })?,
+            None => file
+                .dead_letter_max_length
+                .unwrap_or(crate::broker::DEFAULT_DEAD_LETTER_MAX_LENGTH),
+        };
+        if dead_letter_max_length <= 0 {
+            bail!("dead_letter_max_length must be a positive whole number");
+        }
         let targets = file.targets;
         for t in &targets {
             t.validate().context("invalid targets in configuration")?;
@@ -335,6 +363,7 @@ impl Settings {
                 .or(file.allow_insecure_key_file)
                 .unwrap_or(false),
             require_tls,
+            dead_letter_max_length,
             targets,
         })
     }

@@ -2,13 +2,30 @@
 //! reports (workers → coordinator). The only place message types live. Every message
 //! starts with a format version; a worker checks each batch against the ledger before any
 //! work, so a message is an order to look, never a source of truth.
+//!
+//! A batch order carries an HMAC-SHA-256 tag under a key derived from the master key
+//! ([`MessageKey`]), so that nobody who can merely publish on the broker can order a batch:
+//! a worker refuses an order whose tag does not verify before it reads the database.
+//! FORMAT.md gives the derivation and the tagged bytes with a worked example.
 
+use std::fmt;
+
+use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+use zeroize::Zeroizing;
 
 use crate::codec;
+use crate::keys::master::MasterKey;
 
-/// The message format this build writes and accepts.
-pub const FORMAT_VERSION: u16 = 1;
+/// The message format this build writes and accepts (2: batch orders carry a tag).
+pub const FORMAT_VERSION: u16 = 2;
+
+/// Length of a batch order's tag (HMAC-SHA-256).
+pub const TAG_LEN: usize = 32;
+
+/// HKDF-SHA-256 `info` of the message key: names its one use.
+pub const MESSAGE_KEY_INFO: &[u8] = b"rekey batch message hmac v2";
 
 /// One batch to rotate: rows of `table` with `id_lo <= id <= id_hi`, of stage `stage_no`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -22,6 +39,55 @@ pub struct BatchMessage {
     pub id_hi: i64,
     /// Which publication of the batch this is (1 for the first), for logs.
     pub attempt: i32,
+    /// HMAC-SHA-256 over [`BatchMessage::tagged_text`] under the [`MessageKey`]; set by
+    /// [`BatchMessage::sealed`], checked by [`MessageKey::verify`].
+    pub tag: [u8; TAG_LEN],
+}
+
+/// The key that tags batch orders: HKDF-SHA-256 of the master key (no salt, `info`
+/// [`MESSAGE_KEY_INFO`], 32 bytes). Whoever holds the master key can make it; nobody
+/// else can make a tag a worker accepts. Redacted `Debug`, zeroized on drop.
+pub struct MessageKey(Zeroizing<[u8; 32]>);
+
+impl fmt::Debug for MessageKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("MessageKey([REDACTED])")
+    }
+}
+
+impl MessageKey {
+    pub fn derive(master: &MasterKey) -> Self {
+        let hk = hkdf::Hkdf::<Sha256>::new(None, master.material().expose());
+        let mut okm = Zeroizing::new([0u8; 32]);
+        hk.expand(MESSAGE_KEY_INFO, okm.as_mut())
+            .expect("32 bytes is a valid HKDF-SHA-256 output length");
+        Self(okm)
+    }
+
+    fn mac(&self, msg: &BatchMessage) -> Hmac<Sha256> {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(self.0.as_ref())
+            .expect("HMAC takes a key of any length");
+        mac.update(msg.tagged_text().as_bytes());
+        mac
+    }
+
+    /// The tag of `msg`'s fields (its own `tag` is not part of them).
+    pub fn tag(&self, msg: &BatchMessage) -> [u8; TAG_LEN] {
+        self.mac(msg).finalize().into_bytes().into()
+    }
+
+    /// Whether `msg`'s tag is the one this key gives its fields (compared in constant time).
+    pub fn verify(&self, msg: &BatchMessage) -> Result<(), MessageError> {
+        self.mac(msg)
+            .verify_slice(&msg.tag)
+            .map_err(|_| MessageError::BadTag)
+    }
+
+    /// The raw key, for FORMAT.md's worked example only.
+    #[doc(hidden)]
+    pub fn expose_for_spec(&self) -> &[u8; 32] {
+        &self.0
+    }
 }
 
 /// What happened to a batch.
@@ -59,9 +125,51 @@ pub enum MessageError {
     Undecodable(#[from] codec::DecodeError),
     #[error("unsupported message format version {0} (this build reads {FORMAT_VERSION})")]
     UnknownVersion(u16),
+    #[error(
+        "the batch order's tag does not verify under this worker's master key (forged, altered, or sent by a coordinator with another master key)"
+    )]
+    BadTag,
+}
+
+impl MessageError {
+    /// A short stable name for the kind of refusal, for the aggregated audit entries.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Undecodable(_) => "undecodable",
+            Self::UnknownVersion(_) => "unknown_version",
+            Self::BadTag => "bad_tag",
+        }
+    }
 }
 
 impl BatchMessage {
+    /// This message with its tag set under `key`.
+    pub fn sealed(mut self, key: &MessageKey) -> Self {
+        self.tag = key.tag(&self);
+        self
+    }
+
+    /// The text the tag is computed over: `rekey-batch-v2;` then each field as
+    /// `<length in bytes>:<value>;` (integers in decimal): format, run_id, batch_no,
+    /// stage_no, table, id_lo, id_hi, attempt. Independent of the wire encoding.
+    pub fn tagged_text(&self) -> String {
+        let mut text = String::from("rekey-batch-v2;");
+        let fields = [
+            self.format.to_string(),
+            self.run_id.to_string(),
+            self.batch_no.to_string(),
+            self.stage_no.to_string(),
+            self.table.clone(),
+            self.id_lo.to_string(),
+            self.id_hi.to_string(),
+            self.attempt.to_string(),
+        ];
+        for f in fields {
+            text.push_str(&format!("{}:{f};", f.len()));
+        }
+        text
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         codec::encode(self)
     }
@@ -70,9 +178,12 @@ impl BatchMessage {
         match codec::decode::<Self>(bytes) {
             Ok(m) if m.format == FORMAT_VERSION => Ok(m),
             Ok(m) => Err(MessageError::UnknownVersion(m.format)),
-            // A future format with other fields is reported as a version mismatch.
+            // Another format with other fields (version 1 had no tag) is reported as a
+            // version mismatch.
             Err(e) => match version_prefix(bytes) {
-                Some(v) if (2..100).contains(&v) => Err(MessageError::UnknownVersion(v)),
+                Some(v) if v != FORMAT_VERSION && (1..100).contains(&v) => {
+                    Err(MessageError::UnknownVersion(v))
+                }
                 _ => Err(MessageError::Undecodable(e)),
             },
         }
@@ -105,6 +216,12 @@ impl BatchReport {
 mod tests {
     use super::*;
 
+    fn key(byte: u8) -> MessageKey {
+        MessageKey::derive(&MasterKey::new(crate::secret::KeyMaterial::from_bytes(
+            &[byte; 32],
+        )))
+    }
+
     fn msg() -> BatchMessage {
         BatchMessage {
             format: FORMAT_VERSION,
@@ -115,7 +232,54 @@ mod tests {
             id_lo: 1,
             id_hi: 1000,
             attempt: 1,
+            tag: [0; TAG_LEN],
         }
+        .sealed(&key(1))
+    }
+
+    #[test]
+    fn a_tag_verifies_under_its_key_only_and_binds_every_field() {
+        let m = msg();
+        assert!(key(1).verify(&m).is_ok());
+        assert!(matches!(key(2).verify(&m), Err(MessageError::BadTag)));
+        let altered: Vec<BatchMessage> = vec![
+            BatchMessage {
+                run_id: 8,
+                ..m.clone()
+            },
+            BatchMessage {
+                batch_no: 13,
+                ..m.clone()
+            },
+            BatchMessage {
+                stage_no: 1,
+                ..m.clone()
+            },
+            BatchMessage {
+                table: "demo.users2".into(),
+                ..m.clone()
+            },
+            BatchMessage {
+                id_lo: 0,
+                ..m.clone()
+            },
+            BatchMessage {
+                id_hi: 1001,
+                ..m.clone()
+            },
+            BatchMessage {
+                attempt: 2,
+                ..m.clone()
+            },
+            BatchMessage {
+                tag: [0; TAG_LEN],
+                ..m.clone()
+            },
+        ];
+        for a in altered {
+            assert!(key(1).verify(&a).is_err(), "{a:?}");
+        }
+        assert_eq!(format!("{:?}", key(1)), "MessageKey([REDACTED])");
     }
 
     #[test]

@@ -14,25 +14,29 @@ pub const KEY_LEN: usize = 32;
 pub struct KeyMaterial([u8; KEY_LEN]);
 
 impl KeyMaterial {
-    /// Wraps bytes that are already key material; the caller's copy should be zeroized.
-    pub fn from_bytes(bytes: [u8; KEY_LEN]) -> Self {
-        Self(bytes)
+    /// Copies key material in place (no intermediate copy on the stack); the caller's own
+    /// buffer should be a `Zeroizing` one.
+    pub fn from_bytes(bytes: &[u8; KEY_LEN]) -> Self {
+        let mut k = Self([0; KEY_LEN]);
+        k.0.copy_from_slice(bytes);
+        k
     }
 
     /// Copies key material out of a slice, refusing any other length.
     pub fn from_slice(bytes: &[u8]) -> Option<Self> {
-        let arr: [u8; KEY_LEN] = bytes.try_into().ok()?;
-        Some(Self(arr))
+        let bytes: &[u8; KEY_LEN] = bytes.try_into().ok()?;
+        Some(Self::from_bytes(bytes))
     }
 
-    /// Fresh random key material from the operating system's generator.
+    /// Fresh random key material from the operating system's generator, drawn into the
+    /// key's own buffer.
     pub fn generate() -> Self {
         use rand::TryRng;
-        let mut bytes = [0u8; KEY_LEN];
+        let mut k = Self([0; KEY_LEN]);
         rand::rngs::SysRng
-            .try_fill_bytes(&mut bytes)
+            .try_fill_bytes(&mut k.0)
             .expect("the operating system's random number generator failed");
-        Self(bytes)
+        k
     }
 
     /// The raw bytes, for the cipher only.
@@ -93,7 +97,7 @@ mod tests {
 
     #[test]
     fn debug_output_of_secrets_is_redacted() {
-        let key = KeyMaterial::from_bytes([0xAB; KEY_LEN]);
+        let key = KeyMaterial::from_bytes(&[0xAB; KEY_LEN]);
         let text = Plaintext::from(&b"secret value"[..]);
         let shown = format!("{key:?} {text:?}");
         assert!(!shown.to_lowercase().contains("ab, "), "{shown}");

@@ -266,7 +266,7 @@ fn write_private(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
 }
 
 async fn wait_for_workers(settings: &Settings, n: u32) -> anyhow::Result<()> {
-    let topo = Topology::new(&settings.queue_prefix);
+    let topo = Topology::of(settings);
     let conn =
         broker::connect_with_retry(&settings.amqp_url, "rekey-demo", Duration::from_secs(30))
             .await?;

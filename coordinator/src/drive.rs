@@ -25,7 +25,7 @@ use crate::progress::ProgressView;
 use crate::runtime::{ConsumerWatch, DriveOptions, Driver, StageRuntime};
 use crate::stage::{gate_stage, mark_breach, run_observe_secs, start_stage};
 use crate::{gate, latency, observe, report};
-use rekey_common::messages::{BatchMessage, BatchReport, FORMAT_VERSION};
+use rekey_common::messages::{BatchMessage, BatchReport, FORMAT_VERSION, MessageKey, TAG_LEN};
 
 /// Acknowledges one report from the reports queue.
 async fn take_report(
@@ -47,14 +47,16 @@ async fn take_report(
 /// Publishes what the window allows: marks each batch published in the ledger, then
 /// publishes its message with a confirm. A crash between the two leaves a published batch
 /// without a message, which its lease brings back.
-async fn publish_window(
-    pool: &Pool,
-    channel: &lapin::Channel,
-    topo: &Topology,
-    run_id: i64,
-    opts: &DriveOptions,
-    window: i64,
-) -> anyhow::Result<usize> {
+async fn publish_window(d: &Driver<'_>, window: i64) -> anyhow::Result<usize> {
+    let Driver {
+        pool,
+        channel,
+        topo,
+        run_id,
+        opts,
+        message_key,
+        ..
+    } = *d;
     let client = pool.get().await?;
     // Leases that ran out: publish again, or give up after max_attempts.
     ledger::expire_leases(&**client, run_id, opts.max_attempts).await?;
@@ -75,7 +77,9 @@ async fn publish_window(
             id_lo: p.id_lo,
             id_hi: p.id_hi,
             attempt: p.attempt,
-        };
+            tag: [0; TAG_LEN],
+        }
+        .sealed(message_key);
         rekey_common::failpoint!("coordinator.before_publish");
         // A span per publication; its trace context travels in the message's headers, so
         // that the worker's batch span joins the run's trace.
@@ -128,8 +132,9 @@ async fn drive_leased(
 ) -> anyhow::Result<RunState> {
     tokio::pin!(shutdown);
     let mut watch = ConsumerWatch::default();
-    let topo = Topology::new(&settings.queue_prefix);
+    let topo = Topology::of(settings);
     let master = settings.load_master_key()?;
+    let message_key = MessageKey::derive(&master);
     let first = ledger::progress(&**pool.get().await?, run_id).await?;
     let dry_run = ledger::get_run(&**pool.get().await?, run_id)
         .await?
@@ -163,6 +168,7 @@ async fn drive_leased(
                     pool,
                     settings,
                     master: &master,
+                    message_key: &message_key,
                     channel: &channel,
                     topo: &topo,
                     run_id,
@@ -242,8 +248,6 @@ async fn step(
         pool,
         settings,
         master,
-        channel,
-        topo,
         run_id,
         opts,
         events,
@@ -287,7 +291,7 @@ async fn step(
             // Pacing: at most one batch per gap.
             let paced = !throttle.gap.is_zero()
                 && rt.last_publish.is_some_and(|t| t.elapsed() < throttle.gap);
-            if !paced && publish_window(pool, channel, topo, run_id, opts, window).await? > 0 {
+            if !paced && publish_window(d, window).await? > 0 {
                 rt.last_publish = Some(Instant::now());
             }
             let p = ledger::progress_of(&**pool.get().await?, run_id, Some(stage_no)).await?;

@@ -112,7 +112,7 @@ pub async fn run(settings: &Settings) -> Preflight {
 }
 
 async fn broker_check(settings: &Settings) -> Check {
-    let topo = Topology::new(&settings.queue_prefix);
+    let topo = Topology::of(settings);
     let result = async {
         let conn = tokio::time::timeout(
             Duration::from_secs(10),

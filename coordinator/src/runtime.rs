@@ -100,6 +100,8 @@ pub(crate) struct Driver<'a> {
     pub(crate) pool: &'a Pool,
     pub(crate) settings: &'a Settings,
     pub(crate) master: &'a MasterKey,
+    /// Tags the batch orders (derived from `master`).
+    pub(crate) message_key: &'a rekey_common::messages::MessageKey,
     pub(crate) channel: &'a lapin::Channel,
     pub(crate) topo: &'a Topology,
     pub(crate) run_id: i64,

@@ -95,6 +95,8 @@ pub(crate) struct Shared {
     pub(crate) metrics: Arc<Metrics>,
     /// What the worker's presence row says of it.
     pub(crate) health: Health,
+    /// Messages refused before authentication, audited in aggregate.
+    pub(crate) refusals: crate::refusals::Refusals,
 }
 
 /// Runs a worker until `shutdown` resolves.
@@ -121,7 +123,7 @@ pub async fn run(
         metrics,
         pool,
         ring,
-        topo: Topology::new(&settings.queue_prefix),
+        topo: Topology::of(&settings),
         batch: BatchSettings {
             lock_timeout_ms: opts.lock_timeout_ms,
             statement_timeout_ms: opts.statement_timeout_ms,
@@ -130,6 +132,7 @@ pub async fn run(
         },
         max_attempts: opts.max_attempts.max(1),
         health: Health::default(),
+        refusals: Default::default(),
     });
     let presence = crate::presence::spawn(shared.clone());
     let result = run_sessions(&settings, &shared, &opts, shutdown).await;
@@ -311,10 +314,18 @@ async fn handle(shared: &Shared, publish_ch: &Channel, delivery: Delivery) {
         count(shared, "failed");
         shared.health.failed();
         let msg = BatchMessage::decode(&delivery.data).ok();
-        if let Some(m) = &msg {
+        if let Some(m) = msg.as_ref().filter(|m| shared.ring.verifies(m)) {
             mark_failed(shared, m, &reason).await;
         }
-        dead_letter(shared, publish_ch, &delivery, msg.as_ref(), &reason).await;
+        dead_letter(
+            shared,
+            publish_ch,
+            &delivery,
+            msg.as_ref(),
+            &reason,
+            Audit::Each,
+        )
+        .await;
     }
     shared.metrics.batches_in_progress.add(-1, &[]);
 }
@@ -330,10 +341,26 @@ async fn handle_in(shared: &Shared, publish_ch: &Channel, delivery: &Delivery) {
         }
         Err(e) => {
             count(shared, "poison");
-            dead_letter(shared, publish_ch, delivery, None, &format!("{e}")).await;
+            let audit = Audit::Aggregated(e.kind());
+            dead_letter(shared, publish_ch, delivery, None, &format!("{e}"), audit).await;
             return;
         }
     };
+    // Nothing is read from the database for an order whose tag does not verify.
+    if let Err(e) = shared.ring.authenticate(&shared.pool, &msg).await {
+        count(shared, "poison");
+        let audit = Audit::Aggregated(e.kind());
+        dead_letter(
+            shared,
+            publish_ch,
+            delivery,
+            Some(&msg),
+            &format!("{e}"),
+            audit,
+        )
+        .await;
+        return;
+    }
     let mut attempt = 0u32;
     let mut delay = Duration::from_millis(100);
     loop {
@@ -355,14 +382,30 @@ async fn handle_in(shared: &Shared, publish_ch: &Channel, delivery: &Delivery) {
             }
             Err(BatchError::Poison(reason)) => {
                 count(shared, "poison");
-                dead_letter(shared, publish_ch, delivery, Some(&msg), &reason).await;
+                dead_letter(
+                    shared,
+                    publish_ch,
+                    delivery,
+                    Some(&msg),
+                    &reason,
+                    Audit::Each,
+                )
+                .await;
                 return;
             }
             Err(BatchError::Failed(reason)) => {
                 count(shared, "failed");
                 shared.health.failed();
                 mark_failed(shared, &msg, &reason).await;
-                dead_letter(shared, publish_ch, delivery, Some(&msg), &reason).await;
+                dead_letter(
+                    shared,
+                    publish_ch,
+                    delivery,
+                    Some(&msg),
+                    &reason,
+                    Audit::Each,
+                )
+                .await;
                 return;
             }
             Err(BatchError::Transient(e)) if attempt < shared.max_attempts => {
@@ -456,6 +499,16 @@ pub fn bounded_reason(reason: &str) -> String {
     format!("{}…", &reason[..end])
 }
 
+/// How a refusal is audited.
+#[derive(Debug, Clone, Copy)]
+enum Audit {
+    /// An entry of its own: an authenticated order (or a panic) refused.
+    Each,
+    /// Counted by kind, one entry a minute (`refusals.rs`): a message refused before it
+    /// was authenticated.
+    Aggregated(&'static str),
+}
+
 /// Sends a refused message to the dead-letter queue with its reason, audits it, and acks
 /// the original. If the publish fails, rejects it so the broker dead-letters it instead.
 async fn dead_letter(
@@ -464,6 +517,7 @@ async fn dead_letter(
     delivery: &Delivery,
     msg: Option<&BatchMessage>,
     reason: &str,
+    audit: Audit,
 ) {
     let reason = bounded_reason(reason);
     let reason = reason.as_str();
@@ -473,23 +527,9 @@ async fn dead_letter(
         reason,
         "message refused and dead-lettered"
     );
-    let entry = AuditEntry {
-        key_id: None,
-        operation: "dead_letter".into(),
-        success: false,
-        n_ops: 1,
-        run_id: msg.map(|m| m.run_id),
-        batch_no: msg.map(|m| m.batch_no),
-        actor: shared.batch.worker_id.clone(),
-        detail: json!({ "reason": reason, "bytes": delivery.data.len() }),
-    };
-    match shared.pool.get().await {
-        Ok(c) => {
-            if let Err(e) = audit::record(&**c, &[entry]).await {
-                tracing::warn!(error = %format!("{e:#}"), "could not audit a dead-lettered message");
-            }
-        }
-        Err(e) => tracing::warn!(error = %e, "could not audit a dead-lettered message"),
+    match audit {
+        Audit::Aggregated(kind) => shared.refusals.note(kind, reason, delivery.data.len()),
+        Audit::Each => audit_one(shared, delivery, msg, reason).await,
     }
     let published = broker::publish(
         publish_ch,
@@ -507,6 +547,27 @@ async fn dead_letter(
     };
     if let Err(e) = settled {
         tracing::warn!(error = %e, "could not settle a refused message");
+    }
+}
+
+async fn audit_one(shared: &Shared, delivery: &Delivery, msg: Option<&BatchMessage>, reason: &str) {
+    let entry = AuditEntry {
+        key_id: None,
+        operation: "dead_letter".into(),
+        success: false,
+        n_ops: 1,
+        run_id: msg.map(|m| m.run_id),
+        batch_no: msg.map(|m| m.batch_no),
+        actor: shared.batch.worker_id.clone(),
+        detail: json!({ "reason": reason, "bytes": delivery.data.len() }),
+    };
+    match shared.pool.get().await {
+        Ok(c) => {
+            if let Err(e) = audit::record(&**c, &[entry]).await {
+                tracing::warn!(error = %format!("{e:#}"), "could not audit a dead-lettered message");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "could not audit a dead-lettered message"),
     }
 }
 

@@ -9,8 +9,11 @@
 //! - [`ring`]: the worker's key ring, reloaded when a batch names a key it does not know
 //!   (and its master key, when the key store was re-wrapped by `rotate-master`).
 //! - [`presence`]: the worker's row in `rekey.workers`, written every few seconds.
+//! - [`refusals`]: messages refused before authentication, audited as one count per kind
+//!   per minute.
 
 pub mod consume;
 pub mod presence;
+pub mod refusals;
 pub mod ring;
 pub mod rotate;

@@ -2,6 +2,7 @@
 //! version, the master key it holds, batches done / failed / retried, its last failure's
 //! kind and text), so that `rekey status` and preflight see who works and why batches do
 //! not move. A worker that stops cleanly deletes its row; a killed one stops being seen.
+//! The same task writes the counts of refused messages once a minute (`refusals.rs`).
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -60,6 +61,10 @@ pub(crate) fn spawn(shared: Arc<Shared>) -> Presence {
             if let Err(e) = write(&shared, &host).await {
                 tracing::warn!(error = %format!("{e:#}"), "worker presence not written");
             }
+            shared
+                .refusals
+                .flush_due(&shared.pool, &shared.batch.worker_id)
+                .await;
             tokio::select! {
                 _ = &mut stop_rx => return,
                 _ = tokio::time::sleep(HEARTBEAT_EVERY) => {}
@@ -98,6 +103,10 @@ impl Presence {
             let _ = stop.send(());
         }
         let _ = (&mut self.task).await;
+        shared
+            .refusals
+            .flush(&shared.pool, &shared.batch.worker_id)
+            .await;
         let removed = async {
             ledger::remove_worker(&**shared.pool.get().await?, &shared.batch.worker_id).await?;
             anyhow::Ok(())

@@ -7,6 +7,7 @@
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
@@ -14,13 +15,21 @@ use deadpool_postgres::Pool;
 use rekey_common::keys::master::MasterKey;
 use rekey_common::keys::ring::KeyRing;
 use rekey_common::keys::store;
+use rekey_common::messages::{BatchMessage, MessageError, MessageKey};
 
 /// Reads the master key again from where the settings say it is.
 pub type MasterSource = Box<dyn Fn() -> anyhow::Result<MasterKey> + Send + Sync>;
 
+/// How often at most a batch order whose tag does not verify makes the worker read its
+/// master key again (a rotated key file): forged orders cannot make it read in a loop.
+const SOURCE_READ_EVERY: Duration = Duration::from_secs(10);
+
 pub struct RingHandle {
     master: RwLock<Arc<MasterKey>>,
+    /// Derived from `master`; verifies the batch orders' tags.
+    message_key: RwLock<Arc<MessageKey>>,
     source: Option<MasterSource>,
+    last_source_read: Mutex<Option<Instant>>,
     current: RwLock<Arc<KeyRing>>,
     /// Key ids that were still unknown after a reload: values under them are corrupt or
     /// foreign, and must not make every batch reload the ring.
@@ -40,8 +49,10 @@ impl RingHandle {
         let client = pool.get().await?;
         let ring = store::load_ring(&**client, &master).await?;
         Ok(Self {
+            message_key: RwLock::new(Arc::new(MessageKey::derive(&master))),
             master: RwLock::new(Arc::new(master)),
             source: None,
+            last_source_read: Mutex::new(None),
             current: RwLock::new(Arc::new(ring)),
             known_missing: Mutex::new(HashSet::new()),
         })
@@ -95,6 +106,8 @@ impl RingHandle {
                     new = %fresh.id(),
                     "the key store is wrapped by another master key; reloaded the master key from the settings"
                 );
+                *self.message_key.write().expect("message key lock") =
+                    Arc::new(MessageKey::derive(&fresh));
                 *self.master.write().expect("master lock") = Arc::new(fresh);
                 ring
             }
@@ -104,5 +117,45 @@ impl RingHandle {
         *self.current.write().expect("ring lock") = ring.clone();
         tracing::info!(n_keys = ring.len(), "key ring reloaded");
         Ok(ring)
+    }
+
+    /// Whether `msg`'s tag verifies under the master key held now (no reload).
+    pub fn verifies(&self, msg: &BatchMessage) -> bool {
+        let key = self.message_key.read().expect("message key lock").clone();
+        key.verify(msg).is_ok()
+    }
+
+    /// Checks a batch order's tag before anything else is done with it. A tag made under
+    /// another master key may mean the master key was rotated: the worker then reads its
+    /// master key again (at most every [`SOURCE_READ_EVERY`]) and takes it up if the tag
+    /// verifies under it and the key store opens with it (as [`Self::reload`] does).
+    pub async fn authenticate(&self, pool: &Pool, msg: &BatchMessage) -> Result<(), MessageError> {
+        let key = self.message_key.read().expect("message key lock").clone();
+        if key.verify(msg).is_ok() {
+            return Ok(());
+        }
+        let Some(source) = &self.source else {
+            return Err(MessageError::BadTag);
+        };
+        {
+            let mut last = self.last_source_read.lock().expect("source read lock");
+            if last.is_some_and(|t| t.elapsed() < SOURCE_READ_EVERY) {
+                return Err(MessageError::BadTag);
+            }
+            *last = Some(Instant::now());
+        }
+        let Ok(fresh) = source() else {
+            return Err(MessageError::BadTag);
+        };
+        if fresh.id() == self.master_id() || MessageKey::derive(&fresh).verify(msg).is_err() {
+            return Err(MessageError::BadTag);
+        }
+        drop(fresh);
+        // The reload switches to the fresh key only if the store is wrapped by it.
+        if let Err(e) = self.reload(pool).await {
+            tracing::warn!(error = %format!("{e:#}"), "a batch order is tagged under another master key, and the key store does not open with it");
+        }
+        let key = self.message_key.read().expect("message key lock").clone();
+        key.verify(msg)
     }
 }

@@ -102,7 +102,7 @@ pub fn unwrap(
     cipher
         .decrypt_inout_detached(&Nonce::from(nonce), &aad, buf.as_mut_slice().into(), &tag)
         .map_err(|_| err)?;
-    Ok(KeyMaterial::from_bytes(*buf))
+    Ok(KeyMaterial::from_bytes(&buf))
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use rekey_common::envelope::{self, FieldLocation};
 use rekey_common::keys::master::{MasterKey, fingerprint};
 use rekey_common::keys::ring::FieldKey;
 use rekey_common::keys::{KeyKind, KeyState, wrap};
+use rekey_common::messages::{BatchMessage, FORMAT_VERSION, MessageKey, TAG_LEN};
 use rekey_common::secret::KeyMaterial;
 use uuid::Uuid;
 
@@ -68,6 +69,19 @@ fn computed() -> Vec<(&'static str, String)> {
     );
     let mut aad = env[..17].to_vec();
     aad.extend_from_slice(b"demo.users\x00email\x0042");
+    let message_key = MessageKey::derive(&master);
+    let order = BatchMessage {
+        format: FORMAT_VERSION,
+        run_id: 7,
+        batch_no: 12,
+        stage_no: 0,
+        table: "demo.users".into(),
+        id_lo: 1,
+        id_hi: 1000,
+        attempt: 1,
+        tag: [0; TAG_LEN],
+    }
+    .sealed(&message_key);
     vec![
         ("master_key", hex::encode(seq(0x00, 32))),
         (
@@ -98,6 +112,10 @@ fn computed() -> Vec<(&'static str, String)> {
         ("nonce", hex::encode(seq(0xc0, 12))),
         ("aad", hex::encode(&aad)),
         ("envelope", hex::encode(&env)),
+        ("message_key", hex::encode(message_key.expose_for_spec())),
+        ("message_tagged_text", order.tagged_text()),
+        ("message_tag", hex::encode(order.tag)),
+        ("message", hex::encode(order.encode())),
     ]
 }
 
@@ -166,4 +184,40 @@ fn an_independent_program_can_unwrap_the_keys_and_decrypt_the_field() {
     assert_eq!(hex::encode(&aad), doc["aad"]);
     let plaintext = gcm(&field_key, &env[17..], &aad);
     assert_eq!(plaintext, h("plaintext"));
+}
+
+#[test]
+fn an_independent_program_can_tag_a_batch_order_and_a_worker_accepts_it() {
+    use hmac::Mac;
+    let doc = documented();
+    let h = |k: &str| hex::decode(&doc[k]).unwrap();
+    // message_key = HKDF-SHA-256(no salt, master key, "rekey batch message hmac v2", 32).
+    let mut message_key = [0u8; 32];
+    hkdf::Hkdf::<sha2::Sha256>::new(None, &h("master_key"))
+        .expand(b"rekey batch message hmac v2", &mut message_key)
+        .unwrap();
+    assert_eq!(hex::encode(message_key), doc["message_key"]);
+    // The tagged text: "rekey-batch-v2;" and each field as <length>:<value>;.
+    let mut text = String::from("rekey-batch-v2;");
+    for f in ["2", "7", "12", "0", "demo.users", "1", "1000", "1"] {
+        text.push_str(&format!("{}:{f};", f.len()));
+    }
+    assert_eq!(text, doc["message_tagged_text"]);
+    let tag = hmac::Hmac::<sha2::Sha256>::new_from_slice(&message_key)
+        .unwrap()
+        .chain_update(text.as_bytes())
+        .finalize()
+        .into_bytes();
+    assert_eq!(hex::encode(tag), doc["message_tag"]);
+    // The body: varints (zigzag for signed), the table with its length, then the tag.
+    let mut body = vec![0x02, 0x0e, 0x18, 0x00, 10];
+    body.extend_from_slice(b"demo.users");
+    body.extend_from_slice(&[0x02, 0xfb, 0xd0, 0x07, 0x02]);
+    body.extend_from_slice(&tag);
+    assert_eq!(hex::encode(&body), doc["message"]);
+    // rekey decodes it and its key verifies it.
+    let master = MasterKey::new(KeyMaterial::from_slice(&h("master_key")).unwrap());
+    let order = BatchMessage::decode(&body).unwrap();
+    assert_eq!((order.run_id, order.batch_no, order.id_hi), (7, 12, 1000));
+    MessageKey::derive(&master).verify(&order).unwrap();
 }

@@ -9,6 +9,7 @@ use rekey_common::broker::{self, Topology};
 use rekey_common::keys::master::{MasterKey, decode_base64_key, generate_base64};
 use rekey_common::keys::store;
 use rekey_common::ledger::RunState;
+use rekey_common::messages::MessageKey;
 use rekey_common::testing::TestDb;
 use rekey_coordinator::drive::drive;
 use rekey_coordinator::progress::ProgressMode;
@@ -60,13 +61,18 @@ impl Env {
         )
         .await
         .unwrap();
-        let topo = Topology::new(&settings.queue_prefix);
+        let topo = Topology::of(&settings);
         Self {
             db,
             settings,
             master,
             topo,
         }
+    }
+
+    /// The key that tags batch orders, as the coordinator derives it.
+    pub fn message_key(&self) -> MessageKey {
+        MessageKey::derive(&self.master)
     }
 
     pub fn worker(&self, id: &str, concurrency: usize) -> Worker {
@@ -82,11 +88,16 @@ impl Env {
         let (tx, rx) = oneshot::channel::<()>();
         let settings = self.settings.clone();
         let handle = tokio::spawn(async move {
-            run(settings, opts, async {
+            let id = opts.worker_id.clone();
+            let ran = run(settings, opts, async {
                 let _ = rx.await;
             })
-            .await
-            .unwrap();
+            .await;
+            if let Err(e) = ran {
+                // Said at once: the test itself only notices when it stops the worker.
+                eprintln!("worker {id} ended with an error: {e:#}");
+                panic!("worker {id} ended with an error: {e:#}");
+            }
         });
         Worker {
             stop: Some(tx),
@@ -105,7 +116,7 @@ impl Env {
 
     /// Drives a run to its end, with a deadline so that a hung test fails instead of hanging.
     pub async fn drive(&self, run_id: i64) -> RunState {
-        tokio::time::timeout(
+        let driven = tokio::time::timeout(
             Duration::from_secs(300),
             drive(
                 &self.db.pool,
@@ -115,9 +126,73 @@ impl Env {
                 std::future::pending(),
             ),
         )
-        .await
-        .expect("run finished within 300 s")
-        .unwrap()
+        .await;
+        match driven {
+            Ok(Ok(state)) => state,
+            Ok(Err(e)) => panic!("driving run {run_id} failed: {e:#}\n{}", self.dump().await),
+            Err(_) => panic!(
+                "run {run_id} did not finish within 300 s\n{}",
+                self.dump().await
+            ),
+        }
+    }
+
+    /// Waits (up to 60 s) until `check` holds; on timeout the panic tells what the ledger,
+    /// the queues and the workers looked like.
+    pub async fn wait_until(&self, what: &str, mut check: impl AsyncFnMut() -> bool) {
+        for _ in 0..600 {
+            if check().await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("timed out waiting until {what}\n{}", self.dump().await);
+    }
+
+    /// What a failed test needs to be understood: runs, batches by state, queue depths and
+    /// consumers, the workers' presence rows, the last refusals.
+    pub async fn dump(&self) -> String {
+        let mut out = String::from("--- state at failure ---\n");
+        let c = match self.db.pool.get().await {
+            Ok(c) => c,
+            Err(e) => return format!("{out}database unreachable: {e}"),
+        };
+        let queries = [
+            "SELECT 'run ' || id || ' ' || state || ' stage ' || current_stage FROM rekey.runs ORDER BY id",
+            "SELECT 'batches ' || state || ': ' || count(*) FROM rekey.batches GROUP BY state ORDER BY state",
+            "SELECT 'failed batch ' || batch_no || ': ' || coalesce(error, '') FROM rekey.batches WHERE state = 'failed' LIMIT 3",
+            "SELECT 'worker ' || worker_id || ' seen ' || round(extract(epoch FROM clock_timestamp() - seen_at)) || ' s ago, done ' || batches_done || ', failed ' || batches_failed || ', retried ' || batches_retried || ', last error ' || coalesce(last_error_kind || ': ' || last_error, '-') FROM rekey.workers",
+            "SELECT 'driver of run ' || run_id || ': pid ' || pid || ', heartbeat ' || round(extract(epoch FROM clock_timestamp() - heartbeat_at)) || ' s ago, consumers ' || coalesce(consumers::text, '?') FROM rekey.drivers",
+            "SELECT 'audit ' || operation || ': ' || left(detail::text, 200) FROM rekey.audit_log WHERE operation IN ('dead_letter', 'refused_messages') ORDER BY id DESC LIMIT 3",
+        ];
+        for q in queries {
+            match c.query(q, &[]).await {
+                Ok(rows) => rows.iter().for_each(|r| {
+                    out.push_str(&r.get::<_, Option<String>>(0).unwrap_or_default());
+                    out.push('\n');
+                }),
+                Err(e) => out.push_str(&format!("({q}: {e})\n")),
+            }
+        }
+        match broker::connect(&self.settings.amqp_url, "test-dump").await {
+            Ok(conn) => {
+                if let Ok(ch) = conn.create_channel().await {
+                    for q in [
+                        &self.topo.batches,
+                        &self.topo.dead_letters,
+                        &self.topo.reports,
+                    ] {
+                        let depth = broker::queue_depth(&ch, q).await;
+                        let consumers = broker::consumer_count(&ch, q).await;
+                        out.push_str(&format!(
+                            "queue {q}: depth {depth:?}, consumers {consumers:?}\n"
+                        ));
+                    }
+                }
+            }
+            Err(e) => out.push_str(&format!("broker unreachable: {e:#}\n")),
+        }
+        out
     }
 
     pub async fn verify(&self, expect_key: Option<Uuid>) -> VerifyReport {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use rekey_common::broker;
 use rekey_common::ledger::{self, RunState};
-use rekey_common::messages::{BatchMessage, FORMAT_VERSION};
+use rekey_common::messages::{BatchMessage, FORMAT_VERSION, TAG_LEN};
 use rekey_coordinator::drive::drive;
 use rekey_coordinator::run_cmd::{self, RotateOptions};
 
@@ -26,16 +26,6 @@ fn tolerant(batch_size: i64, dry_run: bool) -> RotateOptions {
     o.dry_run = dry_run;
     o.gating.max_error_rate = 1.0;
     o
-}
-
-async fn wait_until(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    for _ in 0..600 {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("timed out waiting until {what}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -121,7 +111,9 @@ async fn the_same_batch_published_twice_is_rotated_once_and_counted_once() {
                 id_lo: b.get(3),
                 id_hi: b.get(4),
                 attempt: 0,
-            };
+                tag: [0; TAG_LEN],
+            }
+            .sealed(&env.message_key());
             broker::publish(&ch, &env.topo.batches, &msg.encode(), None)
                 .await
                 .unwrap();
@@ -130,7 +122,7 @@ async fn the_same_batch_published_twice_is_rotated_once_and_counted_once() {
     let w = env.worker("w", 2);
     assert_eq!(env.drive(run.id).await, RunState::Completed);
     // Let the remaining duplicates drain through the worker too.
-    wait_until("the queue is empty", async || {
+    env.wait_until("the queue is empty", async || {
         broker::queue_depth(&ch, &env.topo.batches).await.unwrap() == 0
     })
     .await;
@@ -182,7 +174,7 @@ async fn a_worker_and_the_coordinator_killed_mid_run_then_resume_completes_witho
         )
         .await
     });
-    wait_until("a third of the batches are done", async || {
+    env.wait_until("a third of the batches are done", async || {
         env.scalar(
             "SELECT count(*) FROM rekey.batches WHERE run_id = $1 AND state = 'done'",
             &[&run.id],
@@ -348,18 +340,34 @@ async fn poison_messages_are_dead_lettered_without_touching_a_row_and_workers_ke
         id_lo: first.get(2),
         id_hi: first.get::<_, i64>(3) + 500,
         attempt: 1,
-    };
+        tag: [0; TAG_LEN],
+    }
+    .sealed(&env.message_key());
+    let key = env.message_key();
     let unknown_run = BatchMessage {
         run_id: run.id + 1000,
         ..tampered.clone()
-    };
+    }
+    .sealed(&key);
     let future_version = BatchMessage {
-        format: 2,
+        format: 3,
         ..tampered.clone()
-    };
+    }
+    .sealed(&key);
     // A sender's text in the reason is bounded: a 60 KB table name.
     let long_table = BatchMessage {
         table: "t".repeat(60_000),
+        ..tampered.clone()
+    }
+    .sealed(&key);
+    // A forger without the master key: a changed range under the old tag, and a tag of
+    // its own making.
+    let bad_tag = BatchMessage {
+        id_hi: tampered.id_hi + 1,
+        ..tampered.clone()
+    };
+    let forged = BatchMessage {
+        tag: [0x5a; TAG_LEN],
         ..tampered.clone()
     };
     let random: Vec<u8> = (0..97u32)
@@ -370,17 +378,20 @@ async fn poison_messages_are_dead_lettered_without_touching_a_row_and_workers_ke
         unknown_run.encode(),
         future_version.encode(),
         long_table.encode(),
+        bad_tag.encode(),
+        forged.encode(),
+        untagged_v1(&tampered),
         random,
     ] {
         broker::publish(&ch, &env.topo.batches, &body, None)
             .await
             .unwrap();
     }
-    wait_until("five messages are dead-lettered", async || {
+    env.wait_until("eight messages are dead-lettered", async || {
         broker::queue_depth(&ch, &env.topo.dead_letters)
             .await
             .unwrap()
-            == 5
+            == 8
     })
     .await;
     let census = rekey_common::keys::census::census(
@@ -393,37 +404,31 @@ async fn poison_messages_are_dead_lettered_without_touching_a_row_and_workers_ke
         census.iter().all(|r| r.key_id != Some(run.target_key_id)),
         "no row touched"
     );
-    let dead = env
-        .scalar(
-            "SELECT count(*) FROM rekey.audit_log WHERE operation = 'dead_letter' AND NOT success",
-            &[],
-        )
-        .await;
-    assert_eq!(dead, 5, "each refusal audited");
+    // Authenticated orders refused are audited one by one.
     let reasons: Vec<String> = env
         .db
         .pool
         .get()
         .await
         .unwrap()
-        .query("SELECT detail->>'reason' FROM rekey.audit_log WHERE operation = 'dead_letter' ORDER BY id", &[])
+        .query("SELECT detail->>'reason' FROM rekey.audit_log WHERE operation = 'dead_letter' AND NOT success ORDER BY id", &[])
         .await
         .unwrap()
         .iter()
         .map(|r| r.get(0))
         .collect();
+    assert_eq!(
+        reasons.len(),
+        3,
+        "each authenticated refusal audited: {reasons:?}"
+    );
     assert!(
         reasons.iter().all(|r| r.len() <= 256),
         "a reason is at most 256 bytes: {:?}",
         reasons.iter().map(String::len).collect::<Vec<_>>()
     );
     // Two workers' tasks may audit in any order.
-    for expected in [
-        "disagrees with the ledger",
-        "unknown run",
-        "format version 2",
-        "undecodable message",
-    ] {
+    for expected in ["disagrees with the ledger", "unknown run"] {
         assert!(
             reasons.iter().any(|r| r.contains(expected)),
             "{expected:?} not among {reasons:?}"
@@ -440,8 +445,183 @@ async fn poison_messages_are_dead_lettered_without_touching_a_row_and_workers_ke
     assert_eq!(env.drive(run.id).await, RunState::Completed);
     assert!(!w.handle.is_finished());
     w.stop().await;
+    // The unauthenticated ones are counted by kind, written at the latest when the
+    // worker stops.
+    let counted = refused_counts(&env).await;
+    assert_eq!(
+        counted,
+        vec![
+            ("bad_tag".to_owned(), 2),
+            ("undecodable".to_owned(), 1),
+            ("unknown_version".to_owned(), 2),
+        ],
+        "refusals before authentication, by kind"
+    );
     assert!(env.verify(Some(run.target_key_id)).await.passed());
     env.finish().await;
+}
+
+/// What anyone who can publish on the vhost, without the master key, can do with 1,000
+/// messages: nothing to any row or to the ledger; the audit log gets one entry per kind of
+/// refusal per minute, and the dead-letter queue keeps at most its limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_thousand_forged_messages_change_nothing_and_leave_a_bounded_trace() {
+    let mut env = Env::seeded(600, 0.0).await;
+    env.settings.dead_letter_max_length = 100;
+    env.topo = rekey_common::broker::Topology::of(&env.settings);
+    let run = run_cmd::start_rotation(&env.db.pool, &env.settings, &env.master, &opts(100))
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let w = env.worker("w", 2);
+    let (_conn, ch) = env.channel().await;
+    let batches = env
+        .db
+        .pool
+        .get()
+        .await
+        .unwrap()
+        .query(
+            "SELECT batch_no, stage_no, table_name, id_lo, id_hi FROM rekey.batches WHERE run_id = $1",
+            &[&run.id],
+        )
+        .await
+        .unwrap();
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for i in 0..1_000u64 {
+        let b = &batches[(next() % batches.len() as u64) as usize];
+        let copy = BatchMessage {
+            format: FORMAT_VERSION,
+            run_id: run.id,
+            batch_no: b.get(0),
+            stage_no: b.get(1),
+            table: b.get(2),
+            id_lo: b.get(3),
+            id_hi: b.get(4),
+            attempt: 1,
+            tag: [0; TAG_LEN],
+        };
+        let body = match i % 3 {
+            // Random bytes of random length.
+            0 => (0..next() % 300).map(|_| next() as u8).collect(),
+            // A real batch with a guessed tag.
+            1 => {
+                let mut tag = [0u8; TAG_LEN];
+                tag.iter_mut().for_each(|t| *t = next() as u8);
+                BatchMessage { tag, ..copy }.encode()
+            }
+            // A real batch in the untagged format 1.
+            _ => untagged_v1(&copy),
+        };
+        broker::publish(&ch, &env.topo.batches, &body, None)
+            .await
+            .unwrap();
+    }
+    env.wait_until("the forged messages are consumed", async || {
+        broker::queue_depth(&ch, &env.topo.batches).await.unwrap() == 0
+    })
+    .await;
+    // A clean stop finishes the deliveries in hand and writes the last counts.
+    w.stop().await;
+    let minutes = started.elapsed().as_secs() / 60 + 1;
+
+    let census = rekey_common::keys::census::census(
+        &**env.db.pool.get().await.unwrap(),
+        &env.settings.targets,
+    )
+    .await
+    .unwrap();
+    assert!(
+        census.iter().all(|r| r.key_id != Some(run.target_key_id)),
+        "no row touched"
+    );
+    let not_pending = env
+        .scalar(
+            "SELECT count(*) FROM rekey.batches WHERE run_id = $1 AND state <> 'pending'",
+            &[&run.id],
+        )
+        .await;
+    assert_eq!(not_pending, 0, "the ledger is untouched");
+    let dead = broker::queue_depth(&ch, &env.topo.dead_letters)
+        .await
+        .unwrap();
+    assert!(
+        (1..=100).contains(&dead),
+        "the dead-letter queue keeps at most its limit of 100: {dead}"
+    );
+    let counted = refused_counts(&env).await;
+    assert_eq!(
+        counted.iter().map(|c| c.1).sum::<i64>(),
+        1_000,
+        "{counted:?}"
+    );
+    let entries = env
+        .scalar(
+            "SELECT count(*) FROM rekey.audit_log WHERE operation IN ('refused_messages', 'dead_letter')",
+            &[],
+        )
+        .await;
+    assert!(
+        entries as u64 <= 3 * minutes,
+        "{entries} audit entries for 1,000 refusals in {minutes} minute(s): at most one per kind per minute"
+    );
+    // The run is then rotated as if nothing had happened.
+    let w = env.worker("w2", 2);
+    assert_eq!(env.drive(run.id).await, RunState::Completed);
+    w.stop().await;
+    assert!(env.verify(Some(run.target_key_id)).await.passed());
+    env.finish().await;
+}
+
+/// A batch order in format 1 (no tag), as a build before authentication wrote it.
+fn untagged_v1(m: &BatchMessage) -> Vec<u8> {
+    #[derive(serde::Serialize)]
+    struct V1<'a> {
+        format: u16,
+        run_id: i64,
+        batch_no: i64,
+        stage_no: i32,
+        table: &'a str,
+        id_lo: i64,
+        id_hi: i64,
+        attempt: i32,
+    }
+    rekey_common::codec::encode(&V1 {
+        format: 1,
+        run_id: m.run_id,
+        batch_no: m.batch_no,
+        stage_no: m.stage_no,
+        table: &m.table,
+        id_lo: m.id_lo,
+        id_hi: m.id_hi,
+        attempt: m.attempt,
+    })
+}
+
+/// The `refused_messages` audit entries' counts summed by kind, in kind order.
+async fn refused_counts(env: &Env) -> Vec<(String, i64)> {
+    env.db
+        .pool
+        .get()
+        .await
+        .unwrap()
+        .query(
+            "SELECT detail->>'kind', sum((detail->>'count')::bigint)::bigint
+               FROM rekey.audit_log WHERE operation = 'refused_messages'
+              GROUP BY 1 ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
 }
 
 /// A well-formed copy of a batch the coordinator never published (still `pending`, e.g.
@@ -479,11 +659,13 @@ async fn a_copy_of_a_batch_never_published_is_skipped_without_touching_a_row() {
         id_lo: row.get(3),
         id_hi: row.get(4),
         attempt: 1,
-    };
+        tag: [0; TAG_LEN],
+    }
+    .sealed(&env.message_key());
     broker::publish(&ch, &env.topo.batches, &copy.encode(), None)
         .await
         .unwrap();
-    wait_until("the copy is consumed", async || {
+    env.wait_until("the copy is consumed", async || {
         broker::queue_depth(&ch, &env.topo.batches).await.unwrap() == 0
     })
     .await;
@@ -816,7 +998,7 @@ async fn a_paused_run_publishes_nothing_more_and_resume_finishes_it() {
         )
         .await
     });
-    wait_until("some batches are done", async || {
+    env.wait_until("some batches are done", async || {
         env.scalar(
             "SELECT count(*) FROM rekey.batches WHERE run_id = $1 AND state = 'done'",
             &[&run.id],
@@ -833,7 +1015,7 @@ async fn a_paused_run_publishes_nothing_more_and_resume_finishes_it() {
     );
     // Batches already on the queue are handed back by the worker, not rotated.
     let (_conn, ch) = env.channel().await;
-    wait_until("the queue drains", async || {
+    env.wait_until("the queue drains", async || {
         broker::queue_depth(&ch, &env.topo.batches).await.unwrap() == 0
     })
     .await;
