@@ -57,6 +57,66 @@ impl Topology {
     }
 }
 
+/// What a RabbitMQ user may do in the vhost: the three regular expressions RabbitMQ
+/// matches against queue and exchange names.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Permissions {
+    pub configure: String,
+    pub write: String,
+    pub read: String,
+}
+
+impl Topology {
+    fn names_regex(&self, names: &[&str]) -> String {
+        let alternatives: Vec<String> = names.iter().map(|n| n.replace('.', "\\.")).collect();
+        format!("^({})$", alternatives.join("|"))
+    }
+
+    /// The coordinator's least permissions: declare (and, for the demo, delete) the three
+    /// queues (declaring the batch queue with its dead-letter route needs read on it and
+    /// write on the default exchange), publish through the default exchange, consume the
+    /// reports.
+    pub fn coordinator_permissions(&self) -> Permissions {
+        Permissions {
+            configure: self.names_regex(&[&self.batches, &self.dead_letters, &self.reports]),
+            write: "^amq\\.default$".into(),
+            read: self.names_regex(&[&self.batches, &self.reports]),
+        }
+    }
+
+    /// A worker's least permissions: consume the batch queue and publish (reports and dead
+    /// letters) through the default exchange. No configure: a worker only checks that the
+    /// queues exist ([`check_or_declare`]). Publishing through the default exchange cannot
+    /// be limited by queue in RabbitMQ, which is why batch orders carry a tag a worker (or
+    /// anyone without the master key) cannot make.
+    pub fn worker_permissions(&self) -> Permissions {
+        Permissions {
+            configure: "^$".into(),
+            write: "^amq\\.default$".into(),
+            read: self.names_regex(&[&self.batches]),
+        }
+    }
+}
+
+/// A password as RabbitMQ's definitions hold it (`rabbit_password_hashing_sha256`):
+/// base64 of a random 4-byte salt followed by SHA-256(salt || password).
+pub fn password_hash(password: &SecretString) -> String {
+    use base64::Engine;
+    use rand::TryRng;
+    use sha2::{Digest, Sha256};
+    let mut salt = [0u8; 4];
+    rand::rngs::SysRng
+        .try_fill_bytes(&mut salt)
+        .expect("the operating system's random number generator failed");
+    let digest = Sha256::new()
+        .chain_update(salt)
+        .chain_update(password.expose_secret().as_bytes())
+        .finalize();
+    let mut bytes = salt.to_vec();
+    bytes.extend_from_slice(&digest);
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
 /// `host:port/vhost` of an AMQP URL, without credentials, for messages.
 pub fn redacted(url: &str) -> String {
     let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
@@ -252,6 +312,46 @@ pub async fn declare(channel: &Channel, topo: &Topology) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("declare queue {}", topo.reports))?;
     Ok(())
+}
+
+/// For a worker: checks that the queues exist (a passive declaration, which needs no
+/// permission), and declares them only if one is missing, which needs the configure
+/// permission a least-privileged worker user does not have: then the error says that the
+/// coordinator declares them (`rekey preflight`, `rekey rotate`).
+pub async fn check_or_declare(conn: &Connection, topo: &Topology) -> anyhow::Result<()> {
+    let ch = conn
+        .create_channel()
+        .await
+        .context("open a broker channel")?;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let mut all_there = true;
+    for q in [&topo.batches, &topo.dead_letters, &topo.reports] {
+        // A missing queue closes the channel: no need to look further.
+        if ch
+            .queue_declare(q.as_str().into(), passive, FieldTable::default())
+            .await
+            .is_err()
+        {
+            all_there = false;
+            break;
+        }
+    }
+    if all_there {
+        close_channel(&ch).await;
+        return Ok(());
+    }
+    let ch = conn
+        .create_channel()
+        .await
+        .context("open a broker channel")?;
+    let declared = declare(&ch, topo).await.context(
+        "the queues do not exist yet and this user could not declare them (a worker user without the configure permission needs the coordinator to declare them first: `rekey preflight` or `rekey rotate`)",
+    );
+    close_channel(&ch).await;
+    declared
 }
 
 /// Opens a channel with publisher confirms on.

@@ -61,7 +61,7 @@ impl fmt::Debug for MasterKeySource {
 
 /// A secret from a file named by `setting` (a mounted Docker or Kubernetes secret): its
 /// first line. Errors name the setting and the path, never the contents.
-fn read_secret_file(setting: &str, path: &str) -> anyhow::Result<SecretString> {
+pub fn read_secret_file(setting: &str, path: &str) -> anyhow::Result<SecretString> {
     let text = zeroize::Zeroizing::new(
         std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("{setting}: cannot read {path}: {}", e.kind()))?,

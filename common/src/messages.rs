@@ -17,6 +17,7 @@ use zeroize::Zeroizing;
 
 use crate::codec;
 use crate::keys::master::MasterKey;
+use uuid::Uuid;
 
 /// The message format this build writes and accepts (2: batch orders carry a tag).
 pub const FORMAT_VERSION: u16 = 2;
@@ -31,6 +32,10 @@ pub const MESSAGE_KEY_INFO: &[u8] = b"rekey batch message hmac v2";
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BatchMessage {
     pub format: u16,
+    /// The id (fingerprint) of the master key whose message key made `tag`: a worker
+    /// holding another master key (not yet restarted after `rotate-master`) tells such an
+    /// order from a forged one, and hands it back instead of refusing it.
+    pub master_key_id: [u8; 16],
     pub run_id: i64,
     pub batch_no: i64,
     pub stage_no: i32,
@@ -47,7 +52,10 @@ pub struct BatchMessage {
 /// The key that tags batch orders: HKDF-SHA-256 of the master key (no salt, `info`
 /// [`MESSAGE_KEY_INFO`], 32 bytes). Whoever holds the master key can make it; nobody
 /// else can make a tag a worker accepts. Redacted `Debug`, zeroized on drop.
-pub struct MessageKey(Zeroizing<[u8; 32]>);
+pub struct MessageKey {
+    key: Zeroizing<[u8; 32]>,
+    master_key_id: Uuid,
+}
 
 impl fmt::Debug for MessageKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -61,11 +69,19 @@ impl MessageKey {
         let mut okm = Zeroizing::new([0u8; 32]);
         hk.expand(MESSAGE_KEY_INFO, okm.as_mut())
             .expect("32 bytes is a valid HKDF-SHA-256 output length");
-        Self(okm)
+        Self {
+            key: okm,
+            master_key_id: master.id(),
+        }
+    }
+
+    /// The id of the master key this key was derived from.
+    pub fn master_key_id(&self) -> Uuid {
+        self.master_key_id
     }
 
     fn mac(&self, msg: &BatchMessage) -> Hmac<Sha256> {
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(self.0.as_ref())
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(self.key.as_ref())
             .expect("HMAC takes a key of any length");
         mac.update(msg.tagged_text().as_bytes());
         mac
@@ -86,7 +102,7 @@ impl MessageKey {
     /// The raw key, for FORMAT.md's worked example only.
     #[doc(hidden)]
     pub fn expose_for_spec(&self) -> &[u8; 32] {
-        &self.0
+        &self.key
     }
 }
 
@@ -126,9 +142,13 @@ pub enum MessageError {
     #[error("unsupported message format version {0} (this build reads {FORMAT_VERSION})")]
     UnknownVersion(u16),
     #[error(
-        "the batch order's tag does not verify under this worker's master key (forged, altered, or sent by a coordinator with another master key)"
+        "the batch order's tag does not verify under this worker's master key (forged or altered)"
     )]
     BadTag,
+    #[error(
+        "the batch order is tagged under master key {theirs}, this worker holds {ours}: restart it with the key store's master key"
+    )]
+    OtherMasterKey { theirs: Uuid, ours: Uuid },
 }
 
 impl MessageError {
@@ -138,24 +158,33 @@ impl MessageError {
             Self::Undecodable(_) => "undecodable",
             Self::UnknownVersion(_) => "unknown_version",
             Self::BadTag => "bad_tag",
+            Self::OtherMasterKey { .. } => "other_master_key",
         }
     }
 }
 
 impl BatchMessage {
-    /// This message with its tag set under `key`.
+    /// This message with its master key id and its tag set under `key`.
     pub fn sealed(mut self, key: &MessageKey) -> Self {
+        self.master_key_id = *key.master_key_id.as_bytes();
         self.tag = key.tag(&self);
         self
     }
 
+    /// The master key id the message says its tag was made under.
+    pub fn master_key(&self) -> Uuid {
+        Uuid::from_bytes(self.master_key_id)
+    }
+
     /// The text the tag is computed over: `rekey-batch-v2;` then each field as
-    /// `<length in bytes>:<value>;` (integers in decimal): format, run_id, batch_no,
-    /// stage_no, table, id_lo, id_hi, attempt. Independent of the wire encoding.
+    /// `<length in bytes>:<value>;` (integers in decimal, the master key id as a
+    /// hyphenated lower-case UUID): format, master_key_id, run_id, batch_no, stage_no,
+    /// table, id_lo, id_hi, attempt. Independent of the wire encoding.
     pub fn tagged_text(&self) -> String {
         let mut text = String::from("rekey-batch-v2;");
         let fields = [
             self.format.to_string(),
+            self.master_key().to_string(),
             self.run_id.to_string(),
             self.batch_no.to_string(),
             self.stage_no.to_string(),
@@ -232,6 +261,7 @@ mod tests {
             id_lo: 1,
             id_hi: 1000,
             attempt: 1,
+            master_key_id: [0; 16],
             tag: [0; TAG_LEN],
         }
         .sealed(&key(1))

@@ -161,6 +161,24 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// RabbitMQ definitions (JSON, for `rabbitmqctl import_definitions` or the broker's
+    /// `load_definitions`) of two users with the least permissions each needs on this
+    /// queue prefix: the coordinator (declare the queues, publish orders, read reports) and
+    /// the workers (read orders, publish reports and dead letters). Passwords are read from
+    /// files and written only as salted hashes.
+    BrokerUsers {
+        #[arg(long, default_value = "rekey-coordinator")]
+        coordinator_user: String,
+        #[arg(long)]
+        coordinator_password_file: std::path::PathBuf,
+        #[arg(long, default_value = "rekey-worker")]
+        worker_user: String,
+        #[arg(long)]
+        worker_password_file: std::path::PathBuf,
+        /// The virtual host (it must exist).
+        #[arg(long, default_value = "/")]
+        vhost: String,
+    },
     /// A fresh demo database, 100,000 records, two workers, a whole staged rotation.
     Demo {
         #[arg(long, default_value_t = 100_000)]

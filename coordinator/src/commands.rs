@@ -38,6 +38,51 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::BrokerUsers {
+            coordinator_user,
+            coordinator_password_file,
+            worker_user,
+            worker_password_file,
+            vhost,
+        } => {
+            let settings = Settings::load(config)?;
+            let topo = rekey_common::broker::Topology::of(&settings);
+            let users = [
+                (
+                    coordinator_user,
+                    coordinator_password_file,
+                    topo.coordinator_permissions(),
+                ),
+                (worker_user, worker_password_file, topo.worker_permissions()),
+            ];
+            let mut defs_users = Vec::new();
+            let mut defs_permissions = Vec::new();
+            for (user, file, p) in users {
+                let password = rekey_common::config::read_secret_file(
+                    "the password file",
+                    &file.display().to_string(),
+                )?;
+                defs_users.push(serde_json::json!({
+                    "name": user,
+                    "password_hash": rekey_common::broker::password_hash(&password),
+                    "hashing_algorithm": "rabbit_password_hashing_sha256",
+                    "tags": [],
+                }));
+                defs_permissions.push(serde_json::json!({
+                    "user": user,
+                    "vhost": vhost,
+                    "configure": p.configure,
+                    "write": p.write,
+                    "read": p.read,
+                }));
+            }
+            let defs = serde_json::json!({
+                "users": defs_users,
+                "permissions": defs_permissions,
+            });
+            println!("{}", serde_json::to_string_pretty(&defs)?);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Keys { command } => keys_cmd::run(config, command).await,
         Command::Audit { command } => crate::audit_cmd::run(config, command).await,
         Command::Preflight { json } => {

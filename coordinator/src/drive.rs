@@ -77,6 +77,7 @@ async fn publish_window(d: &Driver<'_>, window: i64) -> anyhow::Result<usize> {
             id_lo: p.id_lo,
             id_hi: p.id_hi,
             attempt: p.attempt,
+            master_key_id: [0; 16],
             tag: [0; TAG_LEN],
         }
         .sealed(message_key);

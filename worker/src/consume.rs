@@ -20,7 +20,7 @@ use lapin::{Channel, Connection};
 use opentelemetry::KeyValue;
 use rekey_common::audit::{self, AuditEntry};
 use rekey_common::broker::{self, Topology};
-use rekey_common::messages::{BatchMessage, BatchReport, FORMAT_VERSION, Outcome};
+use rekey_common::messages::{BatchMessage, BatchReport, FORMAT_VERSION, MessageError, Outcome};
 use rekey_common::metrics::{self, Metrics, key_label};
 use rekey_common::{Settings, db, ledger, telemetry};
 use serde_json::json;
@@ -186,11 +186,11 @@ async fn serve(
     opts: &WorkerOptions,
     shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
 ) -> anyhow::Result<Served> {
+    broker::check_or_declare(conn, &shared.topo).await?;
     let consume_ch = conn.create_channel().await?;
     consume_ch
         .basic_qos(opts.prefetch, BasicQosOptions::default())
         .await?;
-    broker::declare(&consume_ch, &shared.topo).await?;
     let publish_ch = broker::confirmed_channel(conn).await?;
     let mut consumer = consume_ch
         .basic_consume(
@@ -346,20 +346,42 @@ async fn handle_in(shared: &Shared, publish_ch: &Channel, delivery: &Delivery) {
             return;
         }
     };
-    // Nothing is read from the database for an order whose tag does not verify.
-    if let Err(e) = shared.ring.authenticate(&shared.pool, &msg).await {
-        count(shared, "poison");
-        let audit = Audit::Aggregated(e.kind());
-        dead_letter(
-            shared,
-            publish_ch,
-            delivery,
-            Some(&msg),
-            &format!("{e}"),
-            audit,
-        )
-        .await;
-        return;
+    // Nothing is read from the database for an order whose tag does not verify (but for
+    // a look at which master key wraps the key store, at most every 10 s).
+    match shared.ring.authenticate(&shared.pool, &msg).await {
+        Ok(()) => {}
+        Err(e @ MessageError::OtherMasterKey { .. }) => {
+            // A genuine order this worker cannot check: it holds an old master key. Hand
+            // it back (after a pause, so that a worker with the right key takes it); the
+            // presence row and `rekey status` name the cause.
+            count(shared, "handed_back");
+            shared
+                .health
+                .retried("wrong_master_key", &anyhow::anyhow!("{e}"));
+            tracing::error!(run_id = msg.run_id, batch_no = msg.batch_no, error = %e, "batch order under another master key; handing it back");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let _ = delivery
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await;
+            return;
+        }
+        Err(e) => {
+            count(shared, "poison");
+            let audit = Audit::Aggregated(e.kind());
+            dead_letter(
+                shared,
+                publish_ch,
+                delivery,
+                Some(&msg),
+                &format!("{e}"),
+                audit,
+            )
+            .await;
+            return;
+        }
     }
     let mut attempt = 0u32;
     let mut delay = Duration::from_millis(100);

@@ -30,6 +30,8 @@ pub struct RingHandle {
     message_key: RwLock<Arc<MessageKey>>,
     source: Option<MasterSource>,
     last_source_read: Mutex<Option<Instant>>,
+    /// The master key that wraps the key store, as last learned.
+    store_master: Mutex<Option<Uuid>>,
     current: RwLock<Arc<KeyRing>>,
     /// Key ids that were still unknown after a reload: values under them are corrupt or
     /// foreign, and must not make every batch reload the ring.
@@ -53,6 +55,7 @@ impl RingHandle {
             master: RwLock::new(Arc::new(master)),
             source: None,
             last_source_read: Mutex::new(None),
+            store_master: Mutex::new(None),
             current: RwLock::new(Arc::new(ring)),
             known_missing: Mutex::new(HashSet::new()),
         })
@@ -125,37 +128,71 @@ impl RingHandle {
         key.verify(msg).is_ok()
     }
 
-    /// Checks a batch order's tag before anything else is done with it. A tag made under
-    /// another master key may mean the master key was rotated: the worker then reads its
-    /// master key again (at most every [`SOURCE_READ_EVERY`]) and takes it up if the tag
-    /// verifies under it and the key store opens with it (as [`Self::reload`] does).
+    /// Checks a batch order's tag before anything else is done with it.
+    ///
+    /// An order tagged under this worker's master key must verify (else `BadTag`). One
+    /// tagged under another key may come from a driver that runs after `rotate-master`
+    /// while this worker still holds the old key: the worker reads its master key again
+    /// (a replaced key file; at most every [`SOURCE_READ_EVERY`]) and takes it up if the
+    /// tag verifies under it and the key store opens with it. If the order names the key
+    /// store's master key and this worker cannot take it up, the fault is the worker's:
+    /// `OtherMasterKey` (the caller hands the order back for a worker with the right key).
+    /// Any other key: `BadTag`.
     pub async fn authenticate(&self, pool: &Pool, msg: &BatchMessage) -> Result<(), MessageError> {
-        let key = self.message_key.read().expect("message key lock").clone();
-        if key.verify(msg).is_ok() {
-            return Ok(());
+        let ours = self.master_id();
+        let theirs = msg.master_key();
+        if theirs == ours {
+            let key = self.message_key.read().expect("message key lock").clone();
+            return key.verify(msg);
         }
-        let Some(source) = &self.source else {
-            return Err(MessageError::BadTag);
-        };
-        {
-            let mut last = self.last_source_read.lock().expect("source read lock");
-            if last.is_some_and(|t| t.elapsed() < SOURCE_READ_EVERY) {
-                return Err(MessageError::BadTag);
+        if self.may_look_again() {
+            self.look_again(pool, msg).await;
+            if self.master_id() == theirs {
+                let key = self.message_key.read().expect("message key lock").clone();
+                return key.verify(msg);
             }
-            *last = Some(Instant::now());
         }
-        let Ok(fresh) = source() else {
-            return Err(MessageError::BadTag);
-        };
-        if fresh.id() == self.master_id() || MessageKey::derive(&fresh).verify(msg).is_err() {
-            return Err(MessageError::BadTag);
+        let store = *self.store_master.lock().expect("store master lock");
+        if store == Some(theirs) {
+            return Err(MessageError::OtherMasterKey {
+                theirs,
+                ours: self.master_id(),
+            });
         }
-        drop(fresh);
-        // The reload switches to the fresh key only if the store is wrapped by it.
-        if let Err(e) = self.reload(pool).await {
-            tracing::warn!(error = %format!("{e:#}"), "a batch order is tagged under another master key, and the key store does not open with it");
+        Err(MessageError::BadTag)
+    }
+
+    fn may_look_again(&self) -> bool {
+        let mut last = self.last_source_read.lock().expect("source read lock");
+        if last.is_some_and(|t| t.elapsed() < SOURCE_READ_EVERY) {
+            return false;
         }
-        let key = self.message_key.read().expect("message key lock").clone();
-        key.verify(msg)
+        *last = Some(Instant::now());
+        true
+    }
+
+    /// Reads the master key again if the order's tag verifies under the key the settings
+    /// name now, and learns which master key wraps the key store.
+    async fn look_again(&self, pool: &Pool, msg: &BatchMessage) {
+        let fresh_verifies = self
+            .source
+            .as_ref()
+            .and_then(|s| s().ok())
+            .is_some_and(|fresh| {
+                fresh.id() == msg.master_key() && MessageKey::derive(&fresh).verify(msg).is_ok()
+            });
+        // The reload switches to the settings' key only if the store is wrapped by it;
+        // otherwise it says which key wraps the store.
+        match self.reload(pool).await {
+            Ok(_) => *self.store_master.lock().expect("store master lock") = Some(self.master_id()),
+            Err(e) => {
+                if let Some(store::Error::WrongMasterKey { expected, .. }) = e.downcast_ref() {
+                    *self.store_master.lock().expect("store master lock") = Some(*expected);
+                }
+                if fresh_verifies {
+                    tracing::warn!(error = %format!("{e:#}"), "a batch order is tagged under the master key the settings name now, and the key store does not open with it");
+                }
+            }
+        }
     }
 }

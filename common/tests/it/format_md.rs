@@ -79,6 +79,7 @@ fn computed() -> Vec<(&'static str, String)> {
         id_lo: 1,
         id_hi: 1000,
         attempt: 1,
+        master_key_id: [0; 16],
         tag: [0; TAG_LEN],
     }
     .sealed(&message_key);
@@ -199,7 +200,17 @@ fn an_independent_program_can_tag_a_batch_order_and_a_worker_accepts_it() {
     assert_eq!(hex::encode(message_key), doc["message_key"]);
     // The tagged text: "rekey-batch-v2;" and each field as <length>:<value>;.
     let mut text = String::from("rekey-batch-v2;");
-    for f in ["2", "7", "12", "0", "demo.users", "1", "1000", "1"] {
+    for f in [
+        "2",
+        &doc["master_key_id"],
+        "7",
+        "12",
+        "0",
+        "demo.users",
+        "1",
+        "1000",
+        "1",
+    ] {
         text.push_str(&format!("{}:{f};", f.len()));
     }
     assert_eq!(text, doc["message_tagged_text"]);
@@ -210,7 +221,9 @@ fn an_independent_program_can_tag_a_batch_order_and_a_worker_accepts_it() {
         .into_bytes();
     assert_eq!(hex::encode(tag), doc["message_tag"]);
     // The body: varints (zigzag for signed), the table with its length, then the tag.
-    let mut body = vec![0x02, 0x0e, 0x18, 0x00, 10];
+    let mut body = vec![0x02];
+    body.extend_from_slice(Uuid::parse_str(&doc["master_key_id"]).unwrap().as_bytes());
+    body.extend_from_slice(&[0x0e, 0x18, 0x00, 10]);
     body.extend_from_slice(b"demo.users");
     body.extend_from_slice(&[0x02, 0xfb, 0xd0, 0x07, 0x02]);
     body.extend_from_slice(&tag);

@@ -6,6 +6,7 @@
 //! point tests need `--all-features`.
 
 mod binaries;
+mod broker_users;
 mod budget;
 mod deploy;
 mod faults;

@@ -111,6 +111,7 @@ async fn the_same_batch_published_twice_is_rotated_once_and_counted_once() {
                 id_lo: b.get(3),
                 id_hi: b.get(4),
                 attempt: 0,
+                master_key_id: [0; 16],
                 tag: [0; TAG_LEN],
             }
             .sealed(&env.message_key());
@@ -340,6 +341,7 @@ async fn poison_messages_are_dead_lettered_without_touching_a_row_and_workers_ke
         id_lo: first.get(2),
         id_hi: first.get::<_, i64>(3) + 500,
         attempt: 1,
+        master_key_id: [0; 16],
         tag: [0; TAG_LEN],
     }
     .sealed(&env.message_key());
@@ -505,6 +507,7 @@ async fn a_thousand_forged_messages_change_nothing_and_leave_a_bounded_trace() {
             id_lo: b.get(3),
             id_hi: b.get(4),
             attempt: 1,
+            master_key_id: [0; 16],
             tag: [0; TAG_LEN],
         };
         let body = match i % 3 {
@@ -659,6 +662,7 @@ async fn a_copy_of_a_batch_never_published_is_skipped_without_touching_a_row() {
         id_lo: row.get(3),
         id_hi: row.get(4),
         attempt: 1,
+        master_key_id: [0; 16],
         tag: [0; TAG_LEN],
     }
     .sealed(&env.message_key());
