@@ -143,6 +143,8 @@ else
   # Bound to loopback: the node's AMQP listener, Erlang's port mapper and its distribution
   # port; named rabbit@localhost, since the machine's host name may resolve to an address
   # the port mapper does not listen on (a container's does). `rabbitmqctl -n rabbit@localhost`.
+  # rekey's broker settings (the largest message accepted): rabbitmq/10-rekey.conf.
+  as_root install -D -m 0644 "$(dirname "$0")/../rabbitmq/10-rekey.conf" /etc/rabbitmq/conf.d/10-rekey.conf
   as_root env RABBITMQ_NODENAME=rabbit@localhost \
     RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 ERL_EPMD_ADDRESS=127.0.0.1 \
     RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}" \

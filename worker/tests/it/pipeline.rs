@@ -574,6 +574,14 @@ async fn a_thousand_forged_messages_change_nothing_and_leave_a_bounded_trace() {
         entries as u64 <= 3 * minutes,
         "{entries} audit entries for 1,000 refusals in {minutes} minute(s): at most one per kind per minute"
     );
+    // The broker itself refuses a message over its limit (rabbitmq/10-rekey.conf, which
+    // scripts/setup.sh installs): 128 KiB.
+    let (_big_conn, big_ch) = env.channel().await;
+    let big = broker::publish(&big_ch, &env.topo.batches, &vec![0u8; 200 * 1024], None).await;
+    assert!(
+        big.is_err(),
+        "the broker took a 200 KiB message: is it running with rabbitmq/10-rekey.conf?"
+    );
     // The run is then rotated as if nothing had happened.
     let w = env.worker("w2", 2);
     assert_eq!(env.drive(run.id).await, RunState::Completed);
