@@ -30,9 +30,47 @@ rabbit=$(random)
 if [ ! -e "$dir/rabbitmq_password" ]; then
   write rabbitmq_password "$rabbit"
   write rabbitmq.conf "default_user = rekey
-default_pass = $rabbit"
+default_pass = $rabbit
+load_definitions = /etc/rabbitmq/definitions.json"
 else
   echo "$dir/rabbitmq_password exists; kept ($dir/rabbitmq.conf must hold the same password)"
+fi
+# The coordinator's and the workers' own RabbitMQ users, with the least permissions each
+# needs (`rekey broker-users` prints the same definitions; loadtest/tests/it/deploy.rs
+# checks that the two agree). The broker loads them at boot from rabbitmq-definitions.json,
+# which holds salted SHA-256 hashes, never the passwords.
+write rabbitmq_coordinator_password "$(random)"
+write rabbitmq_worker_password "$(random)"
+if [ ! -e "$dir/rabbitmq-definitions.json" ]; then
+  python3 - "$dir" "${REKEY_QUEUE_PREFIX:-rekey}" >"$dir/rabbitmq-definitions.json" <<'EOF'
+import base64, hashlib, json, os, sys
+d, prefix = sys.argv[1], sys.argv[2]
+def pw(name):
+    with open(os.path.join(d, name)) as f:
+        return f.readline().rstrip("\n")
+def hashed(p):
+    salt = os.urandom(4)
+    return base64.b64encode(salt + hashlib.sha256(salt + p.encode()).digest()).decode()
+def names(*qs):
+    return "^(" + "|".join(q.replace(".", "\\.") for q in qs) + ")$"
+b, dead, rep = prefix + ".batches", prefix + ".batches.dead", prefix + ".reports"
+users = [
+    ("rekey", "rabbitmq_password", ["administrator"], (".*", ".*", ".*")),
+    ("rekey-coordinator", "rabbitmq_coordinator_password", [],
+     (names(b, dead, rep), "^amq\\.default$", names(b, rep))),
+    ("rekey-worker", "rabbitmq_worker_password", [], ("^$", "^amq\\.default$", names(b))),
+]
+print(json.dumps({
+    "vhosts": [{"name": "/"}],
+    "users": [{"name": u, "password_hash": hashed(pw(f)), "hashing_algorithm":
+               "rabbit_password_hashing_sha256", "tags": t} for u, f, t, _ in users],
+    "permissions": [{"user": u, "vhost": "/", "configure": c, "write": w, "read": r}
+                    for u, _, _, (c, w, r) in users],
+}, indent=2))
+EOF
+  echo "wrote $dir/rabbitmq-definitions.json"
+else
+  echo "$dir/rabbitmq-definitions.json exists; kept"
 fi
 write grafana_admin_password "$(random)"
 

@@ -58,7 +58,9 @@ log "PostgreSQL on 127.0.0.1:$pg_port"
 # RabbitMQ: its own node, the compose file's credentials config.
 mq_port=$(free_port); dist_port=$(free_port)
 mkdir -p "$work/rabbit"
-{ echo "listeners.tcp.local = 127.0.0.1:$mq_port"; cat "$secrets/rabbitmq.conf"; } >"$work/rabbit/rabbitmq.conf"
+# The definitions (the coordinator's and the workers' users) from where the secrets are.
+{ echo "listeners.tcp.local = 127.0.0.1:$mq_port"; cat "$repo/rabbitmq/10-rekey.conf"
+  sed "s|/etc/rabbitmq/definitions.json|$secrets/rabbitmq-definitions.json|" "$secrets/rabbitmq.conf"; } >"$work/rabbit/rabbitmq.conf"
 echo '[].' >"$work/rabbit/enabled_plugins"; : >"$work/rabbit/env.conf"
 ( cd "$work/rabbit" && exec setsid env HOME="$work/rabbit" RABBITMQ_CONF_ENV_FILE="$work/rabbit/env.conf" \
   RABBITMQ_NODENAME="rekey-topology-$$@localhost" RABBITMQ_NODE_PORT="$mq_port" RABBITMQ_DIST_PORT="$dist_port" \
@@ -72,8 +74,11 @@ log "RabbitMQ on 127.0.0.1:$mq_port"
 # The compose file's environment, pointed at these processes.
 export REKEY_DATABASE_URL="postgres://rekey@127.0.0.1:$pg_port/rekey"
 export REKEY_DATABASE_PASSWORD_FILE="$secrets/postgres_password"
-export REKEY_AMQP_URL="amqp://rekey@127.0.0.1:$mq_port/%2f"
-export REKEY_AMQP_PASSWORD_FILE="$secrets/rabbitmq_password"
+# Each process connects to RabbitMQ as the compose file's service does: workers as
+# rekey-worker, the coordinator as rekey-coordinator.
+worker_amqp=(REKEY_AMQP_URL="amqp://rekey-worker@127.0.0.1:$mq_port/%2f" REKEY_AMQP_PASSWORD_FILE="$secrets/rabbitmq_worker_password")
+export REKEY_AMQP_URL="amqp://rekey-coordinator@127.0.0.1:$mq_port/%2f"
+export REKEY_AMQP_PASSWORD_FILE="$secrets/rabbitmq_coordinator_password"
 export REKEY_MASTER_KEY_FILE="$secrets/master_key"
 export REKEY_ALLOW_INSECURE_KEY_FILE=1     # as the compose file: its secrets are 0640 for group 10001
 export REKEY_QUEUE_PREFIX=rekey
@@ -91,7 +96,7 @@ log "seeded $ROWS records"
 worker_ports=()
 for i in $(seq 1 "$WORKERS"); do
   port=$(free_port); worker_ports+=("$port")
-  "$BIN_DIR/rekey-worker" --worker-id "worker-$i" --concurrency 2 --prefetch 4 --metrics-addr "127.0.0.1:$port" \
+  env "${worker_amqp[@]}" "$BIN_DIR/rekey-worker" --worker-id "worker-$i" --concurrency 2 --prefetch 4 --metrics-addr "127.0.0.1:$port" \
     2>"$work/worker-$i.log" &
   pids+=("$!")
 done

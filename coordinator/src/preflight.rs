@@ -126,9 +126,27 @@ async fn broker_check(settings: &Settings) -> Check {
                 settings.amqp_url_from
             )
         })??;
+        // Were the queues there already? Workers without the configure permission wait
+        // for them (retrying every few seconds, at most 10 s apart): when this check
+        // declares them, it gives the workers that long to attach.
+        let existed = {
+            let probe = conn.create_channel().await?;
+            let there = broker::queue_depth(&probe, &topo.batches).await.is_ok();
+            if there {
+                broker::close_channel(&probe).await;
+            }
+            there
+        };
         let ch = conn.create_channel().await?;
         broker::declare(&ch, &topo).await?;
-        let n = broker::consumer_count(&ch, &topo.batches).await?;
+        let mut n = broker::consumer_count(&ch, &topo.batches).await?;
+        if !existed {
+            let until = std::time::Instant::now() + broker::Backoff::MAX + Duration::from_secs(5);
+            while n == 0 && std::time::Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                n = broker::consumer_count(&ch, &topo.batches).await?;
+            }
+        }
         broker::close(&conn, "bye").await;
         anyhow::Ok(n)
     }

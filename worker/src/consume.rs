@@ -148,6 +148,7 @@ async fn run_sessions(
 ) -> anyhow::Result<()> {
     tokio::pin!(shutdown);
     let mut backoff = broker::Backoff::new();
+    let mut failed_sessions = broker::Backoff::new();
     loop {
         let Some(conn) =
             broker::connect_until(settings, &opts.worker_id, &mut backoff, &mut shutdown).await
@@ -155,21 +156,29 @@ async fn run_sessions(
             return Ok(());
         };
         tracing::info!(worker = %opts.worker_id, "connected to the broker");
-        match serve(&conn, shared, opts, &mut shutdown).await {
+        let pause = match serve(&conn, shared, opts, &mut shutdown).await {
             Ok(Served::Shutdown) => {
                 broker::close(&conn, "worker shutting down").await;
                 shared.metrics.shutdown();
                 tracing::info!("worker stopped");
                 return Ok(());
             }
-            Ok(Served::Lost) => tracing::warn!("broker connection lost; reconnecting"),
-            Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), "broker session failed; reconnecting")
+            Ok(Served::Lost) => {
+                tracing::warn!("broker connection lost; reconnecting");
+                failed_sessions.reset();
+                broker::Backoff::FIRST
             }
-        }
+            Err(e) => {
+                // E.g. the queues are not declared yet and this worker may not declare
+                // them: wait longer each time (up to 10 s) for the coordinator.
+                tracing::warn!(error = %format!("{e:#}"), "broker session failed; reconnecting");
+                broker::close(&conn, "worker reconnecting").await;
+                failed_sessions.next_delay()
+            }
+        };
         tokio::select! {
             _ = &mut shutdown => return Ok(()),
-            _ = tokio::time::sleep(broker::Backoff::FIRST) => {}
+            _ = tokio::time::sleep(pause) => {}
         }
     }
 }

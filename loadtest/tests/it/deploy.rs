@@ -20,7 +20,10 @@ fn read(path: &str) -> String {
 }
 
 fn compose() -> Value {
-    let yaml: serde_norway::Value = serde_norway::from_str(&read("docker-compose.yml")).unwrap();
+    let mut yaml: serde_norway::Value =
+        serde_norway::from_str(&read("docker-compose.yml")).unwrap();
+    // `<<:` merge keys, as docker compose applies them.
+    yaml.apply_merge().unwrap();
     serde_json::to_value(yaml).unwrap()
 }
 
@@ -148,7 +151,8 @@ fn every_service_command_port_variable_and_path_matches_what_rekey_accepts() {
             .strip_prefix("./secrets/")
             .expect("secrets live in ./secrets");
         assert!(
-            script.contains(&format!("write {base} ")),
+            script.contains(&format!("write {base} "))
+                || script.contains(&format!("\"$dir/{base}\"")),
             "{name}: the script never writes {file}"
         );
     }
@@ -444,4 +448,84 @@ fn key_files_in_the_repository_are_ignored_by_git() {
             Err(e) => eprintln!("skipped: no git ({e})"),
         }
     }
+}
+
+/// The RabbitMQ users scripts/compose-secrets.sh defines for the compose file have the
+/// permissions `rekey broker-users` gives (one truth: `Topology::*_permissions`), and their
+/// hashes are of the passwords the services read.
+#[test]
+fn the_compose_broker_users_have_the_permissions_rekey_gives() {
+    let dir = std::env::temp_dir().join(format!("rekey-secrets-{}", uuid::Uuid::new_v4().simple()));
+    let out = Command::new(repo("scripts/compose-secrets.sh"))
+        .env("SECRETS_DIR", &dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let defs: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("rabbitmq-definitions.json")).unwrap(),
+    )
+    .unwrap();
+    let coordinator = dir
+        .join("rabbitmq_coordinator_password")
+        .display()
+        .to_string();
+    let worker = dir.join("rabbitmq_worker_password").display().to_string();
+    let rekey = Command::new(bin("rekey"))
+        .args([
+            "broker-users",
+            "--coordinator-password-file",
+            &coordinator,
+            "--worker-password-file",
+            &worker,
+        ])
+        .env("REKEY_QUEUE_PREFIX", "rekey")
+        .env_remove("REKEY_CONFIG")
+        .current_dir(std::env::temp_dir())
+        .output()
+        .unwrap();
+    assert!(
+        rekey.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rekey.stderr)
+    );
+    let ours: Value = serde_json::from_slice(&rekey.stdout).unwrap();
+    for p in ours["permissions"].as_array().unwrap() {
+        let theirs = defs["permissions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|q| q["user"] == p["user"])
+            .unwrap_or_else(|| panic!("compose defines no user {}", p["user"]));
+        for k in ["vhost", "configure", "write", "read"] {
+            assert_eq!(theirs[k], p[k], "{}: {k}", p["user"]);
+        }
+    }
+    // Each hash is the salted SHA-256 of the password file the service reads.
+    use base64::Engine;
+    use sha2::Digest;
+    for (user, file) in [
+        ("rekey-coordinator", &coordinator),
+        ("rekey-worker", &worker),
+    ] {
+        let u = defs["users"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|u| u["name"] == user)
+            .unwrap();
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(u["password_hash"].as_str().unwrap())
+            .unwrap();
+        let password = std::fs::read_to_string(file).unwrap();
+        let digest = sha2::Sha256::new()
+            .chain_update(&raw[..4])
+            .chain_update(password.trim_end().as_bytes())
+            .finalize();
+        assert_eq!(&raw[4..], digest.as_slice(), "{user}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
