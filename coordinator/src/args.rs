@@ -57,6 +57,10 @@ pub struct DriveArgs {
     /// queue for this long (e.g. 30s, 2m).
     #[arg(long, default_value = "30s", value_parser = parse_duration_arg)]
     pub no_consumer_after: Duration,
+    /// While this file exists, publish nothing new (batches in flight finish); remove it to
+    /// go on. Like `rekey throttle RUN on`, for scripts and cron.
+    #[arg(long, env = "REKEY_THROTTLE_FLAG_FILE")]
+    pub throttle_flag_file: Option<std::path::PathBuf>,
 }
 
 fn parse_duration_arg(s: &str) -> Result<Duration, String> {
@@ -69,6 +73,7 @@ impl DriveArgs {
             max_in_flight: self.max_in_flight.max(1),
             lease: Duration::from_secs(self.lease_secs.max(1)),
             no_consumer_after: self.no_consumer_after,
+            throttle_flag_file: self.throttle_flag_file.clone(),
             progress: if json {
                 crate::progress::ProgressMode::Quiet
             } else {

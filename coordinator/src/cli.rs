@@ -131,6 +131,19 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Hold (`on`) or free (`off`) a run's publication without pausing it, as gh-ost's
+    /// throttle: while held the driver publishes nothing new and batches in flight finish;
+    /// `rekey status` says who held it and why. Audited.
+    Throttle {
+        run: i64,
+        #[arg(value_parser = ["on", "off"])]
+        switch: String,
+        /// Why (kept with the hold and in the audit log).
+        #[arg(long)]
+        reason: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Resume a paused, halted or interrupted run, recomputing everything from the ledger.
     Resume {
         /// The run; by default the newest run that is not over.

@@ -235,6 +235,25 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print_json_or(json, &r, || println!("run {} is paused", r.id))?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Throttle {
+            run,
+            switch,
+            reason,
+            json,
+        } => {
+            let ctx = Context::connect(config).await?;
+            let on = switch == "on";
+            let r = run_cmd::throttle(&ctx.pool, run, on, &ctx.settings.actor, reason.as_deref())
+                .await?;
+            print_json_or(json, &r, || match &r.throttle_hold {
+                Some(h) => println!(
+                    "run {} is held: nothing new is published until `rekey throttle {} off` ({h})",
+                    r.id, r.id
+                ),
+                None => println!("run {} is not held: publication goes on", r.id),
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Resume {
             run,
             detach,

@@ -188,6 +188,7 @@ pub async fn run(
         metrics_addr: None,
         metrics_linger: "0".into(),
         no_consumer_after: std::time::Duration::from_secs(30),
+        throttle_flag_file: None,
     };
     let code = follow(&ctx, run.id, false, &drive, false, RunEvent::Started).await?;
 

@@ -289,10 +289,14 @@ async fn step(
             }
             let throttle = rt.throttle.clone().expect("set above");
             let window = throttle.window;
+            // The operator's hold and the flag file stop publication; batches in flight
+            // finish. What holds it now is said (event, driver row for `rekey status`).
+            let hold = hold_reason(&run, opts);
+            say_throttle(d, rt, hold.as_deref(), &throttle).await;
             // Pacing: at most one batch per gap.
             let paced = !throttle.gap.is_zero()
                 && rt.last_publish.is_some_and(|t| t.elapsed() < throttle.gap);
-            if !paced && publish_window(d, window).await? > 0 {
+            if hold.is_none() && !paced && publish_window(d, window).await? > 0 {
                 rt.last_publish = Some(Instant::now());
             }
             let p = ledger::progress_of(&**pool.get().await?, run_id, Some(stage_no)).await?;
@@ -386,6 +390,73 @@ async fn step(
         StageState::Passed => {}
     }
     Ok(None)
+}
+
+/// What holds the run's publication besides the latency throttle: the operator's
+/// `rekey throttle RUN on`, or the flag file while it exists.
+fn hold_reason(run: &ledger::Run, opts: &DriveOptions) -> Option<String> {
+    if let Some(h) = &run.throttle_hold {
+        return Some(format!(
+            "held by the operator ({h}): `rekey throttle {} off` lifts it",
+            run.id
+        ));
+    }
+    let flag = opts.throttle_flag_file.as_ref()?;
+    flag.exists().then(|| {
+        format!(
+            "held: the throttle flag file {} exists; remove it to go on",
+            flag.display()
+        )
+    })
+}
+
+/// Says what holds publication when it changes: a `held` / `hold_released` event for the
+/// operator's holds, and the driver row's `throttle` (also the latency throttle's figures)
+/// for `rekey status`.
+async fn say_throttle(
+    d: &Driver<'_>,
+    rt: &mut StageRuntime,
+    hold: Option<&str>,
+    throttle: &crate::throttle::Throttle,
+) {
+    let latency = throttle.engaged().then(|| {
+        format!(
+            "latency: the application's latency is over its threshold; {} batch(es) in flight at most, {} ms between batches",
+            throttle.window,
+            throttle.gap.as_millis()
+        )
+    });
+    let now = hold.map(str::to_owned).or(latency);
+    if now == rt.said_throttle {
+        return;
+    }
+    let was_held = rt
+        .said_throttle
+        .as_deref()
+        .is_some_and(|s| s.starts_with("held"));
+    match hold {
+        Some(reason) if !was_held || rt.said_throttle.as_deref() != Some(reason) => {
+            let held = RunEvent::Held {
+                reason: reason.to_owned(),
+            };
+            d.events.emit(d.pool, d.run_id, held).await;
+        }
+        None if was_held => {
+            d.events
+                .emit(d.pool, d.run_id, RunEvent::HoldReleased)
+                .await
+        }
+        _ => {}
+    }
+    let written = async {
+        ledger::set_driver_throttle(&**d.pool.get().await?, d.run_id, now.as_deref()).await?;
+        anyhow::Ok(())
+    }
+    .await;
+    if let Err(e) = written {
+        tracing::warn!(run_id = d.run_id, error = %format!("{e:#}"), "could not record the throttle's state");
+    }
+    rt.said_throttle = now;
 }
 
 /// Every heartbeat: counts the batch queue's consumers (for the lease, `rekey status` and

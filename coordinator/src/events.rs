@@ -64,6 +64,10 @@ pub enum RunEvent<'a> {
     },
     /// The throttle let go.
     ThrottleReleased { stage_no: i32, p99_ms: f64 },
+    /// Publication is held by the operator (`rekey throttle RUN on`) or a flag file.
+    Held { reason: String },
+    /// The hold was lifted: publication goes on.
+    HoldReleased,
     /// Batches wait and nobody has consumed the batch queue for `secs`.
     NoConsumer { queue: String, secs: u64 },
     /// Consumers came back after a `no_consumer`.
@@ -98,6 +102,8 @@ impl RunEvent<'_> {
             Self::Breached { .. } => "gate_breached",
             Self::Throttling { .. } => "throttling",
             Self::ThrottleReleased { .. } => "throttle_released",
+            Self::Held { .. } => "held",
+            Self::HoldReleased => "hold_released",
             Self::NoConsumer { .. } => "no_consumer",
             Self::ConsumersBack { .. } => "consumers_back",
             Self::WorkersFailing { .. } => "workers_failing",
@@ -120,6 +126,8 @@ impl RunEvent<'_> {
         "gate_breached",
         "throttling",
         "throttle_released",
+        "held",
+        "hold_released",
         "no_consumer",
         "consumers_back",
         "workers_failing",
@@ -164,6 +172,7 @@ impl RunEvent<'_> {
             Self::Breached { reason, .. } => Some(reason),
             Self::NoConsumer { .. } => Some("nobody is consuming the batch queue: start workers"),
             Self::WorkersFailing { error, .. } => Some(error),
+            Self::Held { reason } => Some(reason),
             Self::Halted { reason } => *reason,
             _ => None,
         }
@@ -263,6 +272,12 @@ impl RunEvent<'_> {
             Self::ThrottleReleased { stage_no, p99_ms } => {
                 tracing::info!(run_id, stage_no, p99_ms, "throttle released")
             }
+            Self::Held { reason } => tracing::warn!(
+                run_id,
+                reason,
+                "publication held: batches in flight finish, nothing new is published"
+            ),
+            Self::HoldReleased => tracing::info!(run_id, "hold lifted: publishing again"),
             Self::NoConsumer { queue, secs } => tracing::warn!(
                 run_id,
                 queue,
@@ -513,6 +528,10 @@ mod tests {
                 stage_no: 1,
                 p99_ms: 2.0,
             },
+            RunEvent::Held {
+                reason: "held by the operator".into(),
+            },
+            RunEvent::HoldReleased,
             RunEvent::NoConsumer {
                 queue: "rekey.batches".into(),
                 secs: 30,

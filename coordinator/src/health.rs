@@ -206,6 +206,21 @@ pub fn lines(run: &Run, h: &RunHealth) -> Vec<String> {
                 (Some(n), _) => out.push(format!("  consumers    {n} on the batch queue")),
                 _ => {}
             }
+            if let Some(t) = &d.throttle {
+                out.push(format!("  throttle     {t}"));
+            }
+        }
+        // The operator's hold shows even while nobody drives the run.
+        if let (Some(h), false) = (
+            &run.throttle_hold,
+            h.driver
+                .as_ref()
+                .is_some_and(|d| d.live && d.throttle.is_some()),
+        ) {
+            out.push(format!(
+                "  throttle     held by the operator ({h}): `rekey throttle {} off` lifts it",
+                run.id
+            ));
         }
     }
     let (done, retried): (i64, i64) = h

@@ -475,6 +475,48 @@ pub async fn pause(pool: &Pool, run_id: i64) -> anyhow::Result<Run> {
     Ok(ledger::get_run(&**client, run_id).await?.expect("exists"))
 }
 
+/// Holds (`on`) or frees a run's publication without pausing it: the driver publishes
+/// nothing new while held, batches in flight finish, and `rekey status` says who held it.
+/// Audited. Refused for a run that is over.
+pub async fn throttle(
+    pool: &Pool,
+    run_id: i64,
+    on: bool,
+    actor: &str,
+    reason: Option<&str>,
+) -> anyhow::Result<Run> {
+    let client = pool.get().await?;
+    let run = ledger::get_run(&**client, run_id)
+        .await?
+        .with_context(|| format!("no run {run_id}"))?;
+    let hold = on.then(|| {
+        let mut h = format!(
+            "{actor} at {}",
+            chrono::Utc::now().format("%Y-%m-%d %H:%M:%S UTC")
+        );
+        if let Some(r) = reason.filter(|r| !r.trim().is_empty()) {
+            h.push_str(&format!(": {}", r.trim()));
+        }
+        h
+    });
+    if !ledger::set_throttle_hold(&**client, run_id, hold.as_deref()).await? {
+        bail!(
+            "run {run_id} is {}; only a run that is not over can be throttled",
+            run.state
+        );
+    }
+    let action = if on { "throttle_on" } else { "throttle_off" };
+    record_action(
+        &**client,
+        &run,
+        actor,
+        action,
+        serde_json::json!({ "reason": reason }),
+    )
+    .await?;
+    Ok(ledger::get_run(&**client, run_id).await?.expect("exists"))
+}
+
 /// Makes a paused, halted or interrupted run runnable again. Batches marked published
 /// are published again (a duplicate message is harmless: the worker finds it done).
 pub async fn resume(pool: &Pool, run_id: i64) -> anyhow::Result<Run> {

@@ -39,6 +39,8 @@ pub struct DriveOptions {
     pub no_consumer_after: Duration,
     /// Where run events go: the log, and the event counter and webhook if it has them.
     pub events: crate::events::Events,
+    /// While this file exists, nothing new is published (gh-ost's throttle flag file).
+    pub throttle_flag_file: Option<std::path::PathBuf>,
 }
 
 /// The driver's defaults, one place for the flags (`DriveArgs`) and `DriveOptions`.
@@ -58,6 +60,7 @@ impl Default for DriveOptions {
             probe_every: Duration::from_secs(2),
             probe_spacing: Duration::from_millis(50),
             metrics: None,
+            throttle_flag_file: None,
             no_consumer_after: Duration::from_secs(30),
             events: crate::events::Events::default(),
         }
@@ -77,6 +80,8 @@ pub(crate) struct StageRuntime {
     pub(crate) last_probe: Option<Instant>,
     pub(crate) last_observation: Option<Instant>,
     pub(crate) ring: Option<rekey_common::keys::ring::KeyRing>,
+    /// What held publication at the last step, as said (event and driver row).
+    pub(crate) said_throttle: Option<String>,
 }
 
 impl StageRuntime {

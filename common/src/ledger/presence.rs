@@ -46,6 +46,8 @@ pub struct DriverLease {
     pub consumers: Option<i32>,
     /// Seconds without a consumer on the batch queue (`None`: there is one).
     pub no_consumer_secs: Option<f64>,
+    /// What holds the driver's publication right now (`None`: nothing).
+    pub throttle: Option<String>,
 }
 
 impl DriverLease {
@@ -86,7 +88,7 @@ impl From<tokio_postgres::Error> for DriverError {
 const LEASE_COLUMNS: &str = "run_id, host, pid, since, heartbeat_at,
     extract(epoch FROM clock_timestamp() - heartbeat_at)::float8, ttl_secs,
     heartbeat_at > clock_timestamp() - make_interval(secs => ttl_secs), consumers,
-    extract(epoch FROM clock_timestamp() - no_consumer_since)::float8";
+    extract(epoch FROM clock_timestamp() - no_consumer_since)::float8, throttle";
 
 fn lease_of(r: &Row) -> DriverLease {
     DriverLease {
@@ -100,7 +102,22 @@ fn lease_of(r: &Row) -> DriverLease {
         live: r.get(7),
         consumers: r.get(8),
         no_consumer_secs: r.get(9),
+        throttle: r.get(10),
     }
+}
+
+/// Records what holds the driver's publication now (`None`: nothing), for `rekey status`.
+pub async fn set_driver_throttle<C: GenericClient>(
+    c: &C,
+    run_id: i64,
+    throttle: Option<&str>,
+) -> Result<(), LedgerError> {
+    c.execute(
+        "UPDATE rekey.drivers SET throttle = $2 WHERE run_id = $1",
+        &[&run_id, &throttle],
+    )
+    .await?;
+    Ok(())
 }
 
 /// The driver lease of run `run_id`, live or lapsed; `None` when no driver holds one (none

@@ -82,6 +82,8 @@ pub struct Run {
     pub batch_size: i32,
     pub seed: i64,
     pub halt_reason: Option<String>,
+    /// The operator's hold on publication (`rekey throttle RUN on`): who, when, why.
+    pub throttle_hold: Option<String>,
     pub source_key_ids: Option<Vec<Uuid>>,
     pub settings: RunSettings,
     pub created_at: DateTime<Utc>,
@@ -90,7 +92,7 @@ pub struct Run {
 }
 
 const RUN_COLUMNS: &str = "id, kind, state, target_key_id, previous_key_id, parent_run_id, targets, stages, \
-                           current_stage, batch_size, seed, halt_reason, source_key_ids, settings, created_at, started_at, finished_at";
+                           current_stage, batch_size, seed, halt_reason, throttle_hold, source_key_ids, settings, created_at, started_at, finished_at";
 
 /// A run kind's text, read back.
 pub(super) fn kind_of(text: &str) -> Result<RunKind, LedgerError> {
@@ -118,6 +120,7 @@ fn run_from(row: &Row) -> Result<Run, LedgerError> {
         batch_size: row.get("batch_size"),
         seed: row.get("seed"),
         halt_reason: row.get("halt_reason"),
+        throttle_hold: row.get("throttle_hold"),
         source_key_ids: row.get("source_key_ids"),
         settings: serde_json::from_value(row.get("settings")).unwrap_or_default(),
         created_at: row.get("created_at"),
@@ -368,6 +371,27 @@ pub async fn set_run_state<C: GenericClient>(
     )
     .await?;
     Ok(())
+}
+
+/// Holds (`Some(who, when, why)`) or frees (`None`) a run's publication; false if the run
+/// does not exist or is over.
+pub async fn set_throttle_hold<C: GenericClient>(
+    c: &C,
+    id: i64,
+    hold: Option<&str>,
+) -> Result<bool, LedgerError> {
+    let over: Vec<&str> = RunState::ALL
+        .iter()
+        .filter(|s| s.is_final())
+        .map(|s| s.as_str())
+        .collect();
+    let n = c
+        .execute(
+            "UPDATE rekey.runs SET throttle_hold = $2 WHERE id = $1 AND state <> ALL($3)",
+            &[&id, &hold, &over],
+        )
+        .await?;
+    Ok(n == 1)
 }
 
 /// Forgets why a run halted (it runs again).

@@ -17,4 +17,5 @@ mod scene;
 mod schema;
 mod seed;
 mod stalls;
+mod throttle;
 mod tls;

@@ -12,7 +12,12 @@ use crate::binaries::{Env, seeded, sigterm, wait_exit};
 use crate::observability::{free_port, scrape, sum};
 
 /// Runs `rekey status RUN` until its output satisfies `ok`; the last output.
-async fn status_until(env: &Env, run: &str, within: Duration, ok: impl Fn(&str) -> bool) -> String {
+pub(crate) async fn status_until(
+    env: &Env,
+    run: &str,
+    within: Duration,
+    ok: impl Fn(&str) -> bool,
+) -> String {
     let start = Instant::now();
     loop {
         let (_, out, err) = env.run("rekey", &["status", run]);
