@@ -75,6 +75,22 @@ impl Env {
     }
 }
 
+/// `rekey rotate` as the tests run it unattended (no preflight, no key propagation wait,
+/// no observation, stages promoted by themselves), then `extra`.
+pub(crate) fn quick_rotate<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "rotate",
+        "--skip-preflight",
+        "--key-propagation",
+        "0s",
+        "--observe",
+        "0",
+        "--auto-advance",
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
 pub(crate) fn sigterm(child: &Child) {
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])

@@ -10,7 +10,7 @@ use std::time::Duration;
 use rekey_common::broker;
 use secrecy::SecretString;
 
-use crate::binaries::{Env, seeded, sigterm, wait_exit};
+use crate::binaries::{Env, quick_rotate, seeded, sigterm, wait_exit};
 
 fn rabbitmqctl(args: &[&str]) -> (bool, String) {
     let out = Command::new("rabbitmqctl")
@@ -107,20 +107,7 @@ async fn a_rotation_runs_with_a_coordinator_user_and_a_worker_user_of_least_perm
         .unwrap();
     let (ok, out, err) = coord_env.run(
         "rekey",
-        &[
-            "rotate",
-            "--skip-preflight",
-            "--key-propagation",
-            "0s",
-            "--observe",
-            "0",
-            "--auto-advance",
-            "--batch-size",
-            "500",
-            "--max-error-rate",
-            "0.05",
-            "--json",
-        ],
+        &quick_rotate(&["--batch-size", "500", "--max-error-rate", "0.05", "--json"]),
     );
     sigterm(&w);
     let code = wait_exit(&mut w, Duration::from_secs(60));

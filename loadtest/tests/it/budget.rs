@@ -6,7 +6,7 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use crate::binaries::{seeded, sigterm, wait_exit};
+use crate::binaries::{quick_rotate, seeded, sigterm, wait_exit};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_spent_nonce_budget_halts_the_run_across_three_worker_processes_and_is_never_passed() {
@@ -22,19 +22,7 @@ async fn a_spent_nonce_budget_halts_the_run_across_three_worker_processes_and_is
     let mut rotate = env
         .cmd(
             "rekey",
-            &[
-                "rotate",
-                "--skip-preflight",
-                "--key-propagation",
-                "0s",
-                "--observe",
-                "0",
-                "--auto-advance",
-                "--stages",
-                "100",
-                "--batch-size",
-                "40",
-            ],
+            &quick_rotate(&["--stages", "100", "--batch-size", "40"]),
         )
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use rekey_common::testing::TestDb;
 
-use crate::binaries::{Env, seeded, sigterm, wait_exit};
+use crate::binaries::{Env, quick_rotate, seeded, sigterm, wait_exit};
 
 /// A `text` encrypted column and an `int4` id: preflight fails naming each, and `rekey
 /// rotate --skip-preflight` refuses before it generates a key or plans a run.
@@ -86,21 +86,7 @@ async fn a_text_column_and_an_int4_id_are_refused_naming_them_and_leave_no_pendi
 #[tokio::test(flavor = "multi_thread")]
 async fn a_column_changed_to_text_mid_run_fails_its_batches_by_name_and_the_worker_goes_on() {
     let (db, env, reports) = seeded(300).await;
-    let (ok, out, err) = env.run(
-        "rekey",
-        &[
-            "rotate",
-            "--skip-preflight",
-            "--detach",
-            "--key-propagation",
-            "0s",
-            "--observe",
-            "0",
-            "--auto-advance",
-            "--stages",
-            "100",
-        ],
-    );
+    let (ok, out, err) = env.run("rekey", &quick_rotate(&["--detach", "--stages", "100"]));
     assert!(ok, "{out}{err}");
     db.pool
         .get()
@@ -167,17 +153,7 @@ async fn a_batch_that_panics_is_marked_failed_and_the_worker_goes_on() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let rotate = [
-        "rotate",
-        "--skip-preflight",
-        "--key-propagation",
-        "0s",
-        "--observe",
-        "0",
-        "--auto-advance",
-        "--stages",
-        "100",
-    ];
+    let rotate = quick_rotate(&["--stages", "100"]);
     let (ok, out, err) = env.run("rekey", &rotate);
     assert!(!ok, "the run halts on the failed batch: {out}{err}");
     let failed = db

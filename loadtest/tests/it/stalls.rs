@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use rekey_common::keys::master::generate_base64;
 use secrecy::ExposeSecret;
 
-use crate::binaries::{Env, seeded, sigterm, wait_exit};
+use crate::binaries::{Env, quick_rotate, seeded, sigterm, wait_exit};
 use crate::observability::{free_port, scrape, sum};
 
 /// Runs `rekey status RUN` until its output satisfies `ok`; the last output.
@@ -69,21 +69,14 @@ async fn a_run_nobody_consumes_and_a_killed_driver_are_named_and_a_second_driver
     let mut driver = env
         .cmd(
             "rekey",
-            &[
-                "rotate",
-                "--skip-preflight",
-                "--key-propagation",
-                "0s",
-                "--observe",
-                "0",
-                "--auto-advance",
+            &quick_rotate(&[
                 "--stages",
                 "1,100",
                 "--no-consumer-after",
                 "1s",
                 "--metrics-addr",
                 &addr,
-            ],
+            ]),
         )
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
@@ -341,20 +334,7 @@ async fn workers_left_with_the_old_master_key_are_named_by_status_and_fail_prefl
     assert!(workers_line.contains("stale"), "{workers_line}");
 
     let mut driver = env
-        .cmd(
-            "rekey",
-            &[
-                "rotate",
-                "--skip-preflight",
-                "--key-propagation",
-                "0s",
-                "--observe",
-                "0",
-                "--auto-advance",
-                "--stages",
-                "100",
-            ],
-        )
+        .cmd("rekey", &quick_rotate(&["--stages", "100"]))
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

@@ -5,7 +5,7 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use crate::binaries::{seeded, sigterm, wait_exit};
+use crate::binaries::{quick_rotate, seeded, sigterm, wait_exit};
 use crate::stalls::status_until;
 
 /// Batches of run 1 in a state.
@@ -24,20 +24,7 @@ async fn throttle_on_and_a_flag_file_hold_publication_and_status_says_why() {
     std::fs::write(&flag, "").unwrap();
     let (ok, out, err) = env.run(
         "rekey",
-        &[
-            "rotate",
-            "--skip-preflight",
-            "--key-propagation",
-            "0s",
-            "--observe",
-            "0",
-            "--auto-advance",
-            "--stages",
-            "100",
-            "--batch-size",
-            "100",
-            "--detach",
-        ],
+        &quick_rotate(&["--stages", "100", "--batch-size", "100", "--detach"]),
     );
     assert!(ok, "{out}{err}");
     // Held by the operator before anything is published, with a reason.

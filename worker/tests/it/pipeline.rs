@@ -102,19 +102,7 @@ async fn the_same_batch_published_twice_is_rotated_once_and_counted_once() {
         .unwrap();
     for _ in 0..2 {
         for b in &batches {
-            let msg = BatchMessage {
-                format: FORMAT_VERSION,
-                run_id: run.id,
-                batch_no: b.get(0),
-                stage_no: b.get(1),
-                table: b.get(2),
-                id_lo: b.get(3),
-                id_hi: b.get(4),
-                attempt: 0,
-                master_key_id: [0; 16],
-                tag: [0; TAG_LEN],
-            }
-            .sealed(&env.message_key());
+            let msg = order_for(run.id, b, 0).sealed(&env.message_key());
             broker::publish(&ch, &env.topo.batches, &msg.encode(), None)
                 .await
                 .unwrap();
@@ -498,18 +486,7 @@ async fn a_thousand_forged_messages_change_nothing_and_leave_a_bounded_trace() {
     };
     for i in 0..1_000u64 {
         let b = &batches[(next() % batches.len() as u64) as usize];
-        let copy = BatchMessage {
-            format: FORMAT_VERSION,
-            run_id: run.id,
-            batch_no: b.get(0),
-            stage_no: b.get(1),
-            table: b.get(2),
-            id_lo: b.get(3),
-            id_hi: b.get(4),
-            attempt: 1,
-            master_key_id: [0; 16],
-            tag: [0; TAG_LEN],
-        };
+        let copy = order_for(run.id, b, 1);
         let body = match i % 3 {
             // Random bytes of random length.
             0 => (0..next() % 300).map(|_| next() as u8).collect(),
@@ -590,6 +567,23 @@ async fn a_thousand_forged_messages_change_nothing_and_leave_a_bounded_trace() {
     env.finish().await;
 }
 
+/// The untagged batch order for a ledger row read as `batch_no, stage_no, table_name,
+/// id_lo, id_hi`.
+fn order_for(run_id: i64, row: &tokio_postgres::Row, attempt: i32) -> BatchMessage {
+    BatchMessage {
+        format: FORMAT_VERSION,
+        run_id,
+        batch_no: row.get(0),
+        stage_no: row.get(1),
+        table: row.get(2),
+        id_lo: row.get(3),
+        id_hi: row.get(4),
+        attempt,
+        master_key_id: [0; 16],
+        tag: [0; TAG_LEN],
+    }
+}
+
 /// A batch order in format 1 (no tag), as a build before authentication wrote it.
 fn untagged_v1(m: &BatchMessage) -> Vec<u8> {
     #[derive(serde::Serialize)]
@@ -661,19 +655,7 @@ async fn a_copy_of_a_batch_never_published_is_skipped_without_touching_a_row() {
         .await
         .unwrap();
     let batch_no: i64 = row.get(0);
-    let copy = BatchMessage {
-        format: FORMAT_VERSION,
-        run_id: run.id,
-        batch_no,
-        stage_no: row.get(1),
-        table: row.get(2),
-        id_lo: row.get(3),
-        id_hi: row.get(4),
-        attempt: 1,
-        master_key_id: [0; 16],
-        tag: [0; TAG_LEN],
-    }
-    .sealed(&env.message_key());
+    let copy = order_for(run.id, &row, 1).sealed(&env.message_key());
     broker::publish(&ch, &env.topo.batches, &copy.encode(), None)
         .await
         .unwrap();
