@@ -40,6 +40,7 @@ pub const NAMES: &[&str] = &[
     "rekey_throttle_gap_ms",
     "rekey_run_events_total",
     "rekey_queue_consumers",
+    "rekey_replication_lag_bytes",
 ];
 
 /// The outcomes `batches_total` counts.
@@ -91,6 +92,8 @@ pub struct Metrics {
     pub run_events: Counter<u64>,
     /// Coordinator: consumers on a queue (`queue`), as the driver last saw them.
     pub queue_consumers: Gauge<u64>,
+    /// WAL bytes the farthest streaming replica's replay is behind (0 with none), by run.
+    pub replication_lag_bytes: Gauge<u64>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -220,6 +223,12 @@ impl Metrics {
             queue_consumers: m
                 .u64_gauge("rekey_queue_consumers")
                 .with_description("Consumers on a queue, as the driver last saw them")
+                .build(),
+            replication_lag_bytes: m
+                .u64_gauge("rekey_replication_lag_bytes")
+                .with_description(
+                    "WAL bytes the farthest streaming replica's replay is behind the primary (0: none), by run",
+                )
                 .build(),
             provider,
             prometheus,
@@ -366,6 +375,8 @@ mod tests {
         );
         m.queue_consumers
             .record(0, &[KeyValue::new("queue", "q.batches")]);
+        m.replication_lag_bytes
+            .record(0, &[KeyValue::new("run_id", 1)]);
         let text = m.render();
         for name in NAMES {
             assert!(

@@ -35,6 +35,13 @@ pub struct LatencyArgs {
     /// Start each stage at full speed instead of at one batch in flight.
     #[arg(long)]
     pub no_slow_start: bool,
+    /// Publish nothing new while a streaming replica replays more than this far behind
+    /// (`pg_stat_replication.replay_lag`, e.g. 30s); 0: not checked.
+    #[arg(long, default_value = "30s")]
+    pub max_replication_lag: String,
+    /// … or more than this many bytes of WAL behind the primary; 0: not checked.
+    #[arg(long, default_value_t = rekey_common::ledger::DEFAULT_MAX_REPLICATION_LAG_BYTES)]
+    pub max_replication_lag_bytes: i64,
 }
 
 /// How the coordinator paces a run it drives.

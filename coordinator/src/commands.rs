@@ -158,6 +158,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     probe_writes: latency.probe_writes,
                     breach_pct: latency.breach_pct,
                     slow_start: !latency.no_slow_start,
+                    max_replication_lag_secs: Some(
+                        parse_duration(&latency.max_replication_lag)
+                            .context("--max-replication-lag")?
+                            .as_secs_f64(),
+                    )
+                    .filter(|s| *s > 0.0),
+                    max_replication_lag_bytes: Some(latency.max_replication_lag_bytes)
+                        .filter(|b| *b > 0),
                     ..Default::default()
                 },
             };

@@ -291,7 +291,10 @@ async fn step(
             let window = throttle.window;
             // The operator's hold and the flag file stop publication; batches in flight
             // finish. What holds it now is said (event, driver row for `rekey status`).
-            let hold = hold_reason(&run, opts);
+            let hold = match hold_reason(&run, opts) {
+                Some(h) => Some(h),
+                None => crate::brakes::check(d, rt, &run.settings).await,
+            };
             say_throttle(d, rt, hold.as_deref(), &throttle).await;
             // Pacing: at most one batch per gap.
             let paced = !throttle.gap.is_zero()
@@ -410,9 +413,9 @@ fn hold_reason(run: &ledger::Run, opts: &DriveOptions) -> Option<String> {
     })
 }
 
-/// Says what holds publication when it changes: a `held` / `hold_released` event for the
-/// operator's holds, and the driver row's `throttle` (also the latency throttle's figures)
-/// for `rekey status`.
+/// Says what holds publication when it changes: a `held` / `hold_released` event when a
+/// hold (the operator's, the flag file's, a replica's lag) begins or ends, and the driver
+/// row's `throttle` (also the latency throttle's figures) for `rekey status`.
 async fn say_throttle(
     d: &Driver<'_>,
     rt: &mut StageRuntime,
@@ -434,8 +437,9 @@ async fn say_throttle(
         .said_throttle
         .as_deref()
         .is_some_and(|s| s.starts_with("held"));
+    // Events on the transitions only (a replica's lag changes its text at every look).
     match hold {
-        Some(reason) if !was_held || rt.said_throttle.as_deref() != Some(reason) => {
+        Some(reason) if !was_held => {
             let held = RunEvent::Held {
                 reason: reason.to_owned(),
             };

@@ -9,13 +9,15 @@
 //! Driving a run: [`drive`] (the session loop and `step`, which dispatches on the stage's
 //! state), [`runtime`] (`DriveOptions`, `Driver`, `StageRuntime`), [`stage`] (start, gate,
 //! breach a stage), [`plan`] (ID ranges), [`coverage`] (sweeps for stragglers),
-//! [`latency`] (the probe's judgement of a running stage), [`throttle`] (the throttle and
+//! [`latency`] (the probe's judgement of a running stage), [`brakes`] (replicas' lag holds
+//! publication), [`throttle`] (the throttle and
 //! the performance figures), [`probe`] (the latency probe), [`gate`] (the gate decision and
 //! promotion), [`observe`] (observation samples), [`events`] (an event's log line, metrics
 //! and webhook), [`progress`] (what the operator sees), [`report`] (evidence reports).
 
 pub mod args;
 pub mod audit_cmd;
+pub mod brakes;
 pub mod cli;
 pub mod commands;
 pub mod context;

@@ -193,6 +193,11 @@ pub struct RunSettings {
     /// A batch holds about this many bytes of values (the run's `batch_size` is then the
     /// most rows a batch holds); 0: every batch holds `batch_size` rows.
     pub batch_bytes: i64,
+    /// Publication holds while a streaming replica replays more than this many seconds
+    /// behind (`pg_stat_replication.replay_lag`); `None` or 0: not checked.
+    pub max_replication_lag_secs: Option<f64>,
+    /// … or more than this many bytes of WAL behind the primary; `None` or 0: not checked.
+    pub max_replication_lag_bytes: Option<i64>,
 }
 
 impl RunSettings {
@@ -227,6 +232,10 @@ impl RunSettings {
     }
 }
 
+/// The replicas' brake by default: 30 s of replay lag, or 1 GiB of WAL.
+pub const DEFAULT_MAX_REPLICATION_LAG_SECS: f64 = 30.0;
+pub const DEFAULT_MAX_REPLICATION_LAG_BYTES: i64 = 1 << 30;
+
 impl Default for RunSettings {
     fn default() -> Self {
         Self {
@@ -250,6 +259,8 @@ impl Default for RunSettings {
             max_audit_gap_secs: 300.0,
             observe_sample: 50,
             batch_bytes: 0,
+            max_replication_lag_secs: Some(DEFAULT_MAX_REPLICATION_LAG_SECS),
+            max_replication_lag_bytes: Some(DEFAULT_MAX_REPLICATION_LAG_BYTES),
         }
     }
 }

@@ -6,6 +6,7 @@
 //! point tests need `--all-features`.
 
 mod binaries;
+mod brakes;
 mod broker_users;
 mod budget;
 mod deploy;
