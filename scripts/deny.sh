@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 version=0.20.2
 if ! cargo deny --version 2>/dev/null | grep -q "$version"; then
   echo "[deny] installing cargo-deny $version (once per machine)"
-  cargo install --locked --quiet cargo-deny --version "$version"
+  # One retry: a registry hiccup should not fail the build.
+  cargo install --locked --quiet cargo-deny --version "$version" ||
+    { sleep 10; cargo install --locked --quiet cargo-deny --version "$version"; }
 fi
 cargo deny --offline check bans licenses sources
