@@ -188,6 +188,12 @@ enum Served {
     Lost,
 }
 
+/// How long the batches in flight may take to finish when a session ends.
+const IN_FLIGHT_GRACE: Duration = Duration::from_secs(20);
+
+/// How long a session's setup (queues checked, channels opened, consuming) may take.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// One broker session: consume until the connection drops or shutdown is asked.
 async fn serve(
     conn: &Connection,
@@ -195,21 +201,36 @@ async fn serve(
     opts: &WorkerOptions,
     shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
 ) -> anyhow::Result<Served> {
-    broker::check_or_declare(conn, &shared.topo).await?;
-    let consume_ch = conn.create_channel().await?;
-    consume_ch
-        .basic_qos(opts.prefetch, BasicQosOptions::default())
-        .await?;
-    let publish_ch = broker::confirmed_channel(conn).await?;
-    let mut consumer = consume_ch
-        .basic_consume(
-            shared.topo.batches.as_str().into(),
-            opts.worker_id.as_str().into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .context("start consuming batch orders")?;
+    // The session's setup, bounded and interruptible: a broker that restarts may leave a
+    // channel operation unanswered (a quorum queue electing its leader, a half-open
+    // connection), and a SIGTERM must still stop the worker then.
+    let setup = async {
+        broker::check_or_declare(conn, &shared.topo).await?;
+        let consume_ch = conn.create_channel().await?;
+        consume_ch
+            .basic_qos(opts.prefetch, BasicQosOptions::default())
+            .await?;
+        let publish_ch = broker::confirmed_channel(conn).await?;
+        let consumer = consume_ch
+            .basic_consume(
+                shared.topo.batches.as_str().into(),
+                opts.worker_id.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .context("start consuming batch orders")?;
+        anyhow::Ok((consume_ch, publish_ch, consumer))
+    };
+    let (consume_ch, publish_ch, mut consumer) = tokio::select! {
+        _ = shutdown.as_mut() => return Ok(Served::Shutdown),
+        set_up = tokio::time::timeout(SETUP_TIMEOUT, setup) => set_up.map_err(|_| {
+            anyhow::anyhow!(
+                "the broker did not answer the session's setup within {} s",
+                SETUP_TIMEOUT.as_secs()
+            )
+        })??,
+    };
     let permits = Arc::new(Semaphore::new(opts.concurrency));
     let mut tasks = JoinSet::new();
     let served = loop {
@@ -241,11 +262,33 @@ async fn serve(
     if matches!(served, Served::Shutdown) {
         // Stop new deliveries; those prefetched but not started go back when the channel
         // closes. Then let the batches in flight commit and ack.
-        let _ = consume_ch
-            .basic_cancel(opts.worker_id.as_str().into(), Default::default())
-            .await;
+        let _ = tokio::time::timeout(
+            broker::CLOSE_TIMEOUT,
+            consume_ch.basic_cancel(opts.worker_id.as_str().into(), Default::default()),
+        )
+        .await;
     }
-    while tasks.join_next().await.is_some() {}
+    // The batches in flight finish (each commits or rolls back in its own transaction),
+    // within a bound: on a connection the broker reset, an ack or a nack may never be
+    // answered, and a worker must still reconnect, or stop on SIGTERM. A batch cut off
+    // here rolls back or is already committed; its message comes again either way.
+    // A clean stop gives them longer (compose's stop_grace_period is 2 minutes).
+    let grace = if matches!(served, Served::Shutdown) {
+        IN_FLIGHT_GRACE * 4
+    } else {
+        IN_FLIGHT_GRACE
+    };
+    let drained =
+        tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        tracing::warn!(
+            left = tasks.len(),
+            "batches in flight did not finish within {} s; abandoning them (their messages come again)",
+            grace.as_secs()
+        );
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+    }
     broker::close_channel(&consume_ch).await;
     broker::close_channel(&publish_ch).await;
     Ok(served)

@@ -333,8 +333,21 @@ async fn workers_left_with_the_old_master_key_are_named_by_status_and_fail_prefl
     assert!(workers_line.starts_with("[FAIL]"), "{out}");
     assert!(workers_line.contains("stale"), "{workers_line}");
 
+    // Thirty batches one at a time: the stale worker takes its share of them, each handed
+    // back after a pause, so the run lasts past the driver's 5 s look at the workers (the
+    // worker with the replaced file alone would finish three batches before it looks).
     let mut driver = env
-        .cmd("rekey", &quick_rotate(&["--stages", "100"]))
+        .cmd(
+            "rekey",
+            &quick_rotate(&[
+                "--stages",
+                "100",
+                "--batch-size",
+                "10",
+                "--max-in-flight",
+                "1",
+            ]),
+        )
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
