@@ -7,8 +7,8 @@ echo "=== ci-diagnose: $(date -u +%FT%TZ) ==="
 uptime
 free -m
 df -h / /tmp /var/lib 2>/dev/null
-echo "--- processes using the most CPU and memory"
-ps -eo pid,ppid,pcpu,pmem,etime,args --sort=-pcpu | head -15 | cut -c1-200
+echo "--- processes using the most CPU (names only: other processes' arguments may hold secrets)"
+ps -eo pid,ppid,pcpu,pmem,etime,comm --sort=-pcpu | head -15
 echo "--- rekey processes still running"
 pgrep -af 'rekey|target/debug' | cut -c1-200 | head -20
 echo "--- RabbitMQ"

@@ -112,24 +112,28 @@ impl Drop for TestDb {
     fn drop(&mut self) {
         self.pool.close();
         let (admin, name) = (self.admin_url.clone(), self.name.clone());
-        // Drop runs inside the test's runtime; a helper thread with its own runtime can
-        // block on the DROP without stalling it.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async move {
-                if let Ok((client, conn)) =
-                    tokio_postgres::connect(&admin, tokio_postgres::NoTls).await
-                {
-                    tokio::spawn(conn);
-                    let _ = client
-                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                        .await;
-                }
-            });
-        })
-        .join();
+        on_own_thread(async move {
+            if let Ok((client, conn)) = tokio_postgres::connect(&admin, tokio_postgres::NoTls).await
+            {
+                tokio::spawn(conn);
+                let _ = client
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await;
+            }
+        });
     }
+}
+
+/// Runs `fut` to its end on a thread with a runtime of its own, and waits for it: for a
+/// `Drop` that runs inside a test's runtime (which may be busy or shutting down) and must
+/// still clean up.
+pub fn on_own_thread(fut: impl std::future::Future<Output = ()> + Send + 'static) {
+    let _ = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(fut);
+    })
+    .join();
 }

@@ -433,10 +433,8 @@ async fn say_throttle(
     if now == rt.said_throttle {
         return;
     }
-    let was_held = rt
-        .said_throttle
-        .as_deref()
-        .is_some_and(|s| s.starts_with("held"));
+    let was_held = rt.said_held;
+    rt.said_held = hold.is_some();
     // Events on the transitions only (a replica's lag changes its text at every look).
     match hold {
         Some(reason) if !was_held => {

@@ -82,6 +82,8 @@ pub(crate) struct StageRuntime {
     pub(crate) ring: Option<rekey_common::keys::ring::KeyRing>,
     /// What held publication at the last step, as said (event and driver row).
     pub(crate) said_throttle: Option<String>,
+    /// Whether a hold (not the latency throttle) held publication at the last step.
+    pub(crate) said_held: bool,
     /// The replicas' brake as last looked at (`brakes.rs`), and when.
     pub(crate) brake: Option<String>,
     pub(crate) last_brake_check: Option<Instant>,

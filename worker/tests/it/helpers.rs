@@ -235,23 +235,16 @@ impl Drop for Env {
     /// busy or gone.
     fn drop(&mut self) {
         let (url, topo) = (self.settings.amqp_url.clone(), self.topo.clone());
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async move {
-                let deleted = async {
-                    let conn = broker::connect(&url, "test-cleanup").await?;
-                    let ch = conn.create_channel().await?;
-                    broker::delete(&ch, &topo).await?;
-                    broker::close(&conn, "bye").await;
-                    anyhow::Ok(())
-                };
-                let _ = tokio::time::timeout(Duration::from_secs(10), deleted).await;
-            });
-        })
-        .join();
+        rekey_common::testing::on_own_thread(async move {
+            let deleted = async {
+                let conn = broker::connect(&url, "test-cleanup").await?;
+                let ch = conn.create_channel().await?;
+                broker::delete(&ch, &topo).await?;
+                broker::close(&conn, "bye").await;
+                anyhow::Ok(())
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(10), deleted).await;
+        });
     }
 }
 
