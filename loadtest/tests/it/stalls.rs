@@ -276,7 +276,14 @@ async fn workers_left_with_the_old_master_key_are_named_by_status_and_fail_prefl
         std::os::unix::fs::PermissionsExt::from_mode(0o600),
     )
     .unwrap();
-    let mut stale = env.worker("stale");
+    // Its log is not read, and it logs every order it hands back: a pipe nobody reads
+    // would fill and block it mid-batch.
+    let mut stale = env
+        .cmd("rekey-worker", &["--worker-id", "stale"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let mut file_env = Env {
         vars: env
             .vars
