@@ -10,7 +10,7 @@ use std::str::FromStr;
 
 use anyhow::{Context, bail};
 use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 pub use crate::keys::KeyPolicy;
 use crate::keys::master::{EnvMasterKey, FileMasterKey, MasterKeyError, MasterKeyProvider};
@@ -30,6 +30,9 @@ struct FileSettings {
     actor: Option<String>,
     reports_dir: Option<PathBuf>,
     probe_query: Option<String>,
+    slo_prometheus_url: Option<String>,
+    slo_query: Option<String>,
+    slo_unit: Option<String>,
     backup_check: Option<String>,
     webhook_url: Option<String>,
     allow_insecure_key_file: Option<bool>,
@@ -39,6 +42,73 @@ struct FileSettings {
     keys: Option<KeyPolicy>,
     #[serde(default)]
     targets: Vec<Target>,
+}
+
+/// The application's latency as its own Prometheus knows it: a PromQL expression that
+/// returns one series, the application's p99 (e.g. a `histogram_quantile` over its request
+/// histogram), in `unit`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SloSource {
+    /// Prometheus's base URL (`http://prometheus:9090`); its HTTP API is queried.
+    pub prometheus_url: String,
+    pub query: String,
+    /// What one unit of the query's value is in milliseconds (1000 for seconds).
+    pub unit_ms: f64,
+}
+
+impl SloSource {
+    /// From the URL, query and unit (`s` or `ms`, default `s`), as configured: both or
+    /// neither of URL and query; an http(s) URL without credentials (it is kept in the
+    /// run's settings and shown by `rekey status`).
+    pub fn from_parts(
+        url: Option<String>,
+        query: Option<String>,
+        unit: Option<String>,
+    ) -> anyhow::Result<Option<Self>> {
+        let url = url.filter(|u| !u.trim().is_empty());
+        let query = query.filter(|q| !q.trim().is_empty());
+        let (url, query) = match (url, query) {
+            (None, None) => return Ok(None),
+            (Some(_), None) => {
+                bail!(
+                    "the SLO's Prometheus URL is set but no query (--slo-query, REKEY_SLO_QUERY, slo_query)"
+                )
+            }
+            (None, Some(_)) => bail!(
+                "the SLO's query is set but no Prometheus URL (--slo-prometheus-url, REKEY_SLO_PROMETHEUS_URL, slo_prometheus_url)"
+            ),
+            (Some(u), Some(q)) => (u.trim().trim_end_matches('/').to_owned(), q),
+        };
+        let Some(rest) = url
+            .strip_prefix("http://")
+            .or_else(|| url.strip_prefix("https://"))
+        else {
+            bail!(
+                "the SLO's Prometheus URL must start with http:// or https:// (--slo-prometheus-url)"
+            );
+        };
+        if rest
+            .split('/')
+            .next()
+            .is_some_and(|host| host.contains('@'))
+        {
+            bail!(
+                "the SLO's Prometheus URL must not hold credentials (--slo-prometheus-url): it is kept in the run's settings; put an authenticating proxy on loopback in front of Prometheus"
+            );
+        }
+        let unit_ms = match unit.as_deref().map(str::trim).unwrap_or("s") {
+            "s" | "seconds" => 1000.0,
+            "ms" | "milliseconds" => 1.0,
+            other => bail!(
+                "the SLO's unit must be s or ms (--slo-unit, REKEY_SLO_UNIT, slo_unit), not {other:?}"
+            ),
+        };
+        Ok(Some(Self {
+            prometheus_url: url,
+            query,
+            unit_ms,
+        }))
+    }
 }
 
 /// Where the master key comes from, as configured.
@@ -136,6 +206,9 @@ pub struct Settings {
     pub reports_dir: PathBuf,
     /// A query whose latency stands for the application's (default: point reads by id).
     pub probe_query: Option<String>,
+    /// The application's own latency signal for the throttle, from its Prometheus
+    /// (`REKEY_SLO_PROMETHEUS_URL` + `REKEY_SLO_QUERY`, or `slo_prometheus_url` + `slo_query`).
+    pub slo: Option<SloSource>,
     /// How preflight proves a recent backup: `archiver` (pg_stat_archiver),
     /// `command:<shell command>` (exit 0 = a backup within 24 h exists), or `none`.
     pub backup_check: String,
@@ -322,6 +395,13 @@ impl Settings {
             .or(file.reports_dir)
             .unwrap_or_else(|| PathBuf::from("exports/rotation_reports"));
         let probe_query = env.get("REKEY_PROBE_QUERY").cloned().or(file.probe_query);
+        let slo = SloSource::from_parts(
+            env.get("REKEY_SLO_PROMETHEUS_URL")
+                .cloned()
+                .or(file.slo_prometheus_url),
+            env.get("REKEY_SLO_QUERY").cloned().or(file.slo_query),
+            env.get("REKEY_SLO_UNIT").cloned().or(file.slo_unit),
+        )?;
         let backup_check = env
             .get("REKEY_BACKUP_CHECK")
             .cloned()
@@ -347,6 +427,7 @@ impl Settings {
             webhook_url: webhook_url.map(SecretString::from),
             reports_dir,
             probe_query,
+            slo,
             backup_check,
             database_url: SecretString::from(database_url),
             amqp_url: SecretString::from(amqp_url),

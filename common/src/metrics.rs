@@ -41,7 +41,14 @@ pub const NAMES: &[&str] = &[
     "rekey_run_events_total",
     "rekey_queue_consumers",
     "rekey_replication_lag_bytes",
+    "rekey_active_backends",
+    "rekey_checkpoints_requested",
+    "rekey_slo_latency_ms",
 ];
+
+/// Metrics that exist only when their feature is configured (the SLO query): the
+/// observability test's scrapes do not hold them; their own tests do.
+pub const CONFIGURED_ONLY: &[&str] = &["rekey_slo_latency_ms"];
 
 /// The outcomes `batches_total` counts.
 pub const BATCH_OUTCOMES: &[&str] = &[
@@ -94,6 +101,12 @@ pub struct Metrics {
     pub queue_consumers: Gauge<u64>,
     /// WAL bytes the farthest streaming replica's replay is behind (0 with none), by run.
     pub replication_lag_bytes: Gauge<u64>,
+    /// Client backends running a statement in PostgreSQL, by run.
+    pub active_backends: Gauge<u64>,
+    /// Checkpoints PostgreSQL requested since its statistics were reset, by run.
+    pub checkpoints_requested: Gauge<u64>,
+    /// The application's p99 from its Prometheus (`--slo-query`), milliseconds, by run.
+    pub slo_latency: Gauge<f64>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -230,6 +243,22 @@ impl Metrics {
                     "WAL bytes the farthest streaming replica's replay is behind the primary (0: none), by run",
                 )
                 .build(),
+            active_backends: m
+                .u64_gauge("rekey_active_backends")
+                .with_description("Client backends running a statement in PostgreSQL, by run")
+                .build(),
+            checkpoints_requested: m
+                .u64_gauge("rekey_checkpoints_requested")
+                .with_description(
+                    "Checkpoints PostgreSQL requested (WAL outgrew max_wal_size) since its statistics were reset, by run",
+                )
+                .build(),
+            slo_latency: m
+                .f64_gauge("rekey_slo_latency_ms")
+                .with_description(
+                    "The application's p99 latency from its Prometheus (--slo-query), milliseconds, by run",
+                )
+                .build(),
             provider,
             prometheus,
         })
@@ -290,6 +319,15 @@ pub async fn serve(
     addr: SocketAddr,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    serve_text(addr, Arc::new(move || metrics.render())).await
+}
+
+/// Serves `GET /metrics` with what `render` returns (Prometheus's text format), and `GET
+/// /healthz`, on `addr` until the task is dropped.
+pub async fn serve_text(
+    addr: SocketAddr,
+    render: Arc<dyn Fn() -> String + Send + Sync>,
+) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("listen for metrics scrapes on {addr} (--metrics-addr)"))?;
@@ -299,12 +337,12 @@ pub async fn serve(
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
-            let metrics = metrics.clone();
+            let render = render.clone();
             tokio::spawn(async move {
                 let service =
                     hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                        let metrics = metrics.clone();
-                        async move { Ok::<_, std::convert::Infallible>(respond(&req, &metrics)) }
+                        let render = render.clone();
+                        async move { Ok::<_, std::convert::Infallible>(respond(&req, &*render)) }
                     });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
@@ -316,12 +354,15 @@ pub async fn serve(
     Ok((bound, task))
 }
 
-fn respond(req: &Request<hyper::body::Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
+fn respond(
+    req: &Request<hyper::body::Incoming>,
+    render: &(dyn Fn() -> String + Send + Sync),
+) -> Response<Full<Bytes>> {
     let (status, ctype, body) = match (req.method().as_str(), req.uri().path()) {
         ("GET", "/metrics") => (
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
-            metrics.render(),
+            render(),
         ),
         ("GET", "/healthz") => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
         _ => (
@@ -377,6 +418,10 @@ mod tests {
             .record(0, &[KeyValue::new("queue", "q.batches")]);
         m.replication_lag_bytes
             .record(0, &[KeyValue::new("run_id", 1)]);
+        m.active_backends.record(2, &[KeyValue::new("run_id", 1)]);
+        m.checkpoints_requested
+            .record(7, &[KeyValue::new("run_id", 1)]);
+        m.slo_latency.record(12.5, &[KeyValue::new("run_id", 1)]);
         let text = m.render();
         for name in NAMES {
             assert!(

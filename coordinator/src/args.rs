@@ -42,6 +42,60 @@ pub struct LatencyArgs {
     /// … or more than this many bytes of WAL behind the primary; 0: not checked.
     #[arg(long, default_value_t = rekey_common::ledger::DEFAULT_MAX_REPLICATION_LAG_BYTES)]
     pub max_replication_lag_bytes: i64,
+    /// Publish nothing new while more than this many client backends are active in
+    /// PostgreSQL (`pg_stat_activity`, the rotation's own not counted; gh-ost's
+    /// `--max-load Threads_running`); 0: not checked.
+    #[arg(long, default_value_t = 0)]
+    pub max_active_backends: i64,
+    /// Publish nothing new for this long after PostgreSQL requested a checkpoint (WAL
+    /// outgrew `max_wal_size`: the rotation writes faster than checkpoints spread it);
+    /// 0: not checked.
+    #[arg(long, default_value = "10s")]
+    pub checkpoint_hold: String,
+    /// The application's Prometheus (http://host:9090): with `--slo-query`, the throttle
+    /// holds the application's own p99 within `--throttle-pct` of its value before the run
+    /// (`REKEY_SLO_PROMETHEUS_URL`, `slo_prometheus_url` in rekey.toml).
+    #[arg(long)]
+    pub slo_prometheus_url: Option<String>,
+    /// A PromQL expression returning one series, the application's p99 latency, e.g.
+    /// `histogram_quantile(0.99, sum by (le) (rate(http_request_duration_seconds_bucket[30s])))`
+    /// (`REKEY_SLO_QUERY`, `slo_query`).
+    #[arg(long)]
+    pub slo_query: Option<String>,
+    /// The unit of the query's value: s or ms (`REKEY_SLO_UNIT`, `slo_unit`; default s).
+    #[arg(long)]
+    pub slo_unit: Option<String>,
+}
+
+impl LatencyArgs {
+    /// The SLO signal: these flags, else the settings' (environment, rekey.toml).
+    pub fn slo(
+        &self,
+        configured: Option<&rekey_common::config::SloSource>,
+    ) -> anyhow::Result<Option<rekey_common::config::SloSource>> {
+        if self.slo_prometheus_url.is_none() && self.slo_query.is_none() {
+            let Some(c) = configured else { return Ok(None) };
+            return match &self.slo_unit {
+                None => Ok(Some(c.clone())),
+                Some(_) => rekey_common::config::SloSource::from_parts(
+                    Some(c.prometheus_url.clone()),
+                    Some(c.query.clone()),
+                    self.slo_unit.clone(),
+                ),
+            };
+        }
+        rekey_common::config::SloSource::from_parts(
+            self.slo_prometheus_url
+                .clone()
+                .or_else(|| configured.map(|c| c.prometheus_url.clone())),
+            self.slo_query
+                .clone()
+                .or_else(|| configured.map(|c| c.query.clone())),
+            self.slo_unit.clone().or_else(|| {
+                configured.map(|c| if c.unit_ms == 1.0 { "ms" } else { "s" }.to_owned())
+            }),
+        )
+    }
 }
 
 /// How the coordinator paces a run it drives.

@@ -4,6 +4,11 @@
 //! than most applications; a replica that falls behind serves stale reads and, on a
 //! failover, loses what it had not replayed.
 //!
+//! Beside the replicas, two brakes on the primary's load (gh-ost's `--max-load`): client
+//! backends running a statement (`--max-active-backends`), and a checkpoint PostgreSQL had
+//! to request because WAL outgrew `max_wal_size` (`--checkpoint-hold`: a rotation that
+//! writes WAL faster than checkpoints spread it out makes every commit wait).
+//!
 //! Lag is read on the primary from `pg_stat_replication`: in bytes, the WAL between the
 //! primary's current position and what the replica has replayed (this grows whenever replay
 //! falls behind, paused or slow), and in time, `replay_lag` (which PostgreSQL measures only
@@ -84,46 +89,143 @@ pub fn reason(lags: &[ReplicaLag], s: &RunSettings) -> Option<String> {
     })
 }
 
-/// The replicas' brake for this step: looked at every [`CHECK_EVERY`], remembered between.
-/// A failed look holds nothing (and says why once per failure).
+/// The database's load as the driver last looked at it.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Looks {
+    /// `server_version_num` (the checkpoint counter moved in PostgreSQL 17).
+    version: Option<i32>,
+    /// `checkpoints_req` at the last look, and until when a rise holds publication.
+    checkpoints_req: Option<i64>,
+    checkpoint_hold_until: Option<Instant>,
+}
+
+/// Client backends running a statement now (this one's own not counted) and checkpoints
+/// requested since the statistics were reset.
+pub async fn load<C: GenericClient>(
+    c: &C,
+    version: i32,
+) -> Result<(i64, i64), tokio_postgres::Error> {
+    let checkpoints = if version >= 170_000 {
+        "SELECT num_requested FROM pg_stat_checkpointer"
+    } else {
+        "SELECT checkpoints_req FROM pg_stat_bgwriter"
+    };
+    let row = c
+        .query_one(
+            &format!(
+                "SELECT (SELECT count(*) FROM pg_stat_activity
+                          WHERE state = 'active' AND backend_type = 'client backend'
+                            AND pid <> pg_backend_pid())::int8,
+                        ({checkpoints})::int8"
+            ),
+            &[],
+        )
+        .await?;
+    Ok((row.get(0), row.get(1)))
+}
+
+/// Why the database's load holds the run, if it does: too many active backends, or a
+/// checkpoint requested within `checkpoint_hold_secs`.
+fn load_reason(
+    looks: &mut Looks,
+    s: &RunSettings,
+    active: i64,
+    checkpoints_req: i64,
+) -> Option<String> {
+    if let Some(last) = looks.checkpoints_req
+        && checkpoints_req > last
+        && s.checkpoint_hold_secs > 0.0
+    {
+        looks.checkpoint_hold_until =
+            Some(Instant::now() + Duration::from_secs_f64(s.checkpoint_hold_secs));
+    }
+    looks.checkpoints_req = Some(checkpoints_req);
+    if let Some(max) = s.max_active_backends.filter(|m| *m > 0)
+        && active > max
+    {
+        return Some(format!(
+            "held: {active} active backends in PostgreSQL (--max-active-backends {max}); publication goes on when fewer are"
+        ));
+    }
+    if looks
+        .checkpoint_hold_until
+        .is_some_and(|t| t > Instant::now())
+    {
+        return Some(format!(
+            "held: PostgreSQL requested a checkpoint (WAL outgrew max_wal_size; {checkpoints_req} requested since its statistics were reset); publication goes on {:.0} s after it (--checkpoint-hold)",
+            s.checkpoint_hold_secs
+        ));
+    }
+    None
+}
+
+/// The database's brakes for this step (replicas' lag, active backends, requested
+/// checkpoints): looked at every [`CHECK_EVERY`], remembered between. A failed look holds
+/// nothing (and says why once per failure). The figures go to the metrics whether or not
+/// a limit is set.
 pub(crate) async fn check(
     d: &Driver<'_>,
     rt: &mut StageRuntime,
     s: &RunSettings,
 ) -> Option<String> {
-    if s.max_replication_lag_bytes.is_none_or(|b| b <= 0)
-        && s.max_replication_lag_secs.is_none_or(|x| x <= 0.0)
-    {
-        return None;
-    }
     if rt
         .last_brake_check
         .is_some_and(|t| t.elapsed() < CHECK_EVERY)
     {
-        return rt.brake.clone();
+        return hold_still(rt);
     }
     rt.last_brake_check = Some(Instant::now());
+    let looks = &mut rt.looks;
     let looked = async {
         let c = d.pool.get().await?;
-        anyhow::Ok(replica_lags(&**c).await?)
+        let version = match looks.version {
+            Some(v) => v,
+            None => {
+                let v: String = c
+                    .query_one("SELECT current_setting('server_version_num')", &[])
+                    .await?
+                    .get(0);
+                *looks.version.insert(v.parse().unwrap_or(0))
+            }
+        };
+        let lags = replica_lags(&**c).await?;
+        let (active, checkpoints) = load(&**c, version).await?;
+        anyhow::Ok((lags, active, checkpoints))
     }
     .await;
     rt.brake = match looked {
-        Ok(lags) => {
+        Ok((lags, active, checkpoints)) => {
             if let Some(m) = &d.opts.metrics {
+                let run = [KeyValue::new("run_id", d.run_id)];
                 // The farthest replica (0 with none): what the brake answers to.
                 let most = lags.iter().filter_map(|l| l.bytes).fold(0.0, f64::max);
-                m.replication_lag_bytes
-                    .record(most as u64, &[KeyValue::new("run_id", d.run_id)]);
+                m.replication_lag_bytes.record(most as u64, &run);
+                m.active_backends.record(active.max(0) as u64, &run);
+                m.checkpoints_requested
+                    .record(checkpoints.max(0) as u64, &run);
             }
-            reason(&lags, s)
+            reason(&lags, s).or_else(|| load_reason(looks, s, active, checkpoints))
         }
         Err(e) => {
-            tracing::warn!(run_id = d.run_id, error = %format!("{e:#}"), "could not read the replicas' lag");
+            tracing::warn!(run_id = d.run_id, error = %format!("{e:#}"), "could not read the database's load (replicas, backends, checkpoints)");
             None
         }
     };
     rt.brake.clone()
+}
+
+/// Between looks: the last look's reason, but a checkpoint's hold ends on time.
+fn hold_still(rt: &StageRuntime) -> Option<String> {
+    let b = rt.brake.clone()?;
+    if b.contains("requested a checkpoint")
+        && rt
+            .looks
+            .checkpoint_hold_until
+            .is_none_or(|t| t <= Instant::now())
+    {
+        return None;
+    }
+    Some(b)
 }
 
 #[cfg(test)]
@@ -161,5 +263,35 @@ mod tests {
             secs: None,
         };
         assert_eq!(reason(&[hidden], &s), None);
+    }
+
+    #[test]
+    fn busy_backends_hold_and_a_requested_checkpoint_holds_for_a_while() {
+        let s = RunSettings {
+            max_active_backends: Some(8),
+            checkpoint_hold_secs: 10.0,
+            ..Default::default()
+        };
+        let mut looks = Looks::default();
+        // The first look only learns the checkpoint counter.
+        assert_eq!(load_reason(&mut looks, &s, 3, 40), None);
+        let busy = load_reason(&mut looks, &s, 9, 40).unwrap();
+        assert!(busy.contains("9 active backends"), "{busy}");
+        assert!(busy.contains("--max-active-backends 8"), "{busy}");
+        let ckpt = load_reason(&mut looks, &s, 3, 41).unwrap();
+        assert!(ckpt.contains("requested a checkpoint"), "{ckpt}");
+        // Still held at the next look (the counter no longer rises) …
+        assert!(load_reason(&mut looks, &s, 3, 41).is_some());
+        // … until the hold has passed.
+        looks.checkpoint_hold_until = Some(Instant::now());
+        assert_eq!(load_reason(&mut looks, &s, 3, 41), None);
+        let off = RunSettings {
+            max_active_backends: None,
+            checkpoint_hold_secs: 0.0,
+            ..Default::default()
+        };
+        let mut looks = Looks::default();
+        assert_eq!(load_reason(&mut looks, &off, 1000, 1), None);
+        assert_eq!(load_reason(&mut looks, &off, 1000, 2), None);
     }
 }

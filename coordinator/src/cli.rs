@@ -83,7 +83,7 @@ pub enum Command {
         #[arg(long, default_value_t = RunSettings::default().max_error_rate)]
         max_error_rate: f64,
         #[command(flatten)]
-        latency: LatencyArgs,
+        latency: Box<LatencyArgs>,
         /// Everything but the write, in a run of its own kind (one stage, 100%).
         #[arg(long)]
         dry_run: bool,

@@ -166,6 +166,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .filter(|s| *s > 0.0),
                     max_replication_lag_bytes: Some(latency.max_replication_lag_bytes)
                         .filter(|b| *b > 0),
+                    max_active_backends: Some(latency.max_active_backends).filter(|n| *n > 0),
+                    checkpoint_hold_secs: parse_duration(&latency.checkpoint_hold)
+                        .context("--checkpoint-hold")?
+                        .as_secs_f64(),
+                    slo: latency.slo(ctx.settings.slo.as_ref())?,
                     ..Default::default()
                 },
             };

@@ -423,8 +423,12 @@ async fn say_throttle(
     throttle: &crate::throttle::Throttle,
 ) {
     let latency = throttle.engaged().then(|| {
+        let why = rt
+            .latency_reason
+            .as_deref()
+            .unwrap_or("the probe's latency was over its threshold");
         format!(
-            "latency: the application's latency is over its threshold; {} batch(es) in flight at most, {} ms between batches",
+            "latency: {why}; {} batch(es) in flight at most, {} ms between batches",
             throttle.window,
             throttle.gap.as_millis()
         )

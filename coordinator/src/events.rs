@@ -54,6 +54,8 @@ pub enum RunEvent<'a> {
     /// Application latency first slowed the stage.
     Throttling {
         stage_no: i32,
+        /// Which signal, its value and its limit.
+        reason: String,
         probes_over: usize,
         probes: usize,
         p99_ms: f64,
@@ -250,6 +252,7 @@ impl RunEvent<'_> {
             ),
             Self::Throttling {
                 stage_no,
+                reason,
                 probes_over,
                 probes,
                 p99_ms,
@@ -260,6 +263,7 @@ impl RunEvent<'_> {
             } => tracing::warn!(
                 run_id,
                 stage_no,
+                reason,
                 probes_over,
                 probes,
                 p99_ms,
@@ -515,6 +519,7 @@ mod tests {
                 report,
             },
             RunEvent::Throttling {
+                reason: "2 of 40 probes over their thresholds".into(),
                 stage_no: 1,
                 probes_over: 3,
                 probes: 4,

@@ -34,13 +34,13 @@ pub(crate) async fn judge(
         opts,
         ..
     } = *d;
-    let throttle = rt.throttle.get_or_insert_with(|| {
+    if rt.throttle.is_none() {
         // Slow start answers the probe: without a throttle it would only slow.
-        Throttle::new(
+        rt.throttle = Some(Throttle::new(
             opts.max_in_flight,
             run.settings.slow_start && run.settings.throttle_pct > 0.0,
-        )
-    });
+        ));
+    }
     if rt.prober.is_none() {
         rt.prober = Some(probe::Prober::start(
             pool.clone(),
@@ -87,13 +87,63 @@ pub(crate) async fn judge(
         let in_flight = ledger::progress(&**pool.get().await?, run_id)
             .await?
             .published;
-        let working = in_flight > 0 && d.consumers.load(Ordering::Relaxed) != 0;
-        let (over, under) = if working {
+        // Batches worked on since the last judgement count too: a paced stage often has
+        // none in flight at the instant of judging.
+        let published_lately = rt
+            .last_publish
+            .is_some_and(|t| t.elapsed() < opts.probe_every * 2);
+        let working =
+            (in_flight > 0 || published_lately) && d.consumers.load(Ordering::Relaxed) != 0;
+        let (mut over, mut under) = if working {
             rt.perf.record(&run.settings, lat.median_ms);
             rt.perf.probes(&run.settings, &samples)
         } else {
             (0, samples.len())
         };
+        let mut reason = (over > 0).then(|| {
+            let f = &rt.perf.figures;
+            format!(
+                "{over} of {} probes over their thresholds (reads {} ms, writes {} ms; the probe's p99 so far: reads {} ms, writes {} ms)",
+                over + under,
+                ms(f.throttle_threshold_ms),
+                ms(f.write_throttle_threshold_ms),
+                ms(f.p99_ms),
+                ms(f.write_p99_ms),
+            )
+        });
+        // The application's own p99, when its Prometheus is configured: the preferred
+        // signal; the worse of it and the probe governs.
+        if let Some(v) = slo_value(d, rt, run).await
+            && let Some(limit) = run.settings.slo_limit_ms()
+        {
+            let f = &mut rt.perf.figures;
+            f.slo_baseline_ms = run.settings.slo_baseline_ms;
+            f.slo_limit_ms = Some(limit);
+            f.slo_polls += 1;
+            f.slo_max_ms = Some(f.slo_max_ms.map_or(v, |m: f64| m.max(v)));
+            f.slo_ms = Some(v);
+            if v > limit {
+                f.slo_polls_over += 1;
+                if over == 0 {
+                    f.throttled_samples += 1;
+                }
+                // One level per judgement over (the probes under do not count then).
+                over += (1.0 / crate::throttle::STEP) as usize;
+                under = 0;
+                reason = Some(format!(
+                    "the application's p99 from Prometheus is {v:.1} ms, over its limit of {limit:.1} ms ({:.0}% over its {:.1} ms before the run)",
+                    run.settings.throttle_pct,
+                    run.settings.slo_baseline_ms.unwrap_or_default()
+                ));
+            } else if working {
+                // Under its limit: the application's own word that it is fine speeds the
+                // recovery (a quarter level per judgement) beside the probes'.
+                under += SLO_CLEAN_PROBES;
+            }
+        }
+        if working {
+            rt.judged += 1;
+        }
         if let Some(m) = &opts.metrics {
             record_probe(
                 m,
@@ -106,8 +156,31 @@ pub(crate) async fn judge(
             )
             .await;
         }
+        // Which signal slowed the run: said again when another one does.
+        let signal = match &reason {
+            Some(r) if r.contains("from Prometheus") => Some("prometheus"),
+            Some(_) => Some("probe"),
+            None => None,
+        };
+        let throttle = rt.throttle.as_mut().expect("set above");
         let was = throttle.clone();
-        throttle.adjust(over, under, in_flight);
+        throttle.judge(over, under, in_flight);
+        rt.latency_reason = if throttle.slow {
+            Some(format!(
+                "slow start: paced until the throttle has judged the database under the rotation ({} judgement(s) so far)",
+                rt.judged
+            ))
+        } else if !throttle.engaged() {
+            None
+        } else {
+            reason.or_else(|| {
+                rt.latency_reason
+                    .take()
+                    .map(|r| r.strip_prefix("recovering from: ").unwrap_or(&r).to_owned())
+                    .filter(|r| !r.starts_with("slow start"))
+                    .map(|r| format!("recovering from: {r}"))
+            })
+        };
         rt.perf.figures.max_gap_ms = rt
             .perf
             .figures
@@ -121,9 +194,11 @@ pub(crate) async fn judge(
         }
         // A warning when latency first slows the stage and a note when the
         // throttle lets go; the steps in between are debug (the report counts them).
-        if over > 0 && rt.perf.figures.throttled_samples == 1 {
+        if over > 0 && signal.is_some() && signal != rt.said_signal {
+            rt.said_signal = signal;
             let throttling = RunEvent::Throttling {
                 stage_no,
+                reason: rt.latency_reason.clone().unwrap_or_default(),
                 probes_over: over,
                 probes: over + under,
                 p99_ms: lat.p99_ms,
@@ -163,4 +238,49 @@ pub(crate) async fn judge(
         }
     }
     Ok(None)
+}
+
+/// What one judgement with the application's p99 under its limit counts for, in probes
+/// under the threshold: a quarter of a level (`throttle::STEP × 1% / 99%` per probe).
+pub const SLO_CLEAN_PROBES: usize = 50;
+
+/// A figure in milliseconds, or `-`.
+fn ms(v: Option<f64>) -> String {
+    v.map_or("-".to_owned(), |v| format!("{v:.1}"))
+}
+
+/// The application's p99 from its Prometheus now (milliseconds), when the run has an SLO
+/// query; a failed query is said once per failure streak and judged as no signal (the
+/// probe governs meanwhile).
+async fn slo_value(d: &Driver<'_>, rt: &mut StageRuntime, run: &Run) -> Option<f64> {
+    let source = run.settings.slo.as_ref()?;
+    if rt.slo.is_none() {
+        match crate::slo::Slo::new(source) {
+            Ok(s) => rt.slo = Some(s),
+            Err(e) => {
+                tracing::warn!(run_id = d.run_id, error = %format!("{e:#}"), "the SLO signal is unavailable");
+                return None;
+            }
+        }
+    }
+    match rt.slo.as_ref()?.value_ms().await {
+        Ok(v) => {
+            if rt.slo_failing {
+                tracing::info!(run_id = d.run_id, "the SLO query answers again");
+            }
+            rt.slo_failing = false;
+            if let Some(m) = &d.opts.metrics {
+                m.slo_latency
+                    .record(v, &[KeyValue::new("run_id", d.run_id)]);
+            }
+            Some(v)
+        }
+        Err(e) => {
+            if !rt.slo_failing {
+                tracing::warn!(run_id = d.run_id, error = %format!("{e:#}"), "the SLO query failed; the probe alone governs the throttle until it answers");
+            }
+            rt.slo_failing = true;
+            None
+        }
+    }
 }

@@ -40,5 +40,6 @@ pub mod progress;
 pub mod report;
 pub mod run_cmd;
 pub mod runtime;
+pub mod slo;
 pub mod stage;
 pub mod throttle;

@@ -160,6 +160,17 @@ pub async fn start_rotation_with(
             .await?,
         ),
     };
+    // The application's own p99 before the run, when its Prometheus is configured: a run
+    // is not planned on a signal that does not answer.
+    let slo_baseline = match (&opts.gating.slo, opts.gating.slo_baseline_ms) {
+        (Some(source), None) => Some(
+            crate::slo::Slo::new(source)?
+                .baseline_ms()
+                .await
+                .context("measure the application's p99 before the run (--slo-query)")?,
+        ),
+        _ => None,
+    };
     let tx = client.transaction().await?;
     tx.execute("SELECT pg_advisory_xact_lock(hashtext('rekey keys'))", &[])
         .await?;
@@ -195,6 +206,9 @@ pub async fn start_rotation_with(
     let seed = opts.seed.unwrap_or_else(rand::random);
     let mut gating = opts.gating.clone();
     gating.planned_rows = planned_rows(&*tx, &settings.targets).await?;
+    if slo_baseline.is_some() {
+        gating.slo_baseline_ms = slo_baseline;
+    }
     if let Some(lat) = baseline {
         gating.probe_baseline_ms = Some(lat.reads.median_ms);
         gating.probe_baseline_p95_ms = Some(lat.reads.p95_ms);

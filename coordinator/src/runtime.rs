@@ -87,6 +87,17 @@ pub(crate) struct StageRuntime {
     /// The replicas' brake as last looked at (`brakes.rs`), and when.
     pub(crate) brake: Option<String>,
     pub(crate) last_brake_check: Option<Instant>,
+    pub(crate) looks: crate::brakes::Looks,
+    /// The application's Prometheus, when the run has an SLO query.
+    pub(crate) slo: Option<crate::slo::Slo>,
+    /// Whether the last SLO query failed (said once per failure streak).
+    pub(crate) slo_failing: bool,
+    /// Which latency signal holds the throttle back now, its value and limit.
+    pub(crate) latency_reason: Option<String>,
+    /// Judgements made while batches were worked on (slow start waits for them).
+    pub(crate) judged: usize,
+    /// The signal the last `throttling` event named (`probe`, `prometheus`).
+    pub(crate) said_signal: Option<&'static str>,
 }
 
 impl StageRuntime {

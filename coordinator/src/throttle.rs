@@ -33,6 +33,15 @@ pub struct PerfFigures {
     /// Consecutive samples over the breach threshold, at most.
     pub max_consecutive_over_breach: usize,
     pub breached: bool,
+    /// The application's p99 from its Prometheus (`--slo-query`): before the run, the
+    /// last and the highest answer over the stage (milliseconds), how many answers were
+    /// judged and how many were over the limit.
+    pub slo_baseline_ms: Option<f64>,
+    pub slo_ms: Option<f64>,
+    pub slo_max_ms: Option<f64>,
+    pub slo_limit_ms: Option<f64>,
+    pub slo_polls: u64,
+    pub slo_polls_over: u64,
 }
 
 /// Latency samples of one stage and the throttle decision.
@@ -66,7 +75,16 @@ pub struct Throttle {
     level: f64,
     pub window: i64,
     pub gap: std::time::Duration,
+    /// In slow start: paced, and each clean judgement doubles the pace until the first
+    /// probe over the threshold (or full speed) ends it.
+    pub slow: bool,
 }
+
+/// Slow start begins this many levels past one batch in flight: one batch per 1.5 s.
+pub const SLOW_START_LEVELS: f64 = 4.0;
+
+/// A judgement speeds a slow start up only on at least this many probes, all under.
+pub const SLOW_START_MIN_PROBES: usize = 20;
 
 /// The pacing unit and the longest gap between publications.
 pub const GAP_UNIT: std::time::Duration = std::time::Duration::from_millis(100);
@@ -80,19 +98,39 @@ pub const STEP: f64 = 0.5;
 pub const TARGET_SHARE: f64 = 0.01;
 
 impl Throttle {
-    /// A stage's throttle: slow start from one batch when `slow_start`, else from `max`.
+    /// A stage's throttle: with `slow_start`, one batch per 1.5 s until the throttle has
+    /// judged the database under the rotation; else from `max`.
     pub fn new(max: i64, slow_start: bool) -> Self {
         let mut t = Self {
             max: max.max(1),
             level: 0.0,
             window: max.max(1),
             gap: std::time::Duration::ZERO,
+            slow: slow_start,
         };
         if slow_start {
-            t.level = t.halvings();
+            t.level = t.halvings() + SLOW_START_LEVELS;
         }
         t.apply();
         t
+    }
+
+    /// One judgement of the probes (and the application's signal): in slow start a clean
+    /// judgement of at least [`SLOW_START_MIN_PROBES`] halves the gap (or doubles the
+    /// window), the first over ends slow start; after it, [`Throttle::adjust`].
+    pub fn judge(&mut self, over: usize, under: usize, in_flight: i64) {
+        if self.slow {
+            if over == 0 {
+                if under >= SLOW_START_MIN_PROBES {
+                    self.level = (self.level - 1.0).max(0.0);
+                    self.slow = self.level > 0.0;
+                    self.apply();
+                }
+                return;
+            }
+            self.slow = false;
+        }
+        self.adjust(over, under, in_flight);
     }
 
     /// Levels from `max` batches in flight down to one.
@@ -386,7 +424,7 @@ mod tests {
                     over += 1;
                 }
             }
-            t.adjust(over, 40 - over, t.window);
+            t.judge(over, 40 - over, t.window);
             if judgement >= 500 {
                 over_total += over;
                 total += 40;
@@ -401,12 +439,39 @@ mod tests {
     }
 
     #[test]
-    fn a_stage_starts_slowly_at_one_batch_in_flight() {
+    fn a_stage_starts_paced_and_speeds_up_only_on_judged_clean_probes() {
+        use std::time::Duration;
         let mut t = Throttle::new(64, true);
-        assert_eq!((t.window, t.gap), (1, std::time::Duration::ZERO));
-        assert!(t.engaged());
-        // Two levels of clean probes later: four batches.
-        t.adjust(0, 396, 1);
-        assert_eq!(t.window, 4);
+        assert_eq!((t.window, t.gap), (1, GAP_UNIT * 15), "one batch per 1.5 s");
+        assert!(t.engaged() && t.slow);
+        // Too few probes to judge: no change.
+        t.judge(0, SLOW_START_MIN_PROBES - 1, 1);
+        assert_eq!(t.gap, GAP_UNIT * 15);
+        // Each clean judgement halves the pace's period: 1.5 s, 700, 300, 100 ms, then
+        // one, two, four … batches.
+        t.judge(0, 40, 1);
+        assert_eq!(t.gap, GAP_UNIT * 7);
+        for _ in 0..3 {
+            t.judge(0, 40, 1);
+        }
+        assert_eq!((t.window, t.gap), (1, Duration::ZERO));
+        t.judge(0, 40, 1);
+        assert_eq!(t.window, 2);
+        // The first probe over ends slow start where it is, and the controller takes over.
+        t.judge(1, 39, 2);
+        assert!(!t.slow);
+        assert_eq!(t.window, 1, "halved from two: {t:?}");
+        // Clean judgements now come back at the controller's slow pace.
+        t.judge(0, 40, 1);
+        assert_eq!(t.window, 1);
+        // Without a probe over, slow start runs until full speed.
+        let mut t = Throttle::new(8, true);
+        let mut judgements = 0;
+        while t.slow {
+            t.judge(0, 40, 1);
+            judgements += 1;
+        }
+        assert_eq!(judgements, 3 + 4, "three halvings and four gap levels");
+        assert!(!t.engaged());
     }
 }

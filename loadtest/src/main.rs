@@ -51,9 +51,15 @@ enum Command {
         /// How long, e.g. 30s, 5m.
         #[arg(long, default_value = "30s")]
         duration: String,
-        /// Share of reads (the rest are writes).
-        #[arg(long, default_value_t = 0.8)]
-        read_fraction: f64,
+        /// Share of writes (one-row updates, each in its own commit); the rest are point
+        /// reads.
+        #[arg(long, default_value_t = rekey_loadtest::traffic::DEFAULT_WRITE_SHARE)]
+        write_share: f64,
+        /// Export the application's request latency histogram
+        /// (`app_request_duration_seconds{op}`) at http://ADDR/metrics, as an application
+        /// would to its Prometheus.
+        #[arg(long)]
+        metrics_addr: Option<std::net::SocketAddr>,
         #[arg(long)]
         json: bool,
     },
@@ -279,17 +285,35 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Traffic {
             rate,
             duration,
-            read_fraction,
+            write_share,
+            metrics_addr,
             json,
         } => {
+            anyhow::ensure!(
+                (0.0..=1.0).contains(&write_share),
+                "--write-share must be between 0 and 1, not {write_share}"
+            );
             let duration = parse_secs(&duration)?;
+            let histogram = Arc::new(rekey_loadtest::traffic::AppHistogram::new());
+            let _server = match metrics_addr {
+                Some(addr) => {
+                    let h = histogram.clone();
+                    let (bound, task) =
+                        rekey_common::metrics::serve_text(addr, Arc::new(move || h.render()))
+                            .await?;
+                    eprintln!("application metrics at http://{bound}/metrics");
+                    Some(AbortOnDrop(task))
+                }
+                None => None,
+            };
             let report = rekey_loadtest::traffic::run(
                 &pool,
                 Arc::new(master),
                 &rekey_loadtest::traffic::TrafficOptions {
                     rate,
                     duration,
-                    read_fraction,
+                    write_share,
+                    histogram: metrics_addr.map(|_| histogram.clone()),
                     ..Default::default()
                 },
             )
@@ -311,6 +335,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     "{:.0} ops/s over {:.1} s; {} errors; {} values failed to decrypt",
                     report.achieved_rate, report.seconds, report.errors, report.decrypt_errors
                 );
+                rekey_loadtest::traffic::print_windows(&report.windows);
             }
             Ok(if report.errors == 0 {
                 ExitCode::SUCCESS
@@ -489,4 +514,13 @@ fn parse_secs(s: &str) -> anyhow::Result<std::time::Duration> {
         .parse()
         .with_context(|| format!("{s:?} is not a duration like 30s, 5m"))?;
     Ok(std::time::Duration::from_secs_f64(n * mult))
+}
+
+/// Aborts a server task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

@@ -234,8 +234,9 @@ pub struct TrafficOptions {
     /// Operations started per second.
     pub rate: u32,
     pub duration: Duration,
-    /// Share of reads; the rest are writes.
-    pub read_fraction: f64,
+    /// Share of writes (one-row updates of `demo.users.email`, each in its own commit); the
+    /// rest are point reads.
+    pub write_share: f64,
     /// Operations in flight at most (further ones wait, and their wait counts as latency).
     pub max_in_flight: usize,
     /// How often the application reloads its key ring.
@@ -243,6 +244,84 @@ pub struct TrafficOptions {
     pub seed: u64,
     /// Ends the traffic early when it turns true (the bench stops it when a rotation ends).
     pub stop: Option<tokio::sync::watch::Receiver<bool>>,
+    /// Where each operation's latency is also counted, for a Prometheus scrape.
+    pub histogram: Option<Arc<AppHistogram>>,
+}
+
+/// An application's usual mix: 70% point reads, 30% single-row updates.
+pub const DEFAULT_WRITE_SHARE: f64 = 0.3;
+
+/// Seconds per window of the per-window figures.
+pub const WINDOW_SECS: u64 = 10;
+
+/// The application's request latency as its own Prometheus would scrape it: a histogram
+/// `app_request_duration_seconds{op="read"|"write"}` (what `--slo-query` reads in the
+/// tests and in docs/throttle.md's example).
+#[derive(Debug)]
+pub struct AppHistogram {
+    /// Cumulative per bound, per op (read, write); the last is +Inf.
+    counts: [Vec<AtomicU64>; 2],
+    sum_us: [AtomicU64; 2],
+}
+
+impl AppHistogram {
+    /// Bucket bounds in seconds: fine from 0.5 ms to 50 ms, where a p99 moves.
+    pub const BOUNDS: &[f64] = &[
+        0.0005, 0.001, 0.0015, 0.002, 0.0025, 0.003, 0.004, 0.005, 0.006, 0.008, 0.01, 0.0125,
+        0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+    ];
+
+    pub fn new() -> Self {
+        let row = || {
+            (0..=Self::BOUNDS.len())
+                .map(|_| AtomicU64::new(0))
+                .collect()
+        };
+        Self {
+            counts: [row(), row()],
+            sum_us: [AtomicU64::new(0), AtomicU64::new(0)],
+        }
+    }
+
+    pub fn record(&self, write: bool, us: u64) {
+        let op = usize::from(write);
+        let secs = us as f64 / 1e6;
+        for (i, bound) in Self::BOUNDS.iter().enumerate() {
+            if secs <= *bound {
+                self.counts[op][i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.counts[op][Self::BOUNDS.len()].fetch_add(1, Ordering::Relaxed);
+        self.sum_us[op].fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// Prometheus's text format.
+    pub fn render(&self) -> String {
+        let name = "app_request_duration_seconds";
+        let mut out = format!(
+            "# HELP {name} Request latency of the application (rekey-loadtest traffic), from when the request was due\n# TYPE {name} histogram\n"
+        );
+        for (op, label) in ["read", "write"].iter().enumerate() {
+            for (i, bound) in Self::BOUNDS.iter().enumerate() {
+                out.push_str(&format!(
+                    "{name}_bucket{{op=\"{label}\",le=\"{bound}\"}} {}\n",
+                    self.counts[op][i].load(Ordering::Relaxed)
+                ));
+            }
+            let n = self.counts[op][Self::BOUNDS.len()].load(Ordering::Relaxed);
+            out.push_str(&format!(
+                "{name}_bucket{{op=\"{label}\",le=\"+Inf\"}} {n}\n{name}_sum{{op=\"{label}\"}} {}\n{name}_count{{op=\"{label}\"}} {n}\n",
+                self.sum_us[op].load(Ordering::Relaxed) as f64 / 1e6
+            ));
+        }
+        out
+    }
+}
+
+impl Default for AppHistogram {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Default for TrafficOptions {
@@ -250,11 +329,12 @@ impl Default for TrafficOptions {
         Self {
             rate: 200,
             duration: Duration::from_secs(30),
-            read_fraction: 0.8,
+            write_share: DEFAULT_WRITE_SHARE,
             max_in_flight: 32,
             refresh: Duration::from_secs(2),
             seed: 1,
             stop: None,
+            histogram: None,
         }
     }
 }
@@ -304,6 +384,46 @@ pub struct TrafficReport {
     pub achieved_rate: f64,
     /// Per second of the run: (second, operations completed, p99 latency in ms).
     pub timeline: Vec<(u64, u64, f64)>,
+    /// Per [`WINDOW_SECS`] of the run: reads, writes and all.
+    pub windows: Vec<Window>,
+}
+
+/// The figures of one window of the traffic (by when operations completed).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct Window {
+    /// Seconds since the traffic started when the window began.
+    pub start_s: u64,
+    pub reads: Percentiles,
+    pub writes: Percentiles,
+    pub all: Percentiles,
+}
+
+/// Prints the per-window figures: p50/p95/p99 of reads, writes and all, milliseconds.
+pub fn print_windows(windows: &[Window]) {
+    if windows.is_empty() {
+        return;
+    }
+    println!(
+        "{:>9}  {:>24}  {:>24}  {:>24}",
+        "window", "reads p50/p95/p99 ms", "writes p50/p95/p99 ms", "all p50/p95/p99 ms"
+    );
+    let cell = |p: &Percentiles| {
+        if p.count == 0 {
+            "-".to_owned()
+        } else {
+            format!("{:.2}/{:.2}/{:.2}", p.p50_ms, p.p95_ms, p.p99_ms)
+        }
+    };
+    for w in windows {
+        println!(
+            "{:>4}-{:<4}  {:>24}  {:>24}  {:>24}",
+            w.start_s,
+            w.start_s + WINDOW_SECS,
+            cell(&w.reads),
+            cell(&w.writes),
+            cell(&w.all)
+        );
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -395,13 +515,14 @@ pub async fn run(
     let stopped = || opts.stop.as_ref().is_some_and(|s| *s.borrow());
     while started.elapsed() < opts.duration && !stopped() {
         let due = ticker.tick().await;
-        let op = if rng.random_bool(opts.read_fraction.clamp(0.0, 1.0)) || max_user == 0 {
+        let op = if !rng.random_bool(opts.write_share.clamp(0.0, 1.0)) || max_user == 0 {
             Op::Read(rng.random_range(0..bounds.len()))
         } else {
             Op::Write
         };
         let pick = rng.random::<u64>();
         let email = format!("traffic{}@example.org", rng.random_range(0..1_000_000u32));
+        let histogram = opts.histogram.clone();
         let (pool, ring, bounds, tx, permits, decrypt_errors) = (
             pool.clone(),
             ring.clone(),
@@ -428,7 +549,13 @@ pub async fn run(
                     write_one(&pool, &ring, id, email.as_bytes()).await.is_ok()
                 }
             };
-            let _ = tx.send((op, scheduled, Instant::now(), ok));
+            let done = Instant::now();
+            if let Some(h) = histogram {
+                // As the application's own metrics would: live, from when it was due.
+                let us = done.saturating_duration_since(scheduled).as_micros() as u64;
+                h.record(matches!(op, Op::Write), us);
+            }
+            let _ = tx.send((op, scheduled, done, ok));
         });
     }
     drop(tx);
@@ -436,16 +563,18 @@ pub async fn run(
     let mut writes = Vec::new();
     let mut errors = 0;
     let mut per_second: std::collections::BTreeMap<u64, Vec<u64>> = Default::default();
+    let mut per_window: std::collections::BTreeMap<u64, [Vec<u64>; 2]> = Default::default();
     while let Some((op, scheduled, done, ok)) = rx.recv().await {
         // Latency from when the operation was due, so queueing behind a slow database counts.
         let us = done.saturating_duration_since(scheduled).as_micros() as u64;
         if !ok {
             errors += 1;
         }
-        per_second
-            .entry(done.saturating_duration_since(started).as_secs())
-            .or_default()
-            .push(us);
+        let second = done.saturating_duration_since(started).as_secs();
+        per_second.entry(second).or_default().push(us);
+        let write = matches!(op, Op::Write);
+        per_window.entry(second / WINDOW_SECS).or_default()[usize::from(write)].push(us);
+
         match op {
             Op::Read(_) => reads.push(us),
             Op::Write => writes.push(us),
@@ -458,6 +587,18 @@ pub async fn run(
         .map(|(s, mut v)| {
             let p = Percentiles::of(&mut v);
             (s, p.count, p.p99_ms)
+        })
+        .collect();
+    let windows = per_window
+        .into_iter()
+        .map(|(w, [mut reads, mut writes])| {
+            let mut all: Vec<u64> = reads.iter().chain(writes.iter()).copied().collect();
+            Window {
+                start_s: w * WINDOW_SECS,
+                reads: Percentiles::of(&mut reads),
+                writes: Percentiles::of(&mut writes),
+                all: Percentiles::of(&mut all),
+            }
         })
         .collect();
     let c = pool.get().await?;
@@ -473,6 +614,7 @@ pub async fn run(
         decrypt_errors: decrypt_errors.load(Ordering::Relaxed),
         errors,
         timeline,
+        windows,
     })
 }
 

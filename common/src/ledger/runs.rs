@@ -198,6 +198,18 @@ pub struct RunSettings {
     pub max_replication_lag_secs: Option<f64>,
     /// … or more than this many bytes of WAL behind the primary; `None` or 0: not checked.
     pub max_replication_lag_bytes: Option<i64>,
+    /// Publication holds while more client backends than this are active
+    /// (`pg_stat_activity`, the rotation's own not counted); `None` or 0: not checked.
+    pub max_active_backends: Option<i64>,
+    /// Publication holds for this many seconds after PostgreSQL requested a checkpoint
+    /// (`pg_stat_bgwriter.checkpoints_req` rose: WAL outgrew `max_wal_size`); 0: not
+    /// checked.
+    pub checkpoint_hold_secs: f64,
+    /// The application's own p99 from its Prometheus: where and how it is asked …
+    pub slo: Option<crate::config::SloSource>,
+    /// … and its value before the run (milliseconds): the throttle holds it within
+    /// `throttle_pct` of this.
+    pub slo_baseline_ms: Option<f64>,
 }
 
 impl RunSettings {
@@ -230,11 +242,22 @@ impl RunSettings {
     pub fn throttle_threshold_ms(&self, write: bool) -> Option<f64> {
         Some(self.probe_p99(write)? + self.throttle_budget_ms()?)
     }
+
+    /// The application's p99 (from its Prometheus) over this counts against the throttle:
+    /// its value before the run plus `throttle_pct` of it (at least `throttle_min_ms`).
+    pub fn slo_limit_ms(&self) -> Option<f64> {
+        let base = self.slo_baseline_ms?;
+        (self.throttle_pct > 0.0 && self.slo.is_some())
+            .then(|| base + (self.throttle_pct / 100.0 * base).max(self.throttle_min_ms))
+    }
 }
 
 /// The replicas' brake by default: 30 s of replay lag, or 1 GiB of WAL.
 pub const DEFAULT_MAX_REPLICATION_LAG_SECS: f64 = 30.0;
 pub const DEFAULT_MAX_REPLICATION_LAG_BYTES: i64 = 1 << 30;
+
+/// How long a requested checkpoint holds publication by default.
+pub const DEFAULT_CHECKPOINT_HOLD_SECS: f64 = 10.0;
 
 impl Default for RunSettings {
     fn default() -> Self {
@@ -261,6 +284,10 @@ impl Default for RunSettings {
             batch_bytes: 0,
             max_replication_lag_secs: Some(DEFAULT_MAX_REPLICATION_LAG_SECS),
             max_replication_lag_bytes: Some(DEFAULT_MAX_REPLICATION_LAG_BYTES),
+            max_active_backends: None,
+            checkpoint_hold_secs: DEFAULT_CHECKPOINT_HOLD_SECS,
+            slo: None,
+            slo_baseline_ms: None,
         }
     }
 }

@@ -17,6 +17,7 @@ mod receiver;
 mod scene;
 mod schema;
 mod seed;
+mod slo;
 mod stalls;
 mod throttle;
 mod tls;

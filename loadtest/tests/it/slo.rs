@@ -1,0 +1,394 @@
+//! The application's own latency signal, through the binaries and a real Prometheus
+//! (Debian's package): Prometheus scrapes an application-like exporter that the test
+//! controls (its p99 gauge), `rekey-loadtest traffic --metrics-addr` (an application's
+//! request histogram) and the coordinator; `rekey rotate` is given the SLO query by
+//! environment and flag. When the application's p99 rises over its limit the throttle
+//! paces the run and `rekey status` names the signal, its value and its limit; when it
+//! falls back the run finishes, every value verified. A query that cannot serve as a
+//! signal is refused before anything is planned.
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::binaries::{Env, quick_rotate, seeded, sigterm, wait_exit};
+use crate::stalls::status_until;
+
+/// The application: serves `app_p99_seconds` (the test sets it) at /metrics.
+struct AppExporter {
+    port: u16,
+    p99_bits: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+impl AppExporter {
+    fn start(p99_secs: f64) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let p99_bits = Arc::new(AtomicU64::new(p99_secs.to_bits()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (bits, halt) = (p99_bits.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !halt.load(Ordering::Relaxed) {
+                let Ok((mut s, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                };
+                s.set_nonblocking(false).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                let mut req = [0u8; 2048];
+                let _ = s.read(&mut req);
+                let body = format!(
+                    "# TYPE app_p99_seconds gauge\napp_p99_seconds {}\n",
+                    f64::from_bits(bits.load(Ordering::Relaxed))
+                );
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        Self {
+            port,
+            p99_bits,
+            stop,
+        }
+    }
+
+    fn set(&self, p99_secs: f64) {
+        self.p99_bits.store(p99_secs.to_bits(), Ordering::Relaxed);
+    }
+}
+
+impl Drop for AppExporter {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A Prometheus of the test's own, scraping `targets` every second; stopped and its data
+/// removed when dropped.
+struct Prometheus {
+    url: String,
+    child: Child,
+    dir: std::path::PathBuf,
+}
+
+impl Prometheus {
+    async fn start(name: &str, targets: &[(&str, u16)]) -> Self {
+        rekey_common::telemetry::install_crypto_provider();
+        let dir = std::env::temp_dir().join(format!("{name}-prometheus"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut config =
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n"
+                .to_owned();
+        for (job, port) in targets {
+            config.push_str(&format!(
+                "  - job_name: {job}\n    static_configs:\n      - targets: ['127.0.0.1:{port}']\n"
+            ));
+        }
+        std::fs::write(dir.join("prometheus.yml"), config).unwrap();
+        let port = free_port();
+        let child = Command::new("prometheus")
+            .arg(format!(
+                "--config.file={}",
+                dir.join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--log.level=warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("prometheus not found: install Debian's prometheus package (.ci/run does)");
+        let p = Self {
+            url: format!("http://127.0.0.1:{port}"),
+            child,
+            dir,
+        };
+        // Ready when the first target (the others start later) has been scraped up.
+        let start = Instant::now();
+        let first = format!("max(up{{job=\"{}\"}})", targets[0].0);
+        loop {
+            if let Ok(v) = p.query(&first).await
+                && v == 1.0
+            {
+                return p;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "Prometheus at {} did not scrape {} within 60 s",
+                p.url,
+                targets[0].0
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
+    /// An instant query's one value.
+    async fn query(&self, q: &str) -> anyhow::Result<f64> {
+        let url = reqwest::Url::parse_with_params(
+            &format!("{}/api/v1/query", self.url),
+            &[("query", q)],
+        )?;
+        let body: serde_json::Value = reqwest::get(url).await?.json().await?;
+        let r = &body["data"]["result"];
+        let v = r[0]["value"][1]
+            .as_str()
+            .ok_or_else(|| anyhow::anyhow!("no value for {q}: {body}"))?;
+        Ok(v.parse()?)
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+async fn done_batches(db: &rekey_common::testing::TestDb) -> i64 {
+    db.scalar(
+        "SELECT count(*) FROM rekey.batches WHERE run_id = 1 AND state = 'done'",
+        &[],
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_applications_own_p99_from_prometheus_paces_the_run_and_status_names_it() {
+    let (db, env, reports) = seeded(3_000).await;
+    let app = AppExporter::start(0.010);
+    let (traffic_port, coordinator_port) = (free_port(), free_port());
+    let prom = Prometheus::start(
+        &db.name,
+        &[
+            ("app", app.port),
+            ("traffic", traffic_port),
+            ("rekey", coordinator_port),
+        ],
+    )
+    .await;
+
+    // Queries that cannot be a signal are refused before anything is planned.
+    let refuse = |url: &str, query: &str| {
+        let out = env
+            .cmd(
+                "rekey",
+                &quick_rotate(&[
+                    "--slo-prometheus-url",
+                    url,
+                    "--slo-query",
+                    query,
+                    "--detach",
+                ]),
+            )
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let two = refuse(&prom.url, "up");
+    assert!(two.contains("returned 3 series"), "{two}");
+    assert!(two.contains("--slo-query"), "{two}");
+    let creds = refuse(
+        &prom.url.replace("http://", "http://admin:hunter2@"),
+        "max(app_p99_seconds)",
+    );
+    assert!(creds.contains("must not hold credentials"), "{creds}");
+    assert!(!creds.contains("hunter2"), "{creds}");
+    let down = refuse(&format!("http://127.0.0.1:{}", free_port()), "max(up)");
+    assert!(
+        down.contains("the SLO query at http://127.0.0.1:"),
+        "{down}"
+    );
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM rekey.runs", &[]).await,
+        0,
+        "nothing planned"
+    );
+
+    // The application's traffic exports its request histogram; Prometheus computes its
+    // p99 (the query docs/throttle.md gives as the example).
+    let traffic_log = std::env::temp_dir().join(format!("{}-traffic.log", db.name));
+    let mut traffic = env
+        .cmd(
+            "rekey-loadtest",
+            &[
+                "traffic",
+                "--rate",
+                "50",
+                "--duration",
+                "300s",
+                "--metrics-addr",
+                &format!("127.0.0.1:{traffic_port}"),
+            ],
+        )
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&traffic_log).unwrap())
+        .spawn()
+        .unwrap();
+
+    // Planned with the signal from the environment (and the unit from a flag): the
+    // baseline is the gauge's 10 ms.
+    let (ok, out, err) = {
+        let o = env
+            .cmd(
+                "rekey",
+                &quick_rotate(&[
+                    "--stages",
+                    "100",
+                    "--batch-size",
+                    "50",
+                    "--slo-unit",
+                    "s",
+                    "--detach",
+                ]),
+            )
+            .env("REKEY_SLO_PROMETHEUS_URL", &prom.url)
+            .env("REKEY_SLO_QUERY", "max(app_p99_seconds)")
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    assert!(ok, "{out}{err}");
+    let settings: serde_json::Value = db
+        .pool
+        .get()
+        .await
+        .unwrap()
+        .query_one("SELECT settings FROM rekey.runs WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        settings["slo_baseline_ms"].as_f64(),
+        Some(10.0),
+        "{settings}"
+    );
+    assert_eq!(settings["slo"]["query"], "max(app_p99_seconds)");
+
+    let mut workers: Vec<Child> = (0..2).map(|i| env.worker(&format!("w{i}"))).collect();
+    let log_path = std::env::temp_dir().join(format!("{}-driver.log", db.name));
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut driver = env
+        .cmd(
+            "rekey",
+            &[
+                "resume",
+                "1",
+                "--metrics-addr",
+                &format!("127.0.0.1:{coordinator_port}"),
+            ],
+        )
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    // The first batches are paced (slow start): the application turns slow then.
+    let start = Instant::now();
+    while done_batches(&db).await == 0 {
+        assert!(start.elapsed() < Duration::from_secs(60), "no batch done");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    app.set(0.050);
+    let slowed = status_until(&env, "1", Duration::from_secs(30), |s| {
+        s.contains("the application's p99 from Prometheus is 50.0 ms, over its limit of 11.5 ms")
+    })
+    .await;
+    assert!(slowed.contains("batch(es) in flight at most"), "{slowed}");
+    // Held back while it stays slow: far fewer batches than the 60 the run has.
+    let at = done_batches(&db).await;
+    let paced = status_until(&env, "1", Duration::from_secs(40), |s| {
+        s.contains("over its limit") && gap_ms(s) >= 3_100
+    })
+    .await;
+    let during = done_batches(&db).await - at;
+    assert!(
+        during < 20,
+        "{during} batches done while the application was over its SLO:\n{paced}"
+    );
+    // The application recovers: so does the run, to its end.
+    app.set(0.010);
+    let code = wait_exit(&mut driver, Duration::from_secs(180));
+    assert!(code.success(), "{code:?}");
+    for w in &workers {
+        sigterm(w);
+    }
+    for w in &mut workers {
+        wait_exit(w, Duration::from_secs(30));
+    }
+    let (ok, out, err) = env.run("rekey-loadtest", &["verify"]);
+    assert!(ok, "{out}{err}");
+    // The driver's log says when and why it throttled.
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    let _ = std::fs::remove_file(&log_path);
+    let throttling = log
+        .lines()
+        .find(|l| l.contains("throttling"))
+        .unwrap_or_else(|| panic!("no throttling event:\n{log}"));
+    assert!(
+        throttling.contains("from Prometheus is 50.0 ms"),
+        "{throttling}"
+    );
+    // Prometheus saw the coordinator's view of the signal, and the traffic's p99.
+    let seen = prom
+        .query("max_over_time(rekey_slo_latency_ms[10m])")
+        .await
+        .unwrap();
+    assert!(
+        (seen - 50.0).abs() < 1e-6,
+        "rekey_slo_latency_ms peaked at {seen}"
+    );
+    let traffic_p99 = prom
+        .query(
+            "histogram_quantile(0.99, sum by (le) (rate(app_request_duration_seconds_bucket[30s])))",
+        )
+        .await
+        .unwrap();
+    assert!(
+        traffic_p99 > 0.0 && traffic_p99 < 5.0,
+        "the traffic's p99 from its histogram: {traffic_p99} s; up {:?}, requests {:?}; its log:\n{}",
+        prom.query("max(up{job=\"traffic\"})").await,
+        prom.query("sum(app_request_duration_seconds_count)").await,
+        std::fs::read_to_string(&traffic_log).unwrap_or_default()
+    );
+    let _ = std::fs::remove_file(&traffic_log);
+    let _ = traffic.kill();
+    let _ = traffic.wait();
+    let _ = std::fs::remove_dir_all(&reports);
+    let _: &Env = &env;
+}
+
+/// The gap between batches `rekey status` shows on its throttle line (0 when none).
+fn gap_ms(status: &str) -> u64 {
+    status
+        .lines()
+        .find(|l| l.contains("ms between batches"))
+        .and_then(|l| {
+            let before = l.split(" ms between batches").next()?;
+            before.rsplit(' ').next()?.parse().ok()
+        })
+        .unwrap_or(0)
+}
