@@ -141,10 +141,16 @@ pub async fn publish_next<C: GenericClient>(
     let (pending, published) = BatchState::edge(BatchState::Pending, BatchState::Published);
     let rows = c
         .query(
-            "UPDATE rekey.batches b SET state = $5, attempts = attempts + 1, published_at = now(),
+            // MATERIALIZED: the batches are picked once. As a subquery in FROM, a nested-loop
+            // plan rescans it for every row of `b`, and each rescan's SKIP LOCKED /
+            // re-check passes over the rows this very statement already published, so the
+            // LIMIT held per rescan and a window of one published every pending batch.
+            "WITH p AS MATERIALIZED (
+                 SELECT batch_no FROM rekey.batches WHERE run_id = $1 AND state = $4
+                  ORDER BY batch_no LIMIT $2 FOR UPDATE SKIP LOCKED)
+             UPDATE rekey.batches b SET state = $5, attempts = attempts + 1, published_at = now(),
                     lease_until = now() + make_interval(secs => $3::float8 / 1000)
-               FROM (SELECT batch_no FROM rekey.batches WHERE run_id = $1 AND state = $4
-                      ORDER BY batch_no LIMIT $2 FOR UPDATE SKIP LOCKED) p
+               FROM p
               WHERE b.run_id = $1 AND b.batch_no = p.batch_no
           RETURNING b.batch_no, b.stage_no, b.table_name, b.id_lo, b.id_hi, b.attempts",
             &[&run_id, &room, &lease_ms, &pending, &published],

@@ -274,3 +274,31 @@ async fn named_transitions_move_only_from_their_own_states() {
         format!("illegal run state change for run {id}: planning -> completed")
     );
 }
+
+#[tokio::test]
+async fn publish_next_publishes_at_most_room_batches_whatever_the_plan() {
+    let db = TestDb::new().await;
+    let id = one_run(&db).await;
+    let more: Vec<BatchPlan> = (1..60)
+        .map(|i| BatchPlan {
+            stage_no: 0,
+            table: "demo.users".into(),
+            id_lo: i * 10 + 1,
+            id_hi: i * 10 + 10,
+            cumulative: false,
+        })
+        .collect();
+    let c = db.pool.get().await.unwrap();
+    ledger::insert_batches(&**c, id, &more).await.unwrap();
+    // As a run's batches are when it starts: just inserted, no statistics yet. The plan
+    // PostgreSQL then chose for the old query (a nested loop rescanning the picked batches
+    // for every batch row) published all 60 for a room of one.
+    let mut published = Vec::new();
+    for room in [1, 1, 3] {
+        let got = ledger::publish_next(&**c, id, room, 1000.0).await.unwrap();
+        assert_eq!(got.len() as i64, room, "room {room}: {got:?}");
+        published.extend(got.iter().map(|p| p.batch_no));
+    }
+    assert_eq!(published, vec![1, 2, 3, 4, 5], "in order, each once");
+    assert_eq!(ledger::in_flight(&**c, id).await.unwrap(), 5);
+}
