@@ -22,12 +22,20 @@ pub struct LatencyArgs {
     /// its dashboards): sizes the budget of `--throttle-pct`.
     #[arg(long)]
     pub app_p99_ms: Option<f64>,
-    /// The probe alternates its point reads with a one-row write and commit (in
-    /// `rekey.latency_probe`), each kind judged against its own p99 before the run: it
-    /// then sees the WAL-flush waits a rotation adds to the application's commits, and
-    /// throttles harder (measured: far harder after a quiet baseline).
+    /// The probe reads only: by default its point reads alternate with a one-row write and
+    /// commit (in `rekey.latency_probe`), each kind judged against its own p99 before the
+    /// run, so that it sees the WAL-flush waits a rotation adds to the application's
+    /// commits.
     #[arg(long)]
+    pub no_probe_writes: bool,
+    /// (The default now; kept so that scripts that pass it go on working.)
+    #[arg(long, hide = true)]
     pub probe_writes: bool,
+    /// While a stage rotates, pause publication this often for the probe to measure the
+    /// application alone (a new baseline, and how far the application is from its
+    /// baseline while nothing runs), e.g. 5m; 0: never.
+    #[arg(long, default_value = "5m")]
+    pub rebaseline_every: String,
     /// A stage is breached when the probe's median stays this many percent above its
     /// baseline for 3 samples in a row.
     #[arg(long, default_value_t = RunSettings::default().breach_pct)]

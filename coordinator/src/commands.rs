@@ -155,7 +155,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     throttle_pct: latency.throttle_pct.max(0.0),
                     throttle_min_ms: latency.throttle_min_ms.max(0.0),
                     app_p99_ms: latency.app_p99_ms.filter(|ms| *ms > 0.0),
-                    probe_writes: latency.probe_writes,
+                    probe_writes: !latency.no_probe_writes,
+                    rebaseline_secs: parse_duration(&latency.rebaseline_every)
+                        .context("--rebaseline-every")?
+                        .as_secs_f64(),
                     breach_pct: latency.breach_pct,
                     slow_start: !latency.no_slow_start,
                     max_replication_lag_secs: Some(

@@ -293,7 +293,10 @@ async fn step(
             // finish. What holds it now is said (event, driver row for `rekey status`).
             let hold = match hold_reason(&run, opts) {
                 Some(h) => Some(h),
-                None => crate::brakes::check(d, rt, &run.settings).await,
+                None => match crate::brakes::check(d, rt, &run.settings).await {
+                    Some(b) => Some(b),
+                    None => latency::rebaseline(d, rt, &run, stage_no).await?,
+                },
             };
             say_throttle(d, rt, hold.as_deref(), &throttle).await;
             // Pacing: at most one batch per gap.

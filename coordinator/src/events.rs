@@ -66,6 +66,15 @@ pub enum RunEvent<'a> {
     },
     /// The throttle let go.
     ThrottleReleased { stage_no: i32, p99_ms: f64 },
+    /// Publication paused and the probe measured the application alone: its p99 now
+    /// (reads, writes) against the baseline before the run.
+    Rebaselined {
+        stage_no: i32,
+        reads_p99_ms: f64,
+        writes_p99_ms: Option<f64>,
+        before_reads_p99_ms: Option<f64>,
+        before_writes_p99_ms: Option<f64>,
+    },
     /// Publication is held by the operator (`rekey throttle RUN on`) or a flag file.
     Held { reason: String },
     /// The hold was lifted: publication goes on.
@@ -104,6 +113,7 @@ impl RunEvent<'_> {
             Self::Breached { .. } => "gate_breached",
             Self::Throttling { .. } => "throttling",
             Self::ThrottleReleased { .. } => "throttle_released",
+            Self::Rebaselined { .. } => "rebaselined",
             Self::Held { .. } => "held",
             Self::HoldReleased => "hold_released",
             Self::NoConsumer { .. } => "no_consumer",
@@ -128,6 +138,7 @@ impl RunEvent<'_> {
         "gate_breached",
         "throttling",
         "throttle_released",
+        "rebaselined",
         "held",
         "hold_released",
         "no_consumer",
@@ -164,7 +175,8 @@ impl RunEvent<'_> {
             | Self::StagePassed { stage_no, .. }
             | Self::Breached { stage_no, .. }
             | Self::Throttling { stage_no, .. }
-            | Self::ThrottleReleased { stage_no, .. } => Some(*stage_no),
+            | Self::ThrottleReleased { stage_no, .. }
+            | Self::Rebaselined { stage_no, .. } => Some(*stage_no),
             _ => None,
         }
     }
@@ -276,6 +288,21 @@ impl RunEvent<'_> {
             Self::ThrottleReleased { stage_no, p99_ms } => {
                 tracing::info!(run_id, stage_no, p99_ms, "throttle released")
             }
+            Self::Rebaselined {
+                stage_no,
+                reads_p99_ms,
+                writes_p99_ms,
+                before_reads_p99_ms,
+                before_writes_p99_ms,
+            } => tracing::info!(
+                run_id,
+                stage_no,
+                reads_p99_ms,
+                writes_p99_ms,
+                before_reads_p99_ms,
+                before_writes_p99_ms,
+                "new baseline: the application alone, publication paused"
+            ),
             Self::Held { reason } => tracing::warn!(
                 run_id,
                 reason,
@@ -532,6 +559,13 @@ mod tests {
             RunEvent::ThrottleReleased {
                 stage_no: 1,
                 p99_ms: 2.0,
+            },
+            RunEvent::Rebaselined {
+                stage_no: 1,
+                reads_p99_ms: 1.5,
+                writes_p99_ms: Some(4.0),
+                before_reads_p99_ms: Some(1.4),
+                before_writes_p99_ms: Some(3.0),
             },
             RunEvent::Held {
                 reason: "held by the operator".into(),

@@ -52,6 +52,11 @@ pub(crate) async fn judge(
         // The first judgement comes at once (a few probes measured on the spot), so
         // that even a stage shorter than the probe interval has a sample.
     }
+    if rt.rebaselining.is_some() {
+        // Publication is paused for a new baseline: what the probe sees now is the
+        // application alone, not the rotation's doing.
+        return Ok(None);
+    }
     if rt
         .last_probe
         .is_none_or(|t| t.elapsed() >= opts.probe_every)
@@ -238,6 +243,88 @@ pub(crate) async fn judge(
         }
     }
     Ok(None)
+}
+
+/// A re-baseline waits at most this long for the batches in flight to finish (else it is
+/// skipped until the next one).
+pub const REBASELINE_DRAIN: Duration = Duration::from_secs(60);
+
+/// A re-baseline's probes: 150 of each kind, 10 ms apart (about 4 s).
+pub const REBASELINE_PROBES: usize = 300;
+
+/// Every `rebaseline_secs` of a stage's rotation: holds publication until nothing is in
+/// flight, measures the application alone with the probe, records the new baseline (the
+/// throttle's from then on, within bounds) and says how far the application is from its
+/// baseline before the run. Returns the hold's reason while it holds.
+pub(crate) async fn rebaseline(
+    d: &Driver<'_>,
+    rt: &mut StageRuntime,
+    run: &Run,
+    stage_no: i32,
+) -> anyhow::Result<Option<String>> {
+    let s = &run.settings;
+    if s.rebaseline_secs <= 0.0 || s.throttle_pct <= 0.0 || s.probe_baseline_p99_ms.is_none() {
+        return Ok(None);
+    }
+    let every = Duration::from_secs_f64(s.rebaseline_secs);
+    let since = *rt.rotating_since.get_or_insert_with(Instant::now);
+    let Some(holding) = rt.rebaselining else {
+        if rt.last_rebaseline.unwrap_or(since).elapsed() < every {
+            return Ok(None);
+        }
+        rt.rebaselining = Some(Instant::now());
+        return Ok(Some(rebaseline_reason(s)));
+    };
+    let in_flight = ledger::progress(&**d.pool.get().await?, d.run_id)
+        .await?
+        .published;
+    if in_flight > 0 {
+        if holding.elapsed() < REBASELINE_DRAIN {
+            return Ok(Some(rebaseline_reason(s)));
+        }
+        tracing::warn!(
+            run_id = d.run_id,
+            in_flight,
+            "re-baseline skipped: batches still in flight after 60 s"
+        );
+    } else {
+        let b = probe::measure(
+            d.pool,
+            &run.targets,
+            d.settings.probe_query.as_deref(),
+            s.probe_writes,
+            REBASELINE_PROBES,
+            probe::BASELINE_SPACING,
+        )
+        .await?;
+        let writes = b.writes.map(|w| w.p99_ms);
+        ledger::set_rebaseline(&**d.pool.get().await?, d.run_id, b.reads.p99_ms, writes).await?;
+        let said = RunEvent::Rebaselined {
+            stage_no,
+            reads_p99_ms: b.reads.p99_ms,
+            writes_p99_ms: writes,
+            before_reads_p99_ms: s.probe_baseline_p99_ms,
+            before_writes_p99_ms: s.probe_write_baseline_p99_ms,
+        };
+        d.events.emit(d.pool, d.run_id, said).await;
+        rt.perf.figures.rebaselines += 1;
+        rt.perf.figures.rebaselined_p99_ms = Some(b.reads.p99_ms);
+        rt.perf.figures.rebaselined_write_p99_ms = writes;
+    }
+    // The probe's samples of the pause are not the rotation's.
+    if let Some(p) = &rt.prober {
+        p.take();
+    }
+    rt.rebaselining = None;
+    rt.last_rebaseline = Some(Instant::now());
+    Ok(None)
+}
+
+fn rebaseline_reason(s: &ledger::RunSettings) -> String {
+    format!(
+        "held: re-baselining — the probe measures the application alone once the batches in flight finish (every {:.0} s, --rebaseline-every)",
+        s.rebaseline_secs
+    )
 }
 
 /// What one judgement with the application's p99 under its limit counts for, in probes

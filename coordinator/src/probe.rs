@@ -30,31 +30,70 @@ pub struct Sample {
     pub write: bool,
 }
 
-/// Probes before a run, for its baseline: 200 of each kind, enough for a 99th percentile
-/// (the second slowest of 200), 10 ms apart (about 4 s).
-pub const BASELINE_PROBES: usize = 400;
+/// Probes before a run, for its baseline: 400 of each kind, in [`BASELINE_WINDOWS`]
+/// windows, 10 ms apart (about 10 s).
+pub const BASELINE_PROBES: usize = 800;
 pub const BASELINE_SPACING: Duration = Duration::from_millis(10);
 
+/// The baseline's windows: its p99 is over all of them, its noise the spread of their
+/// p99s, so that one quiet stretch does not become the bar.
+pub const BASELINE_WINDOWS: usize = 4;
+
 /// The baseline: reads (or the configured query) and writes, each on its own, since their
-/// tails differ by several times and a read's stall would hide in the writes' tail.
+/// tails differ by several times and a read's stall would hide in the writes' tail; and
+/// each kind's noise.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Baseline {
     pub reads: Latency,
     pub writes: Option<Latency>,
+    /// How far the p99s of the baseline's windows spread (milliseconds), per kind.
+    pub read_noise_ms: f64,
+    pub write_noise_ms: Option<f64>,
 }
 
 impl Baseline {
     pub fn of(samples: &[Sample]) -> Option<Self> {
-        let mut reads: Vec<f64> = samples.iter().filter(|s| !s.write).map(|s| s.ms).collect();
-        let mut writes: Vec<f64> = samples.iter().filter(|s| s.write).map(|s| s.ms).collect();
-        let writes = (!writes.is_empty()).then(|| Latency::of(&mut writes));
-        let reads = if reads.is_empty() {
-            writes?
-        } else {
-            Latency::of(&mut reads)
+        let kind = |write: bool| -> Vec<f64> {
+            samples
+                .iter()
+                .filter(|s| s.write == write)
+                .map(|s| s.ms)
+                .collect()
         };
-        Some(Self { reads, writes })
+        let (mut reads, mut writes) = (kind(false), kind(true));
+        let write_noise_ms = (!writes.is_empty()).then(|| noise(&writes));
+        let writes = (!writes.is_empty()).then(|| Latency::of(&mut writes));
+        let (reads, read_noise_ms) = if reads.is_empty() {
+            (writes?, write_noise_ms.unwrap_or_default())
+        } else {
+            let n = noise(&reads);
+            (Latency::of(&mut reads), n)
+        };
+        Some(Self {
+            reads,
+            writes,
+            read_noise_ms,
+            write_noise_ms,
+        })
     }
+}
+
+/// The spread of the p99s of [`BASELINE_WINDOWS`] consecutive windows of `samples`
+/// (in the order taken); 0 with too few samples to tell.
+pub fn noise(samples: &[f64]) -> f64 {
+    let per = samples.len() / BASELINE_WINDOWS;
+    if per < 10 {
+        return 0.0;
+    }
+    let p99s: Vec<f64> = samples
+        .chunks(per)
+        .filter(|c| c.len() == per)
+        .map(|c| Latency::of(&mut c.to_vec()).p99_ms)
+        .collect();
+    let (lo, hi) = p99s
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(lo, hi), v| (lo.min(*v), hi.max(*v)));
+    (hi - lo).max(0.0)
 }
 
 /// The probe's prepared queries on one connection.
@@ -353,6 +392,28 @@ mod tests {
         assert!((5.0..5.0 * 1.1).contains(&p50), "p50 {p50}");
         assert!((9.9..9.9 * 1.1).contains(&p99), "p99 {p99}");
         assert!(h.quantile(1.0).unwrap() > 1e5);
+    }
+
+    #[test]
+    fn the_baselines_noise_is_the_spread_of_its_windows_p99s() {
+        use super::{Baseline, Sample};
+        // Four windows of 100 reads: quiet ones at 1 ms with one 2 ms stall, and one
+        // window whose tail reaches 5 ms.
+        let mut samples = Vec::new();
+        for w in 0..4 {
+            for i in 0..100 {
+                let ms = match (w, i) {
+                    (2, 0..=2) => 5.0,
+                    (_, 0..=2) => 2.0,
+                    _ => 1.0,
+                };
+                samples.push(Sample { ms, write: false });
+            }
+        }
+        let b = Baseline::of(&samples).unwrap();
+        assert_eq!(b.read_noise_ms, 3.0);
+        assert_eq!(b.writes, None);
+        assert_eq!(super::noise(&[1.0; 20]), 0.0, "too few to tell");
     }
 
     #[test]

@@ -214,6 +214,8 @@ pub async fn start_rotation_with(
         gating.probe_baseline_p95_ms = Some(lat.reads.p95_ms);
         gating.probe_baseline_p99_ms = Some(lat.reads.p99_ms);
         gating.probe_write_baseline_p99_ms = lat.writes.map(|w| w.p99_ms);
+        gating.probe_noise_ms = Some(lat.read_noise_ms);
+        gating.probe_write_noise_ms = lat.write_noise_ms;
     }
     let run = ledger::create_run(
         &*tx,

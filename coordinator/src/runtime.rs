@@ -98,6 +98,11 @@ pub(crate) struct StageRuntime {
     pub(crate) judged: usize,
     /// The signal the last `throttling` event named (`probe`, `prometheus`).
     pub(crate) said_signal: Option<&'static str>,
+    /// When the stage's rotation was first driven and last re-baselined, and since when a
+    /// re-baseline holds publication (waiting for the batches in flight to finish).
+    pub(crate) rotating_since: Option<Instant>,
+    pub(crate) last_rebaseline: Option<Instant>,
+    pub(crate) rebaselining: Option<Instant>,
 }
 
 impl StageRuntime {

@@ -42,6 +42,10 @@ pub struct PerfFigures {
     pub slo_limit_ms: Option<f64>,
     pub slo_polls: u64,
     pub slo_polls_over: u64,
+    /// Re-baselines during the stage, and the last one's p99 (reads, writes).
+    pub rebaselines: u64,
+    pub rebaselined_p99_ms: Option<f64>,
+    pub rebaselined_write_p99_ms: Option<f64>,
 }
 
 /// Latency samples of one stage and the throttle decision.

@@ -42,6 +42,8 @@ pub struct BenchOptions {
     pub stages: Vec<i32>,
     /// Application traffic (operations per second) measured before and during (c); 0: none.
     pub traffic_rate: u32,
+    /// Share of the traffic that writes.
+    pub write_share: f64,
     /// How long the traffic runs before (c) to give the baseline latency.
     pub baseline: Duration,
     /// The throttle of (c): `rekey rotate --throttle-pct` (0: off), `--throttle-min-ms`,
@@ -108,6 +110,29 @@ pub struct LatencyImpact {
     pub during_ceiling: Percentiles,
     #[serde(default)]
     pub during_bare: Percentiles,
+    /// Share of the traffic that wrote.
+    #[serde(default)]
+    pub write_share: f64,
+    /// The first 60 s of the rotation (from the run's creation) and its p99 against before.
+    #[serde(default)]
+    pub first_minute: traffic::Window,
+    #[serde(default)]
+    pub first_minute_p99_impact_pct: f64,
+    /// Per 10 s of the rotation: its traffic, rows/s and what held the throttle back.
+    #[serde(default)]
+    pub windows: Vec<RotationWindow>,
+}
+
+/// Ten seconds of the rotation: the application's figures, the rate, the throttle's say.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct RotationWindow {
+    /// Seconds since the run was created.
+    pub start_s: u64,
+    pub traffic: traffic::Window,
+    pub rows_per_sec: f64,
+    /// What `rekey status` said held publication back, most of the window (none: full
+    /// speed).
+    pub throttle: Option<String>,
 }
 
 /// Everything the bench measured.
@@ -158,6 +183,10 @@ pub struct BenchReport {
     pub run_id: Option<i64>,
     /// The queue prefix (c) used; its queues are deleted at the end.
     pub queue_prefix: String,
+    /// Seconds since the bench started when (c)'s run was created (its windows count from
+    /// there).
+    #[serde(default)]
+    pub run_created_at: f64,
 }
 
 /// The demo tables and their encrypted columns.
@@ -570,6 +599,7 @@ pub async fn run(
         refresh: Duration::from_secs(1),
         seed: opts.seed,
         stop,
+        write_share: opts.write_share,
         ..Default::default()
     };
     let background = |seed: u64| {
@@ -752,7 +782,11 @@ pub async fn run(
         coordinator.id().unwrap_or_default(),
         epoch,
     );
+    let (said_tx, said_rx) = tokio::sync::watch::channel(false);
+    let throttle_said = tokio::spawn(watch_throttle(pool.clone(), said_rx));
     let out = coordinator.wait_with_output().await?;
+    let _ = said_tx.send(true);
+    let throttle_said = throttle_said.await.unwrap_or_default();
     report.full_process_seconds = t.elapsed().as_secs_f64();
     report.full_machine_cpu_seconds = machine_busy_seconds() - busy_before;
     report.cores = std::thread::available_parallelism().map_or(1, usize::from);
@@ -811,7 +845,36 @@ pub async fn run(
     if let Some((offset, handle)) = during {
         let d = handle.await??;
         push_latency(&mut report, offset, &d);
+        let rates = ledger_rates(&pool, run_id, 0.0).await?;
         if let Some(b) = &before {
+            let created = run_created(&pool, run_id).await?;
+            report.run_created_at = created.saturating_duration_since(epoch).as_secs_f64();
+            let first_minute = d.between(created, created + Duration::from_secs(60));
+            let windows = (0..)
+                .map(|w: u64| w * traffic::WINDOW_SECS)
+                .take_while(|s| created + Duration::from_secs(*s) < Instant::now())
+                .map(|s| {
+                    let (from, to) = (
+                        created + Duration::from_secs(s),
+                        created + Duration::from_secs(s + traffic::WINDOW_SECS),
+                    );
+                    let rows: f64 = rates
+                        .iter()
+                        .filter(|(t, _)| (s as f64..(s + traffic::WINDOW_SECS) as f64).contains(t))
+                        .map(|(_, r)| r)
+                        .sum();
+                    RotationWindow {
+                        start_s: s,
+                        traffic: traffic::Window {
+                            start_s: s,
+                            ..d.between(from, to)
+                        },
+                        rows_per_sec: rows / traffic::WINDOW_SECS as f64,
+                        throttle: most_said(&throttle_said, from, to),
+                    }
+                })
+                .filter(|w| w.traffic.all.count > 0)
+                .collect();
             report.latency = Some(LatencyImpact {
                 rate: opts.traffic_rate,
                 before: b.all,
@@ -827,6 +890,10 @@ pub async fn run(
                 p50_impact_pct: percent(d.all.p50_ms, b.all.p50_ms),
                 during_ceiling: during_ceiling.unwrap_or_default(),
                 during_bare: during_bare.unwrap_or_default(),
+                write_share: opts.write_share,
+                first_minute_p99_impact_pct: percent(first_minute.all.p99_ms, b.all.p99_ms),
+                first_minute,
+                windows,
             });
         }
     }
@@ -913,6 +980,69 @@ fn push_latency(report: &mut BenchReport, offset: f64, r: &TrafficReport) {
             .iter()
             .map(|(s, n, p99)| (offset + *s as f64, *n, *p99)),
     );
+}
+
+/// When run `run_id` was created, as an `Instant` of this process.
+async fn run_created(pool: &Pool, run_id: Option<i64>) -> anyhow::Result<Instant> {
+    let age: f64 = pool
+        .get()
+        .await?
+        .query_one(
+            "SELECT extract(epoch FROM now() - created_at)::float8 FROM rekey.runs WHERE id = $1",
+            &[&run_id],
+        )
+        .await?
+        .get(0);
+    Ok(Instant::now() - Duration::from_secs_f64(age.max(0.0)))
+}
+
+/// What the driver said held publication back (`rekey.drivers.throttle`, as `rekey status`
+/// shows it), read every second until `stop`: (when, what; None: nothing).
+async fn watch_throttle(
+    pool: Pool,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Vec<(Instant, Option<String>)> {
+    let mut said = Vec::new();
+    while !*stop.borrow() {
+        if let Ok(c) = pool.get().await
+            && let Ok(rows) = c
+                .query(
+                    "SELECT throttle FROM rekey.drivers ORDER BY run_id DESC LIMIT 1",
+                    &[],
+                )
+                .await
+        {
+            let now: Option<String> = rows.first().and_then(|r| r.get(0));
+            said.push((Instant::now(), now));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    said
+}
+
+/// The throttle's say most often read between `from` and `to`, shortened to its kind
+/// (the text before its first ':' or ';').
+fn most_said(said: &[(Instant, Option<String>)], from: Instant, to: Instant) -> Option<String> {
+    let mut counts: std::collections::BTreeMap<Option<String>, usize> = Default::default();
+    for (t, s) in said {
+        if *t >= from && *t < to {
+            let kind = s.as_ref().map(|s| {
+                let short: String = s
+                    .split(" batch(es) in flight")
+                    .next()
+                    .unwrap_or(s)
+                    .chars()
+                    .take(110)
+                    .collect();
+                short.trim_end_matches([';', ' ']).to_owned()
+            });
+            *counts.entry(kind).or_default() += 1;
+        }
+    }
+    counts
+        .into_iter()
+        .max_by_key(|(_, n)| *n)
+        .and_then(|(k, _)| k)
 }
 
 /// The run `rekey rotate` just made: the newest.
@@ -1066,6 +1196,35 @@ pub fn print(r: &BenchReport) {
             );
         }
     }
+    if let Some(l) = r.latency.as_ref().filter(|l| !l.windows.is_empty()) {
+        println!(
+            "  (c) at {:.0}% writes — first 60 s: p99 {:.2} ms ({:+.0}%; reads {:.2}, writes {:.2}); per 10 s of the rotation:",
+            l.write_share * 100.0,
+            l.first_minute.all.p99_ms,
+            l.first_minute_p99_impact_pct,
+            l.first_minute.reads.p99_ms,
+            l.first_minute.writes.p99_ms
+        );
+        println!(
+            "    {:>9} {:>8}  {:>20}  {:>7} {:>7}  throttle",
+            "window", "rows/s", "all p50/p95/p99 ms", "reads", "writes"
+        );
+        for w in &l.windows {
+            println!(
+                "    {:>4}-{:<4} {:>8.0}  {:>20}  {:>7.2} {:>7.2}  {}",
+                w.start_s,
+                w.start_s + traffic::WINDOW_SECS,
+                w.rows_per_sec,
+                format!(
+                    "{:.2}/{:.2}/{:.2}",
+                    w.traffic.all.p50_ms, w.traffic.all.p95_ms, w.traffic.all.p99_ms
+                ),
+                w.traffic.reads.p99_ms,
+                w.traffic.writes.p99_ms,
+                w.throttle.as_deref().unwrap_or("-")
+            );
+        }
+    }
     for (i, f) in r.throttle_figures.iter().enumerate() {
         let ms = |k: &str| f.get(k).and_then(serde_json::Value::as_f64);
         let n = |k: &str| f.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
@@ -1157,6 +1316,35 @@ pub fn chart(r: &BenchReport, path: &Path, font: &Path) -> anyhow::Result<()> {
         c.draw_series(LineSeries::new(pts, color.stroke_width(1)))?
             .label(label)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+    }
+    // What held the rotation back, per 10 s window: a band along the top.
+    let kinds: [(&str, RGBColor); 4] = [
+        ("full speed", RGBColor(60, 170, 60)),
+        ("slow start", RGBColor(150, 150, 150)),
+        ("latency", RGBColor(240, 150, 30)),
+        ("held", RGBColor(200, 30, 30)),
+    ];
+    if let Some(l) = &r.latency {
+        for w in &l.windows {
+            let kind = match w.throttle.as_deref() {
+                None => 0,
+                Some(t) if t.starts_with("latency: slow start") => 1,
+                Some(t) if t.starts_with("latency") => 2,
+                Some(_) => 3,
+            };
+            let x = r.run_created_at + w.start_s as f64;
+            c.draw_series(std::iter::once(Rectangle::new(
+                [(x, y_max * 0.96), (x + traffic::WINDOW_SECS as f64, y_max)],
+                kinds[kind].1.filled(),
+            )))?;
+        }
+        for (name, color) in kinds {
+            c.draw_series(std::iter::empty::<Rectangle<(f64, f64)>>())?
+                .label(format!("throttle: {name}"))
+                .legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 4), (x + 20, y + 4)], color.filled())
+                });
+        }
     }
     c.configure_series_labels()
         .border_style(BLACK)

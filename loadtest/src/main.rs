@@ -89,6 +89,9 @@ enum Command {
         /// Application operations per second before and during (c); 0 for none.
         #[arg(long, default_value_t = 100)]
         traffic_rate: u32,
+        /// Share of the traffic that writes (one-row updates, each in its own commit).
+        #[arg(long, default_value_t = rekey_loadtest::traffic::DEFAULT_WRITE_SHARE)]
+        write_share: f64,
         /// Traffic alone before (c), for the baseline latency (a p99 of 12,000 operations at
         /// 100 ops/s: of 4,000 it moves by ±10% from run to run).
         #[arg(long, default_value = "120s")]
@@ -352,6 +355,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             batch_bytes,
             stages,
             traffic_rate,
+            write_share,
             baseline,
             throttle_pct,
             throttle_min_ms,
@@ -379,6 +383,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 batch_bytes,
                 stages,
                 traffic_rate,
+                write_share,
                 baseline: parse_secs(&baseline)?,
                 throttle_pct,
                 throttle_min_ms,

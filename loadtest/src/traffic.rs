@@ -386,6 +386,43 @@ pub struct TrafficReport {
     pub timeline: Vec<(u64, u64, f64)>,
     /// Per [`WINDOW_SECS`] of the run: reads, writes and all.
     pub windows: Vec<Window>,
+    /// When the clock started, and every operation: (seconds since then when it completed,
+    /// whether it wrote, latency in µs), for figures over any stretch (the bench's first
+    /// minute of a rotation).
+    #[serde(skip)]
+    pub started: Option<Instant>,
+    #[serde(skip)]
+    pub latencies: Vec<(f64, bool, u64)>,
+}
+
+impl TrafficReport {
+    /// Reads, writes and all operations that completed between `from` and `to`.
+    pub fn between(&self, from: Instant, to: Instant) -> Window {
+        let Some(started) = self.started else {
+            return Window::default();
+        };
+        let (lo, hi) = (
+            from.saturating_duration_since(started).as_secs_f64(),
+            to.saturating_duration_since(started).as_secs_f64(),
+        );
+        let (mut reads, mut writes) = (Vec::new(), Vec::new());
+        for (t, write, us) in &self.latencies {
+            if (lo..hi).contains(t) {
+                if *write {
+                    writes.push(*us)
+                } else {
+                    reads.push(*us)
+                }
+            }
+        }
+        let mut all: Vec<u64> = reads.iter().chain(writes.iter()).copied().collect();
+        Window {
+            start_s: lo as u64,
+            reads: Percentiles::of(&mut reads),
+            writes: Percentiles::of(&mut writes),
+            all: Percentiles::of(&mut all),
+        }
+    }
 }
 
 /// The figures of one window of the traffic (by when operations completed).
@@ -564,6 +601,7 @@ pub async fn run(
     let mut errors = 0;
     let mut per_second: std::collections::BTreeMap<u64, Vec<u64>> = Default::default();
     let mut per_window: std::collections::BTreeMap<u64, [Vec<u64>; 2]> = Default::default();
+    let mut latencies = Vec::new();
     while let Some((op, scheduled, done, ok)) = rx.recv().await {
         // Latency from when the operation was due, so queueing behind a slow database counts.
         let us = done.saturating_duration_since(scheduled).as_micros() as u64;
@@ -573,6 +611,11 @@ pub async fn run(
         let second = done.saturating_duration_since(started).as_secs();
         per_second.entry(second).or_default().push(us);
         let write = matches!(op, Op::Write);
+        latencies.push((
+            done.saturating_duration_since(started).as_secs_f64(),
+            write,
+            us,
+        ));
         per_window.entry(second / WINDOW_SECS).or_default()[usize::from(write)].push(us);
 
         match op {
@@ -615,6 +658,8 @@ pub async fn run(
         errors,
         timeline,
         windows,
+        started: Some(started),
+        latencies,
     })
 }
 

@@ -180,6 +180,17 @@ pub struct RunSettings {
     pub probe_baseline_p99_ms: Option<f64>,
     /// … and for its writes.
     pub probe_write_baseline_p99_ms: Option<f64>,
+    /// How far the p99s of the baseline's windows spread, for reads and writes
+    /// (milliseconds): the budget of each kind is at least its noise.
+    pub probe_noise_ms: Option<f64>,
+    pub probe_write_noise_ms: Option<f64>,
+    /// While a stage rotates, publication pauses this often for the probe to measure the
+    /// application alone again (a new baseline); 0: never.
+    pub rebaseline_secs: f64,
+    /// The probe's p99 (reads, writes) at the last re-baseline: the throttle's baseline
+    /// from then on, kept between the p99 before the run and twice it.
+    pub probe_rebaselined_p99_ms: Option<f64>,
+    pub probe_write_rebaselined_p99_ms: Option<f64>,
     /// The probe writes as well as reads (`rekey.latency_probe`).
     pub probe_writes: bool,
     /// The application's own 99th percentile latency before the run (milliseconds), as the
@@ -219,18 +230,30 @@ impl RunSettings {
             .probe_baseline_p99_ms
             .or(self.probe_baseline_p95_ms)
             .or(self.probe_baseline_ms);
-        if write {
-            self.probe_write_baseline_p99_ms.or(reads)
+        let (before, again) = if write {
+            (
+                self.probe_write_baseline_p99_ms.or(reads),
+                self.probe_write_rebaselined_p99_ms,
+            )
         } else {
-            reads
-        }
+            (reads, self.probe_rebaselined_p99_ms)
+        };
+        // A re-baseline moves the bar with the application's own drift, within bounds: never
+        // below the baseline before the run, never past twice it.
+        Some(match (before?, again) {
+            (b, Some(a)) => a.clamp(b, 2.0 * b),
+            (b, None) => b,
+        })
     }
 
     /// The latency the throttle allows the probe to add to its p99 (milliseconds): an
     /// absolute allowance, the same for reads and writes, since the application's p99 is
     /// one figure.
     pub fn throttle_budget_ms(&self) -> Option<f64> {
-        let base = self.probe_p99(false)?;
+        let base = self
+            .probe_baseline_p99_ms
+            .or(self.probe_baseline_p95_ms)
+            .or(self.probe_baseline_ms)?;
         (self.throttle_pct > 0.0).then(|| {
             (self.throttle_pct / 100.0 * self.app_p99_ms.unwrap_or(base)).max(self.throttle_min_ms)
         })
@@ -240,7 +263,12 @@ impl RunSettings {
     /// the run of its kind (read or write) plus the budget. None: the throttle is off or
     /// there is no baseline.
     pub fn throttle_threshold_ms(&self, write: bool) -> Option<f64> {
-        Some(self.probe_p99(write)? + self.throttle_budget_ms()?)
+        let noise = if write {
+            self.probe_write_noise_ms.or(self.probe_noise_ms)
+        } else {
+            self.probe_noise_ms
+        };
+        Some(self.probe_p99(write)? + self.throttle_budget_ms()?.max(noise.unwrap_or(0.0)))
     }
 
     /// The application's p99 (from its Prometheus) over this counts against the throttle:
@@ -255,6 +283,9 @@ impl RunSettings {
 /// The replicas' brake by default: 30 s of replay lag, or 1 GiB of WAL.
 pub const DEFAULT_MAX_REPLICATION_LAG_SECS: f64 = 30.0;
 pub const DEFAULT_MAX_REPLICATION_LAG_BYTES: i64 = 1 << 30;
+
+/// How often a stage's rotation pauses for a new baseline by default.
+pub const DEFAULT_REBASELINE_SECS: f64 = 300.0;
 
 /// How long a requested checkpoint holds publication by default.
 pub const DEFAULT_CHECKPOINT_HOLD_SECS: f64 = 10.0;
@@ -277,7 +308,12 @@ impl Default for RunSettings {
             probe_baseline_p95_ms: None,
             probe_baseline_p99_ms: None,
             probe_write_baseline_p99_ms: None,
-            probe_writes: false,
+            probe_noise_ms: None,
+            probe_write_noise_ms: None,
+            rebaseline_secs: DEFAULT_REBASELINE_SECS,
+            probe_rebaselined_p99_ms: None,
+            probe_write_rebaselined_p99_ms: None,
+            probe_writes: true,
             app_p99_ms: None,
             max_audit_gap_secs: 300.0,
             observe_sample: 50,
@@ -290,6 +326,26 @@ impl Default for RunSettings {
             slo_baseline_ms: None,
         }
     }
+}
+
+/// Records a re-baseline of the probe in the run's settings (the throttle's baseline from
+/// then on, within bounds: [`RunSettings`]).
+pub async fn set_rebaseline<C: GenericClient>(
+    c: &C,
+    run_id: i64,
+    reads_p99_ms: f64,
+    writes_p99_ms: Option<f64>,
+) -> Result<(), LedgerError> {
+    let patch = serde_json::json!({
+        "probe_rebaselined_p99_ms": reads_p99_ms,
+        "probe_write_rebaselined_p99_ms": writes_p99_ms,
+    });
+    c.execute(
+        "UPDATE rekey.runs SET settings = settings || $2::jsonb WHERE id = $1",
+        &[&run_id, &patch],
+    )
+    .await?;
+    Ok(())
 }
 
 /// What a new run is.
