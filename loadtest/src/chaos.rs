@@ -341,12 +341,18 @@ pub async fn run(
         .await?
         .get(0);
     let mut rotate_args = procs::unattended_rotate(&opts.stages, "1s");
+    // The soak is about faults, not pacing: the latency throttle would answer the soak's
+    // own disturbance (connections terminated, a broker restarting) with its longest gaps
+    // and slow start would begin again after every coordinator kill, so both are off.
     rotate_args.extend(
         [
             "--batch-bytes",
             &opts.batch_bytes.to_string(),
             "--lease-secs",
             "15",
+            "--throttle-pct",
+            "0",
+            "--no-slow-start",
         ]
         .map(str::to_owned),
     );

@@ -76,8 +76,16 @@ impl Env {
 }
 
 /// `rekey rotate` as the tests run it unattended (no preflight, no key propagation wait,
-/// no observation, stages promoted by themselves), then `extra`.
+/// no observation, stages promoted by themselves, opened at full speed: slow start paces a
+/// stage's first ~20 s), then `extra`.
 pub(crate) fn quick_rotate<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = paced_rotate(extra);
+    args.insert(1, "--no-slow-start");
+    args
+}
+
+/// [`quick_rotate`] with slow start, for the tests of pacing.
+pub(crate) fn paced_rotate<'a>(extra: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec![
         "rotate",
         "--skip-preflight",
@@ -161,6 +169,7 @@ async fn seed_rotate_with_two_worker_processes_verify_and_stop_them_with_sigterm
         "rekey",
         &[
             "rotate",
+            "--no-slow-start",
             "--batch-size",
             "400",
             "--stages",
@@ -306,6 +315,7 @@ async fn a_breach_with_auto_rollback_rolls_the_run_back_by_itself() {
         "rekey",
         &[
             "rotate",
+            "--no-slow-start",
             "--stages",
             "50,100",
             "--key-propagation",
@@ -604,6 +614,7 @@ async fn resume_without_a_run_takes_the_newest_unfinished_one_and_logs_have_no_c
             "rekey",
             &[
                 "rotate",
+                "--no-slow-start",
                 "--skip-preflight",
                 "--detach",
                 "--key-propagation",
@@ -650,6 +661,7 @@ async fn ctrl_c_while_driving_prints_the_resume_hint_and_no_missing_report() {
             "rekey",
             &[
                 "rotate",
+                "--no-slow-start",
                 "--skip-preflight",
                 "--key-propagation",
                 "0s",

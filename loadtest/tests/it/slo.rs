@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::binaries::{Env, quick_rotate, seeded, sigterm, wait_exit};
+use crate::binaries::{Env, paced_rotate, quick_rotate, seeded, sigterm, wait_exit};
 use crate::stalls::status_until;
 
 /// The application: serves `app_p99_seconds` (the test sets it) at /metrics.
@@ -247,12 +247,12 @@ async fn the_applications_own_p99_from_prometheus_paces_the_run_and_status_names
         .unwrap();
 
     // Planned with the signal from the environment (and the unit from a flag): the
-    // baseline is the gauge's 10 ms.
+    // baseline is the gauge's 10 ms. Slow start paces the first batches.
     let (ok, out, err) = {
         let o = env
             .cmd(
                 "rekey",
-                &quick_rotate(&[
+                &paced_rotate(&[
                     "--stages",
                     "100",
                     "--batch-size",

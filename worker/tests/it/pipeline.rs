@@ -13,10 +13,14 @@ use rekey_coordinator::run_cmd::{self, RotateOptions};
 use crate::helpers::Env;
 
 fn opts(batch_size: i64) -> RotateOptions {
-    RotateOptions {
+    let mut o = RotateOptions {
         batch_size,
         ..Default::default()
-    }
+    };
+    // These tests are about what a rotation does, not its pacing: full speed from the
+    // start (slow start paces a stage's first ~20 s).
+    o.gating.slow_start = false;
+    o
 }
 
 /// Options for runs over planted corrupt values: the error-rate gate is the next issue's

@@ -28,6 +28,8 @@ pub(crate) fn staged(
             observe_first_secs: observe_first,
             observe_secs: observe,
             auto_advance,
+            // Full speed from each stage's start: these tests are about stages and gates.
+            slow_start: false,
             ..Default::default()
         },
         ..Default::default()
