@@ -44,6 +44,11 @@ pub struct BenchOptions {
     pub traffic_rate: u32,
     /// Share of the traffic that writes.
     pub write_share: f64,
+    /// Give (c) the application's own p99 as its SLO signal: the traffic exports its
+    /// request histogram to a Prometheus of the bench's own, and `rekey rotate` gets
+    /// `--slo-prometheus-url` and `--slo-query` (`slo_window` the query's rate window).
+    pub slo: bool,
+    pub slo_window: Duration,
     /// How long the traffic runs before (c) to give the baseline latency.
     pub baseline: Duration,
     /// The throttle of (c): `rekey rotate --throttle-pct` (0: off), `--throttle-min-ms`,
@@ -187,6 +192,9 @@ pub struct BenchReport {
     /// there).
     #[serde(default)]
     pub run_created_at: f64,
+    /// The SLO query (c) was given, when `--slo`.
+    #[serde(default)]
+    pub slo_query: Option<String>,
 }
 
 /// The demo tables and their encrypted columns.
@@ -589,7 +597,11 @@ pub async fn run(
     // machine with it, and its latency during (a) shows what rewriting the rows costs the
     // application when Postgres alone does it.
     let traffic_pool = rekey_common::db::pool(settings, 8)?;
+    // With --slo, the application's request histogram, scraped by a Prometheus of the
+    // bench's own, is (c)'s signal.
+    let histogram = Arc::new(traffic::AppHistogram::new());
     let traffic_opts = |stop: Option<tokio::sync::watch::Receiver<bool>>| TrafficOptions {
+        histogram: opts.slo.then(|| histogram.clone()),
         rate: opts.traffic_rate,
         duration: if stop.is_some() {
             Duration::from_secs(24 * 3600)
@@ -681,6 +693,24 @@ pub async fn run(
     // database writes out what seeding, (a) and (b) left dirty (a checkpoint they started
     // would otherwise spread its writes over the baseline for minutes).
     quiesce(&pool).await;
+    let slo = if opts.slo && opts.traffic_rate > 0 {
+        let h = histogram.clone();
+        let (addr, server) =
+            rekey_common::metrics::serve_text("127.0.0.1:0".parse()?, Arc::new(move || h.render()))
+                .await?;
+        let prom = crate::prom::Prometheus::start("rekey-bench", &[("app", addr.port())]).await?;
+        let query = format!(
+            "histogram_quantile(0.99, sum by (le) (rate(app_request_duration_seconds_bucket[{}s])))",
+            opts.slo_window.as_secs().max(2)
+        );
+        progress(&format!(
+            "(c) will throttle on the application's p99 from {}: {query}",
+            prom.url
+        ));
+        Some((prom, server, query))
+    } else {
+        None
+    };
     let before = if opts.traffic_rate > 0 {
         progress(&format!(
             "application traffic alone for {:?} ({} ops/s)",
@@ -767,6 +797,10 @@ pub async fn run(
     if !opts.slow_start {
         cmd.arg("--no-slow-start");
     }
+    if let Some((prom, _, query)) = &slo {
+        report.slo_query = Some(query.clone());
+        cmd.args(["--slo-prometheus-url", &prom.url, "--slo-query", query]);
+    }
     if let Some(b) = before.as_ref().filter(|_| opts.tell_app_p99) {
         report.app_p99_ms_told = Some(b.all.p99_ms);
         cmd.args(["--app-p99-ms", &format!("{:.3}", b.all.p99_ms)]);
@@ -811,11 +845,12 @@ pub async fn run(
         rows_per_sec: opts.rows as f64 / secs.max(1e-9),
         started_at,
     };
-    push_timeline(
-        &mut report,
-        "full",
-        ledger_rates(&pool, run_id, started_at).await?,
-    );
+    // The ledger's per-second rates count from the run's creation (after the probe's
+    // baseline and planning), not from the process's start.
+    let created = run_created(&pool, run_id).await?;
+    report.run_created_at = created.saturating_duration_since(epoch).as_secs_f64();
+    let rates = ledger_rates(&pool, run_id, report.run_created_at).await?;
+    push_timeline(&mut report, "full", rates);
     report.throttle_figures = pool
         .get()
         .await?
@@ -847,8 +882,6 @@ pub async fn run(
         push_latency(&mut report, offset, &d);
         let rates = ledger_rates(&pool, run_id, 0.0).await?;
         if let Some(b) = &before {
-            let created = run_created(&pool, run_id).await?;
-            report.run_created_at = created.saturating_duration_since(epoch).as_secs_f64();
             let first_minute = d.between(created, created + Duration::from_secs(60));
             let windows = (0..)
                 .map(|w: u64| w * traffic::WINDOW_SECS)
@@ -896,6 +929,9 @@ pub async fn run(
                 windows,
             });
         }
+    }
+    if let Some((_, server, _)) = slo {
+        server.abort();
     }
     crate::procs::delete_queues(settings, &prefix).await;
     if !opts.only_full {
@@ -1129,6 +1165,11 @@ pub fn print(r: &BenchReport) {
         );
     } else {
         println!("  (c) throttle off");
+    }
+    if let Some(q) = &r.slo_query {
+        println!(
+            "  (c) rekey rotate --slo-query '{q}' (the traffic's own histogram, through Prometheus)"
+        );
     }
     if let Some(ms) = r.app_p99_ms_told {
         println!("  (c) rekey rotate --app-p99-ms {ms:.2} (the traffic's p99 before (c))");

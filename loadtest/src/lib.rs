@@ -12,6 +12,7 @@
 pub mod bench;
 pub mod chaos;
 pub mod procs;
+pub mod prom;
 pub mod traffic;
 
 pub use rekey_demo::{seed, verify};

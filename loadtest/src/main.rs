@@ -92,6 +92,14 @@ enum Command {
         /// Share of the traffic that writes (one-row updates, each in its own commit).
         #[arg(long, default_value_t = rekey_loadtest::traffic::DEFAULT_WRITE_SHARE)]
         write_share: f64,
+        /// Throttle (c) on the application's own p99: the traffic exports its request
+        /// histogram to a Prometheus the bench starts (Debian's package), and `rekey rotate`
+        /// gets `--slo-prometheus-url`/`--slo-query`.
+        #[arg(long)]
+        slo: bool,
+        /// The `rate()` window of the SLO query, e.g. 10s.
+        #[arg(long, default_value = "10s")]
+        slo_window: String,
         /// Traffic alone before (c), for the baseline latency (a p99 of 12,000 operations at
         /// 100 ops/s: of 4,000 it moves by ±10% from run to run).
         #[arg(long, default_value = "120s")]
@@ -356,6 +364,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             stages,
             traffic_rate,
             write_share,
+            slo,
+            slo_window,
             baseline,
             throttle_pct,
             throttle_min_ms,
@@ -384,6 +394,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 stages,
                 traffic_rate,
                 write_share,
+                slo,
+                slo_window: parse_secs(&slo_window)?,
                 baseline: parse_secs(&baseline)?,
                 throttle_pct,
                 throttle_min_ms,

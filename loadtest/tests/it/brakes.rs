@@ -2,7 +2,8 @@
 //! (`pg_basebackup` of the suite's cluster into a second cluster on another port, streaming),
 //! pauses its replay and writes WAL, and a rotation with `--max-replication-lag-bytes` is
 //! held (nothing published, `rekey status` naming the replica) until replay resumes; then
-//! it completes and every value verifies.
+//! it completes and every value verifies. Likewise a database busier than
+//! `--max-active-backends` holds publication until its statements end.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -214,5 +215,90 @@ async fn a_replica_whose_replay_falls_behind_holds_publication_until_it_catches_
     let (ok, out, err) = env.run("rekey-loadtest", &["verify"]);
     assert!(ok, "{out}{err}");
     drop(standby);
+    let _ = std::fs::remove_dir_all(&reports);
+}
+
+/// Backends running `pg_sleep(secs)` on `url`, until cancelled.
+async fn sleepers(url: &str, n: usize, secs: u32) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = Vec::new();
+    for _ in 0..n {
+        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        tasks.push(tokio::spawn(async move {
+            let _ = client
+                .simple_query(&format!("SELECT pg_sleep({secs}) /* rekey brake test */"))
+                .await;
+        }));
+    }
+    tasks
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn busy_backends_hold_publication_until_they_finish() {
+    let (db, env, reports) = seeded(2_000).await;
+    // More sessions running a statement than the limit, whatever else the server runs (the
+    // count is server-wide, as gh-ost's Threads_running: other tests only add to it).
+    let busy = sleepers(&db.url, 16, 120).await;
+    let start = Instant::now();
+    while db
+        .scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE '%rekey brake test%' AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        < 16
+    {
+        assert!(start.elapsed() < Duration::from_secs(30), "sleepers not running");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut worker = env.worker("w");
+    let mut driver = env
+        .cmd(
+            "rekey",
+            &quick_rotate(&[
+                "--stages",
+                "100",
+                "--batch-size",
+                "100",
+                "--max-active-backends",
+                "12",
+            ]),
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let held = status_until(&env, "1", Duration::from_secs(60), |s| {
+        s.contains("active backends in PostgreSQL")
+    })
+    .await;
+    assert!(held.contains("(--max-active-backends 12)"), "{held}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        db.scalar(
+            "SELECT count(*) FROM rekey.batches WHERE run_id = 1 AND state <> 'pending'",
+            &[]
+        )
+        .await,
+        0,
+        "nothing published while the database is busy"
+    );
+    // The application's statements end: the run goes on and completes.
+    db.scalar(
+        "SELECT count(pg_cancel_backend(pid)) FROM pg_stat_activity WHERE query LIKE '%rekey brake test%' AND pid <> pg_backend_pid()",
+        &[],
+    )
+    .await;
+    for b in busy {
+        b.await.unwrap();
+    }
+    let code = wait_exit(&mut driver, Duration::from_secs(120));
+    assert!(code.success(), "{code:?}");
+    sigterm(&worker);
+    wait_exit(&mut worker, Duration::from_secs(30));
+    let (ok, out, err) = env.run("rekey-loadtest", &["verify"]);
+    assert!(ok, "{out}{err}");
     let _ = std::fs::remove_dir_all(&reports);
 }

@@ -9,7 +9,9 @@
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
+
+use rekey_loadtest::prom::Prometheus;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -72,96 +74,7 @@ impl Drop for AppExporter {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A Prometheus of the test's own, scraping `targets` every second; stopped and its data
-/// removed when dropped.
-struct Prometheus {
-    url: String,
-    child: Child,
-    dir: std::path::PathBuf,
-}
-
-impl Prometheus {
-    async fn start(name: &str, targets: &[(&str, u16)]) -> Self {
-        rekey_common::telemetry::install_crypto_provider();
-        let dir = std::env::temp_dir().join(format!("{name}-prometheus"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut config =
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n"
-                .to_owned();
-        for (job, port) in targets {
-            config.push_str(&format!(
-                "  - job_name: {job}\n    static_configs:\n      - targets: ['127.0.0.1:{port}']\n"
-            ));
-        }
-        std::fs::write(dir.join("prometheus.yml"), config).unwrap();
-        let port = free_port();
-        let child = Command::new("prometheus")
-            .arg(format!(
-                "--config.file={}",
-                dir.join("prometheus.yml").display()
-            ))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.join("data").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .arg("--log.level=warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("prometheus not found: install Debian's prometheus package (.ci/run does)");
-        let p = Self {
-            url: format!("http://127.0.0.1:{port}"),
-            child,
-            dir,
-        };
-        // Ready when the first target (the others start later) has been scraped up.
-        let start = Instant::now();
-        let first = format!("max(up{{job=\"{}\"}})", targets[0].0);
-        loop {
-            if let Ok(v) = p.query(&first).await
-                && v == 1.0
-            {
-                return p;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "Prometheus at {} did not scrape {} within 60 s",
-                p.url,
-                targets[0].0
-            );
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
-    }
-
-    /// An instant query's one value.
-    async fn query(&self, q: &str) -> anyhow::Result<f64> {
-        let url = reqwest::Url::parse_with_params(
-            &format!("{}/api/v1/query", self.url),
-            &[("query", q)],
-        )?;
-        let body: serde_json::Value = reqwest::get(url).await?.json().await?;
-        let r = &body["data"]["result"];
-        let v = r[0]["value"][1]
-            .as_str()
-            .ok_or_else(|| anyhow::anyhow!("no value for {q}: {body}"))?;
-        Ok(v.parse()?)
-    }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+    rekey_loadtest::prom::free_port().unwrap()
 }
 
 async fn done_batches(db: &rekey_common::testing::TestDb) -> i64 {
@@ -185,7 +98,8 @@ async fn the_applications_own_p99_from_prometheus_paces_the_run_and_status_names
             ("rekey", coordinator_port),
         ],
     )
-    .await;
+    .await
+    .unwrap();
 
     // Queries that cannot be a signal are refused before anything is planned.
     let refuse = |url: &str, query: &str| {
