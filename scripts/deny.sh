@@ -12,4 +12,9 @@ if ! cargo deny --version 2>/dev/null | grep -q "$version"; then
   cargo install --locked --quiet cargo-deny --version "$version" ||
     { sleep 10; cargo install --locked --quiet cargo-deny --version "$version"; }
 fi
+# `cargo deny --offline` reads `cargo metadata`, which needs every locked package's
+# manifest, those of other platforms too (wasm-bindgen, android_system_properties): fetch
+# them first (crates.io is reachable; a machine that has them does nothing).
+cargo fetch --locked --quiet ||
+  { sleep 10; cargo fetch --locked --quiet; }
 cargo deny --offline check bans licenses sources
