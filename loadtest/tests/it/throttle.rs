@@ -98,3 +98,51 @@ async fn throttle_on_and_a_flag_file_hold_publication_and_status_says_why() {
     assert!(err.contains("only a run that is not over"), "{err}");
     let _ = std::fs::remove_dir_all(&reports);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rotation_pauses_to_rebaseline_the_probe_and_records_the_new_baseline() {
+    let (db, env, reports) = seeded(3_000).await;
+    let mut worker = env.worker("w");
+    let log_path = std::env::temp_dir().join(format!("{}-rebaseline.log", db.name));
+    let mut driver = env
+        .cmd(
+            "rekey",
+            &quick_rotate(&[
+                "--stages",
+                "100",
+                "--batch-size",
+                "50",
+                "--max-in-flight",
+                "1",
+                "--rebaseline-every",
+                "2s",
+            ]),
+        )
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let code = wait_exit(&mut driver, Duration::from_secs(180));
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    let _ = std::fs::remove_file(&log_path);
+    assert!(code.success(), "{code:?}: {log}");
+    // Publication paused (said as a hold), the probe measured the application alone, and
+    // the new baseline is the run's from then on.
+    assert!(log.contains("re-baselining"), "{log}");
+    assert!(
+        log.contains("new baseline: the application alone, publication paused"),
+        "{log}"
+    );
+    let rebaselined = db
+        .scalar(
+            "SELECT count(*) FROM rekey.runs WHERE id = 1 AND settings ? 'probe_rebaselined_p99_ms' AND (settings->>'probe_rebaselined_p99_ms')::float8 > 0",
+            &[],
+        )
+        .await;
+    assert_eq!(rebaselined, 1);
+    sigterm(&worker);
+    wait_exit(&mut worker, Duration::from_secs(30));
+    let (ok, out, err) = env.run("rekey-loadtest", &["verify"]);
+    assert!(ok, "{out}{err}");
+    let _ = std::fs::remove_dir_all(&reports);
+}
