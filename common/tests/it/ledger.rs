@@ -302,3 +302,73 @@ async fn publish_next_publishes_at_most_room_batches_whatever_the_plan() {
     assert_eq!(published, vec![1, 2, 3, 4, 5], "in order, each once");
     assert_eq!(ledger::in_flight(&**c, id).await.unwrap(), 5);
 }
+
+/// A batch whose row a worker's open transaction holds is skipped by lease expiry (not
+/// waited for): the driver never stalls behind a slow or cut-off worker; the next expiry
+/// after the worker's transaction ended takes it.
+#[tokio::test]
+async fn lease_expiry_skips_a_batch_a_worker_holds_instead_of_waiting_for_it() {
+    let db = TestDb::new().await;
+    let id = one_run(&db).await;
+    let more: Vec<BatchPlan> = (1..4)
+        .map(|i| BatchPlan {
+            stage_no: 0,
+            table: "demo.users".into(),
+            id_lo: i * 10 + 1,
+            id_hi: i * 10 + 10,
+            cumulative: false,
+        })
+        .collect();
+    let c = db.pool.get().await.unwrap();
+    ledger::insert_batches(&**c, id, &more).await.unwrap();
+    // Two batches published with a lease that has already run out.
+    let got = ledger::publish_next(&**c, id, 2, 0.0).await.unwrap();
+    let (held, free) = (got[0].batch_no, got[1].batch_no);
+    // A "worker" holds the first batch's row, as a claim does, and does not commit.
+    let mut w = db.pool.get().await.unwrap();
+    let tx = w.transaction().await.unwrap();
+    tx.execute(
+        "SELECT 1 FROM rekey.batches WHERE run_id = $1 AND batch_no = $2 FOR UPDATE",
+        &[&id, &held],
+    )
+    .await
+    .unwrap();
+    let expired = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        ledger::expire_leases(&**c, id, 5),
+    )
+    .await
+    .expect("lease expiry waited for a worker's lock")
+    .unwrap();
+    assert_eq!(
+        expired,
+        ledger::Expired {
+            failed: 0,
+            pending: 1
+        }
+    );
+    let state = |n: i64| {
+        let c = &c;
+        async move {
+            c.query_one(
+                "SELECT state FROM rekey.batches WHERE run_id = $1 AND batch_no = $2",
+                &[&id, &n],
+            )
+            .await
+            .unwrap()
+            .get::<_, String>(0)
+        }
+    };
+    assert_eq!(state(free).await, "pending");
+    assert_eq!(state(held).await, "published");
+    tx.rollback().await.unwrap();
+    let expired = ledger::expire_leases(&**c, id, 5).await.unwrap();
+    assert_eq!(
+        expired,
+        ledger::Expired {
+            failed: 0,
+            pending: 1
+        }
+    );
+    assert_eq!(state(held).await, "pending");
+}
