@@ -73,6 +73,9 @@ else
   echo "$dir/rabbitmq-definitions.json exists; kept"
 fi
 write grafana_admin_password "$(random)"
+# The Erlang cookie the nodes of docker-compose.cluster.yml share (any node with it may
+# control the others: it is a secret like a password).
+write erlang_cookie "$(random)$(random)"
 
 if [ "$(id -u)" = 0 ]; then
   chgrp 10001 "$dir"/* && chmod 0640 "$dir"/*

@@ -129,12 +129,103 @@ pub async fn connect(url: &SecretString, name: &str) -> anyhow::Result<Connectio
     connect_from(url, "set by REKEY_AMQP_URL", name).await
 }
 
-/// Connects once to the URL of these settings, naming where it came from on failure.
+/// How long one connection attempt to one node may take: a node that is paused or cut off
+/// by a partition does not refuse, it never answers; past this the next node is tried.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The node of [`crate::Settings::amqp_urls`] this process last connected to: the first
+/// one tried next time, so that a reconnection after a node's loss does not wait on the
+/// lost node first when another answered.
+static PREFERRED_NODE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// The node of [`crate::Settings::amqp_urls`] this process last connected to (`usize::MAX`:
+/// none yet), to say when a connection goes to another node than before.
+static CONNECTED_NODE: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(usize::MAX);
+
+/// Connects to the first node of the settings' URLs that answers (several URLs are the
+/// nodes of one RabbitMQ cluster), starting with the one this process last reached, each
+/// attempt bounded by [`CONNECT_TIMEOUT`]. On failure names every address tried (never a
+/// password) and where the URLs came from.
 pub async fn connect_settings(
     settings: &crate::Settings,
     name: &str,
 ) -> anyhow::Result<Connection> {
-    connect_from(&settings.amqp_url, &settings.amqp_url_from, name).await
+    let urls = &settings.amqp_urls;
+    if urls.len() <= 1 {
+        let url = &settings.amqp_url;
+        return tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            connect_from(url, &settings.amqp_url_from, name),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(anyhow::anyhow!(
+                "RabbitMQ at {} ({}) did not answer within {} s",
+                redacted(url.expose_secret()),
+                settings.amqp_url_from,
+                CONNECT_TIMEOUT.as_secs()
+            ))
+        });
+    }
+    use std::sync::atomic::Ordering;
+    let first = PREFERRED_NODE.load(Ordering::Relaxed) % urls.len();
+    let mut failures = Vec::new();
+    for k in 0..urls.len() {
+        let i = (first + k) % urls.len();
+        let url = &urls[i];
+        let attempt = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            connect_from(url, &settings.amqp_url_from, name),
+        )
+        .await;
+        match attempt {
+            Ok(Ok(conn)) => {
+                let before = CONNECTED_NODE.swap(i, Ordering::Relaxed);
+                if before != usize::MAX && before != i {
+                    tracing::warn!(
+                        node = %redacted(url.expose_secret()),
+                        previous = %redacted(urls[before % urls.len()].expose_secret()),
+                        "connected to another RabbitMQ node of REKEY_AMQP_URL"
+                    );
+                }
+                PREFERRED_NODE.store(i, Ordering::Relaxed);
+                return Ok(conn);
+            }
+            Ok(Err(e)) => failures.push(format!("{e:#}")),
+            Err(_) => failures.push(format!(
+                "RabbitMQ at {} did not answer within {} s",
+                redacted(url.expose_secret()),
+                CONNECT_TIMEOUT.as_secs()
+            )),
+        }
+    }
+    bail!(
+        "none of the {} RabbitMQ nodes of REKEY_AMQP_URL ({}) answered: {}",
+        urls.len(),
+        settings.amqp_url_from,
+        failures.join("; ")
+    )
+}
+
+/// After a session on the current node failed (a publish never confirmed, a queue that
+/// did not answer: e.g. a node cut off in a minority partition still accepts connections),
+/// the next connection tries the next node first.
+pub fn prefer_another_node(settings: &crate::Settings) {
+    if settings.amqp_urls.len() > 1 {
+        PREFERRED_NODE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// The node of the settings' URLs this process is connected to (or last was): its
+/// address, without credentials.
+pub fn current_node(settings: &crate::Settings) -> String {
+    let urls = &settings.amqp_urls;
+    if urls.is_empty() {
+        return redacted(settings.amqp_url.expose_secret());
+    }
+    let i = PREFERRED_NODE.load(std::sync::atomic::Ordering::Relaxed) % urls.len();
+    redacted(urls[i].expose_secret())
 }
 
 /// Connects once; on failure names the address (never the password) and `from`, where the
@@ -147,6 +238,7 @@ pub async fn connect_from(
     let props = ConnectionProperties::default().with_connection_name(name.into());
     // `cacertfile` (RabbitMQ's URI parameter) names CA certificates to trust for amqps://.
     let (uri, ca_file) = crate::tls::take_param(url.expose_secret(), "cacertfile");
+    let uri = with_default_heartbeat(uri);
     let connected = match ca_file {
         None => Connection::connect(&uri, props).await,
         Some(f) => {
@@ -167,6 +259,22 @@ pub async fn connect_from(
             scrub(&scrub(&e.to_string(), url.expose_secret()), &uri)
         )
     })
+}
+
+/// The AMQP heartbeat rekey asks for unless the URL sets one (`?heartbeat=N`): a node cut
+/// off by a partition (or a dead link) does not close its connections, and without
+/// heartbeats a client notices only when a publish's confirm times out. RabbitMQ's own
+/// default is 60 s; at 10 s a lost node is noticed within about 20 s and the client fails
+/// over to another node of `REKEY_AMQP_URL`.
+pub const DEFAULT_HEARTBEAT_SECS: u16 = 10;
+
+fn with_default_heartbeat(uri: String) -> String {
+    let query = uri.split_once('?').map(|(_, q)| q).unwrap_or("");
+    if query.split('&').any(|p| p.starts_with("heartbeat=")) {
+        return uri;
+    }
+    let sep = if uri.contains('?') { '&' } else { '?' };
+    format!("{uri}{sep}heartbeat={DEFAULT_HEARTBEAT_SECS}")
 }
 
 /// Removes a URL (and so its password) from an error text, in case a library echoes it.
@@ -503,6 +611,20 @@ pub async fn delete(channel: &Channel, topo: &Topology) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_heartbeat_is_asked_for_unless_the_url_sets_one() {
+        use super::with_default_heartbeat as h;
+        assert_eq!(h("amqp://h/%2f".into()), "amqp://h/%2f?heartbeat=10");
+        assert_eq!(
+            h("amqp://h/%2f?frame_max=8192".into()),
+            "amqp://h/%2f?frame_max=8192&heartbeat=10"
+        );
+        assert_eq!(
+            h("amqp://h/%2f?heartbeat=30".into()),
+            "amqp://h/%2f?heartbeat=30"
+        );
+    }
+
     #[test]
     fn redacted_url_has_no_credentials() {
         assert_eq!(

@@ -25,6 +25,7 @@ pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 struct FileSettings {
     database_url: Option<String>,
     amqp_url: Option<String>,
+    amqp_urls: Option<Vec<String>>,
     master_key_file: Option<PathBuf>,
     queue_prefix: Option<String>,
     actor: Option<String>,
@@ -174,8 +175,12 @@ fn with_password(url: &str, password: &SecretString) -> anyhow::Result<String> {
 pub struct Settings {
     /// PostgreSQL URL; may hold a password, so it is secret.
     pub database_url: SecretString,
-    /// AMQP URL; may hold a password, so it is secret.
+    /// The first AMQP URL; may hold a password, so it is secret.
     pub amqp_url: SecretString,
+    /// Every AMQP URL, the first one included: the nodes of a RabbitMQ cluster, tried in
+    /// turn ([`crate::broker::connect_settings`]). `REKEY_AMQP_URL` holds them separated by
+    /// commas; `rekey.toml` as `amqp_urls = [...]` (or one `amqp_url`).
+    pub amqp_urls: Vec<SecretString>,
     /// Where `database_url` came from, as messages say it ("set by REKEY_DATABASE_URL", …).
     pub database_url_from: String,
     /// Where `amqp_url` came from, likewise.
@@ -293,23 +298,53 @@ impl Settings {
             )?;
         }
         let parsed_db = crate::tls::parse_postgres_url(&database_url)?;
-        let (mut amqp_url, amqp_url_from) = url_setting(
+        if file.amqp_url.is_some() && file.amqp_urls.is_some() {
+            bail!(
+                "{} sets both amqp_url and amqp_urls: keep one (amqp_urls = [\"amqp://…\", …] for several nodes)",
+                file_name.as_deref().unwrap_or("rekey.toml")
+            );
+        }
+        let (file_amqp, file_amqp_key) = match file.amqp_urls {
+            Some(urls) => (Some(urls.join(",")), "amqp_urls"),
+            None => (file.amqp_url, "amqp_url"),
+        };
+        let (amqp_setting, amqp_url_from) = url_setting(
             env,
             "REKEY_AMQP_URL",
-            file.amqp_url,
-            "amqp_url",
+            file_amqp,
+            file_amqp_key,
             file_name.as_deref(),
             DEFAULT_AMQP_URL,
         );
-        if !(amqp_url.starts_with("amqp://") || amqp_url.starts_with("amqps://")) {
-            bail!("REKEY_AMQP_URL must start with amqp:// or amqps://");
-        }
-        if let Some(f) = env
+        let amqp_password = match env
             .get("REKEY_AMQP_PASSWORD_FILE")
             .filter(|v| !v.is_empty())
         {
-            amqp_url = with_password(&amqp_url, &read_secret_file("REKEY_AMQP_PASSWORD_FILE", f)?)
-                .context("REKEY_AMQP_URL cannot take the password from REKEY_AMQP_PASSWORD_FILE")?;
+            Some(f) => Some(read_secret_file("REKEY_AMQP_PASSWORD_FILE", f)?),
+            None => None,
+        };
+        let mut amqp_urls = Vec::new();
+        for (i, one) in amqp_setting.split(',').map(str::trim).enumerate() {
+            let nth = i + 1;
+            if one.is_empty() {
+                bail!("REKEY_AMQP_URL ({amqp_url_from}): URL {nth} of the list is empty");
+            }
+            if !(one.starts_with("amqp://") || one.starts_with("amqps://")) {
+                bail!(
+                    "REKEY_AMQP_URL ({amqp_url_from}) must start with amqp:// or amqps:// (URL {nth}, {}, does not)",
+                    crate::broker::redacted(one)
+                );
+            }
+            let url = match &amqp_password {
+                Some(pw) => with_password(one, pw).with_context(|| {
+                    format!(
+                        "REKEY_AMQP_URL cannot take the password from REKEY_AMQP_PASSWORD_FILE (URL {nth}, {})",
+                        crate::broker::redacted(one)
+                    )
+                })?,
+                None => one.to_owned(),
+            };
+            amqp_urls.push(url);
         }
         let require_tls = env
             .get("REKEY_REQUIRE_TLS")
@@ -324,9 +359,10 @@ impl Settings {
                     parsed_db.mode
                 );
             }
-            if !amqp_url.starts_with("amqps://") {
+            if let Some(plain) = amqp_urls.iter().find(|u| !u.starts_with("amqps://")) {
                 bail!(
-                    "REKEY_REQUIRE_TLS is set, but REKEY_AMQP_URL ({amqp_url_from}) is not amqps://"
+                    "REKEY_REQUIRE_TLS is set, but REKEY_AMQP_URL ({amqp_url_from}) is not amqps:// ({})",
+                    crate::broker::redacted(plain)
                 );
             }
         }
@@ -430,7 +466,8 @@ impl Settings {
             slo,
             backup_check,
             database_url: SecretString::from(database_url),
-            amqp_url: SecretString::from(amqp_url),
+            amqp_url: SecretString::from(amqp_urls[0].clone()),
+            amqp_urls: amqp_urls.into_iter().map(SecretString::from).collect(),
             database_url_from,
             amqp_url_from,
             config_file: path,
@@ -681,6 +718,86 @@ mod tests {
             text.contains("names no user") && !text.contains("s3cr"),
             "{text}"
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn several_amqp_urls_are_the_nodes_of_a_cluster() {
+        let dir = std::env::temp_dir().join(format!("rekey-urls-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mq = dir.join("mq");
+        std::fs::write(&mq, "rabbit-pw").unwrap();
+        let s = Settings::from_sources(
+            None,
+            &env(&[
+                (
+                    "REKEY_AMQP_URL",
+                    "amqp://w@mq1:5672/%2f, amqp://w@mq2:5672/%2f,amqp://w@mq3:5672/%2f",
+                ),
+                ("REKEY_AMQP_PASSWORD_FILE", mq.to_str().unwrap()),
+            ]),
+        )
+        .unwrap();
+        let urls: Vec<&str> = s.amqp_urls.iter().map(|u| u.expose_secret()).collect();
+        assert_eq!(
+            urls,
+            [
+                "amqp://w:rabbit-pw@mq1:5672/%2f",
+                "amqp://w:rabbit-pw@mq2:5672/%2f",
+                "amqp://w:rabbit-pw@mq3:5672/%2f"
+            ]
+        );
+        assert_eq!(s.amqp_url.expose_secret(), urls[0]);
+        // In rekey.toml, as a list.
+        let toml = dir.join("rekey.toml");
+        std::fs::write(
+            &toml,
+            "amqp_urls = [\"amqp://a@n1:5672/%2f\", \"amqp://a@n2:5672/%2f\"]\n",
+        )
+        .unwrap();
+        let s = Settings::from_sources(Some(&toml), &env(&[])).unwrap();
+        assert_eq!(s.amqp_urls.len(), 2);
+        assert_eq!(
+            s.amqp_url_from,
+            format!("set by amqp_urls in {}", toml.display())
+        );
+        // Errors name the URL's place in the list, never a password.
+        let e = Settings::from_sources(
+            None,
+            &env(&[("REKEY_AMQP_URL", "amqp://u:pw1@n1/%2f,http://u:pw2@n2/%2f")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("URL 2") && e.contains("n2/%2f"), "{e}");
+        assert!(!e.contains("pw1") && !e.contains("pw2"), "{e}");
+        let e = Settings::from_sources(None, &env(&[("REKEY_AMQP_URL", "amqp://n1/%2f,")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("URL 2 of the list is empty"), "{e}");
+        std::fs::write(
+            &toml,
+            "amqp_url = \"amqp://n1/%2f\"\namqp_urls = [\"amqp://n2/%2f\"]\n",
+        )
+        .unwrap();
+        let e = Settings::from_sources(Some(&toml), &env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("both amqp_url and amqp_urls"), "{e}");
+        // REKEY_REQUIRE_TLS holds for every node.
+        let e = Settings::from_sources(
+            None,
+            &env(&[
+                ("REKEY_REQUIRE_TLS", "1"),
+                (
+                    "REKEY_DATABASE_URL",
+                    "postgres://db/app?sslmode=verify-full",
+                ),
+                ("REKEY_AMQP_URL", "amqps://n1/%2f,amqp://n2/%2f"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("not amqps://") && e.contains("n2/%2f"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -221,6 +221,7 @@ async fn drive_leased(
                 // reconnect and carry on, backing off; an error that persists for about
                 // ten minutes is not a hiccup and is returned.
                 failures += 1;
+                broker::prefer_another_node(settings);
                 if failures > MAX_SESSION_FAILURES {
                     return Err(e.context(format!(
                         "driving run {run_id} failed {failures} times in a row"

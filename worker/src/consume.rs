@@ -173,6 +173,7 @@ async fn run_sessions(
                 // them: wait longer each time (up to 10 s) for the coordinator.
                 tracing::warn!(error = %format!("{e:#}"), "broker session failed; reconnecting");
                 broker::close(&conn, "worker reconnecting").await;
+                broker::prefer_another_node(settings);
                 failed_sessions.next_delay()
             }
         };

@@ -19,9 +19,27 @@ fn read(path: &str) -> String {
     std::fs::read_to_string(repo(path)).unwrap_or_else(|e| panic!("read {path}: {e}"))
 }
 
+/// `${VAR:-default}` replaced by its default, as compose does with no variable set.
+fn with_defaults(text: &str) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("${") {
+        out.push_str(&rest[..i]);
+        let end = rest[i..].find('}').expect("an unclosed ${") + i;
+        let inner = &rest[i + 2..end];
+        let (_, default) = inner
+            .split_once(":-")
+            .unwrap_or_else(|| panic!("${{{inner}}} has no default"));
+        out.push_str(default);
+        rest = &rest[end + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
 fn compose() -> Value {
     let mut yaml: serde_norway::Value =
-        serde_norway::from_str(&read("docker-compose.yml")).unwrap();
+        serde_norway::from_str(&with_defaults(&read("docker-compose.yml"))).unwrap();
     // `<<:` merge keys, as docker compose applies them.
     yaml.apply_merge().unwrap();
     serde_json::to_value(yaml).unwrap()

@@ -9,6 +9,7 @@ mod binaries;
 mod brakes;
 mod broker_users;
 mod budget;
+mod compose;
 mod deploy;
 mod faults;
 mod hardening;

@@ -511,6 +511,7 @@ async fn preflight_fails_naming_the_item_without_a_master_key_a_broker_or_an_unw
 
     let mut no_broker = env.settings.clone();
     no_broker.amqp_url = secrecy::SecretString::from("amqp://guest:guest@127.0.0.1:1/%2f");
+    no_broker.amqp_urls = vec![no_broker.amqp_url.clone()];
     let p = preflight::run(&no_broker).await;
     assert!(!p.passed);
     let c = item(&p, "broker_and_workers");
