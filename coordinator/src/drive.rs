@@ -67,7 +67,8 @@ async fn publish_window(d: &Driver<'_>, window: i64) -> anyhow::Result<usize> {
     }
     let rows = ledger::publish_next(&**client, run_id, room, opts.lease.as_millis() as f64).await?;
     let n = rows.len();
-    for p in rows {
+    let batch_nos: Vec<i64> = rows.iter().map(|p| p.batch_no).collect();
+    for (i, p) in rows.into_iter().enumerate() {
         let msg = BatchMessage {
             format: FORMAT_VERSION,
             run_id,
@@ -91,10 +92,22 @@ async fn publish_window(d: &Driver<'_>, window: i64) -> anyhow::Result<usize> {
             batch_no = msg.batch_no
         );
         let headers = rekey_common::telemetry::inject(&span);
-        broker::publish(channel, &topo.batches, &msg.encode(), headers)
+        if let Err(e) = broker::publish(channel, &topo.batches, &msg.encode(), headers)
             .instrument(span)
             .await
-            .with_context(|| format!("publish batch {} of run {run_id}", msg.batch_no))?;
+        {
+            // Not confirmed is not sent: this batch and the ones after it go back to
+            // pending now rather than when their lease runs out.
+            let unsent = &batch_nos[i..];
+            if let Err(le) = ledger::unpublish(&**client, run_id, unsent).await {
+                tracing::warn!(error = %le, "could not hand unsent batches back; their lease will");
+            }
+            return Err(e.context(format!(
+                "publish batch {} of run {run_id} ({} batch(es) handed back to pending)",
+                msg.batch_no,
+                unsent.len()
+            )));
+        }
     }
     Ok(n)
 }

@@ -124,6 +124,25 @@ pub async fn expire_leases<C: GenericClient>(
     Ok(Expired { failed, pending })
 }
 
+/// Batches marked published whose message never reached the broker (the publish failed or
+/// its confirm never came: the connection dropped, the node was lost): pending again at
+/// once, this publication not counted, so that the next session publishes them without
+/// waiting for their lease. A copy the broker did take despite the missing confirm is
+/// harmless: the ledger makes a second delivery change nothing.
+pub async fn unpublish<C: GenericClient>(
+    c: &C,
+    run_id: i64,
+    batch_nos: &[i64],
+) -> Result<u64, LedgerError> {
+    let (published, pending) = BatchState::edge(BatchState::Published, BatchState::Pending);
+    Ok(c.execute(
+        "UPDATE rekey.batches SET state = $3, attempts = greatest(attempts - 1, 0), lease_until = NULL
+          WHERE run_id = $1 AND state = $2 AND batch_no = ANY($4)",
+        &[&run_id, &published, &pending, &batch_nos],
+    )
+    .await?)
+}
+
 /// Batches published and not yet done or failed.
 pub async fn in_flight<C: GenericClient>(c: &C, run_id: i64) -> Result<i64, LedgerError> {
     Ok(c.query_one(

@@ -372,3 +372,36 @@ async fn lease_expiry_skips_a_batch_a_worker_holds_instead_of_waiting_for_it() {
     );
     assert_eq!(state(held).await, "pending");
 }
+
+/// Batches whose publish was never confirmed go back to pending at once, their attempt
+/// not counted; batches already done or handed back are left alone.
+#[tokio::test]
+async fn unpublished_batches_are_pending_again_without_counting_the_attempt() {
+    let db = TestDb::new().await;
+    let id = one_run(&db).await;
+    let more: Vec<BatchPlan> = (1..4)
+        .map(|i| BatchPlan {
+            stage_no: 0,
+            table: "demo.users".into(),
+            id_lo: i * 10 + 1,
+            id_hi: i * 10 + 10,
+            cumulative: false,
+        })
+        .collect();
+    let c = db.pool.get().await.unwrap();
+    ledger::insert_batches(&**c, id, &more).await.unwrap();
+    let got = ledger::publish_next(&**c, id, 3, 60_000.0).await.unwrap();
+    let nos: Vec<i64> = got.iter().map(|p| p.batch_no).collect();
+    assert_eq!(ledger::unpublish(&**c, id, &nos[1..]).await.unwrap(), 2);
+    assert_eq!(ledger::in_flight(&**c, id).await.unwrap(), 1);
+    // Published again next: the same batches, as their first attempt.
+    let again = ledger::publish_next(&**c, id, 5, 60_000.0).await.unwrap();
+    let by_no: Vec<(i64, i32)> = again.iter().map(|p| (p.batch_no, p.attempt)).collect();
+    assert!(
+        by_no.contains(&(nos[1], 1)) && by_no.contains(&(nos[2], 1)),
+        "{by_no:?}"
+    );
+    // A second hand-back of batches no longer published changes nothing.
+    ledger::unpublish(&**c, id, &nos[1..]).await.unwrap();
+    assert_eq!(ledger::unpublish(&**c, id, &nos[1..]).await.unwrap(), 0);
+}
