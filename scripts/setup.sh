@@ -19,7 +19,8 @@
 #
 # Packages, when missing: postgresql, postgresql-client, rabbitmq-server, prometheus (for
 # promtool; the tests check the alert rules with it and scrape with it), fonts-dejavu-core (the
-# bench's chart), python3. Services are kept from starting while they are installed
+# bench's chart), python3, softhsm2 (a PKCS#11 token for the key-custody tests), debootstrap
+# (the compose tests' base image). Services are kept from starting while they are installed
 # (policy-rc.d), and Debian's automatic `main` cluster is not created when this script installs
 # PostgreSQL, so that nothing but the two services above is left running.
 set -euo pipefail
@@ -54,6 +55,8 @@ command -v psql >/dev/null 2>&1 && command -v pg_isready >/dev/null 2>&1 || miss
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing+=(fonts-dejavu-core)
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
+[ -f /usr/lib/softhsm/libsofthsm2.so ] && command -v softhsm2-util >/dev/null 2>&1 || missing+=(softhsm2)
+command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
 
 if [ ${#missing[@]} -gt 0 ]; then
   command -v apt-get >/dev/null 2>&1 ||
@@ -89,7 +92,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   trap - EXIT
   did "installed ${missing[*]}"
 else
-  say "packages: postgresql, rabbitmq-server, prometheus, fonts-dejavu-core, python3 already installed"
+  say "packages: postgresql, rabbitmq-server, prometheus, fonts-dejavu-core, python3, softhsm2, debootstrap already installed"
 fi
 
 # --- PostgreSQL --------------------------------------------------------------------------

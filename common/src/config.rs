@@ -27,6 +27,8 @@ struct FileSettings {
     amqp_url: Option<String>,
     amqp_urls: Option<Vec<String>>,
     master_key_file: Option<PathBuf>,
+    master_key_provider: Option<String>,
+    pkcs11: Option<FilePkcs11>,
     queue_prefix: Option<String>,
     actor: Option<String>,
     reports_dir: Option<PathBuf>,
@@ -43,6 +45,84 @@ struct FileSettings {
     keys: Option<KeyPolicy>,
     #[serde(default)]
     targets: Vec<Target>,
+}
+
+/// The `[pkcs11]` table of `rekey.toml`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilePkcs11 {
+    module: Option<PathBuf>,
+    token_label: Option<String>,
+    slot: Option<u64>,
+    pin_file: Option<PathBuf>,
+    key_label: Option<String>,
+}
+
+/// The key label a PKCS#11 master key has unless `REKEY_PKCS11_KEY_LABEL` says otherwise.
+pub const DEFAULT_PKCS11_KEY_LABEL: &str = "rekey-master";
+
+/// The PKCS#11 settings, from the environment over the `[pkcs11]` table; `None` when
+/// neither names a module.
+fn pkcs11_settings(
+    env: &HashMap<String, String>,
+    file: Option<FilePkcs11>,
+) -> anyhow::Result<Option<crate::keys::pkcs11::TokenSettings>> {
+    use crate::keys::pkcs11::{TokenSelector, TokenSettings};
+    let file = file.unwrap_or_default();
+    let var = |k: &str| env.get(k).filter(|v| !v.trim().is_empty()).cloned();
+    let module = var("REKEY_PKCS11_MODULE")
+        .map(PathBuf::from)
+        .or(file.module);
+    let others = [
+        "REKEY_PKCS11_TOKEN_LABEL",
+        "REKEY_PKCS11_SLOT",
+        "REKEY_PKCS11_PIN_FILE",
+        "REKEY_PKCS11_KEY_LABEL",
+    ];
+    let Some(module) = module else {
+        if let Some(set) = others.iter().find(|k| var(k).is_some()) {
+            bail!(
+                "{set} is set but REKEY_PKCS11_MODULE is not: name the token's PKCS#11 library (e.g. /usr/lib/softhsm/libsofthsm2.so)"
+            );
+        }
+        return Ok(None);
+    };
+    let label = var("REKEY_PKCS11_TOKEN_LABEL").or(file.token_label);
+    let slot = match var("REKEY_PKCS11_SLOT") {
+        Some(v) => Some(
+            v.trim()
+                .parse::<u64>()
+                .context("REKEY_PKCS11_SLOT must be a slot number")?,
+        ),
+        None => file.slot,
+    };
+    let token = match (label, slot) {
+        (Some(l), None) => TokenSelector::Label(l),
+        (None, Some(n)) => TokenSelector::Slot(n),
+        (Some(_), Some(_)) => bail!(
+            "REKEY_PKCS11_TOKEN_LABEL and REKEY_PKCS11_SLOT are both set: name the token one way"
+        ),
+        (None, None) => bail!(
+            "REKEY_PKCS11_MODULE is set but no token is named: set REKEY_PKCS11_TOKEN_LABEL (or REKEY_PKCS11_SLOT, or token_label in [pkcs11])"
+        ),
+    };
+    let pin_file = var("REKEY_PKCS11_PIN_FILE")
+        .map(PathBuf::from)
+        .or(file.pin_file)
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "REKEY_PKCS11_MODULE is set but REKEY_PKCS11_PIN_FILE is not: the token's user PIN is read from a file (never from the command line or the environment)"
+            )
+        })?;
+    let key_label = var("REKEY_PKCS11_KEY_LABEL")
+        .or(file.key_label)
+        .unwrap_or_else(|| DEFAULT_PKCS11_KEY_LABEL.to_owned());
+    Ok(Some(TokenSettings {
+        module,
+        token,
+        pin_file,
+        key_label,
+    }))
 }
 
 /// The application's latency as its own Prometheus knows it: a PromQL expression that
@@ -118,6 +198,8 @@ pub enum MasterKeySource {
     None,
     Env(SecretString),
     File(PathBuf),
+    /// The key labelled `key_label` in the PKCS#11 token of [`Settings::pkcs11`].
+    Pkcs11,
 }
 
 impl fmt::Debug for MasterKeySource {
@@ -126,6 +208,7 @@ impl fmt::Debug for MasterKeySource {
             MasterKeySource::None => f.write_str("None"),
             MasterKeySource::Env(_) => f.write_str("Env(REKEY_MASTER_KEY)"),
             MasterKeySource::File(p) => write!(f, "File({})", p.display()),
+            MasterKeySource::Pkcs11 => f.write_str("Pkcs11"),
         }
     }
 }
@@ -188,6 +271,10 @@ pub struct Settings {
     /// The configuration file read, if any.
     pub config_file: Option<PathBuf>,
     pub master_key: MasterKeySource,
+    /// The PKCS#11 token, when configured (`REKEY_PKCS11_*`, `[pkcs11]`): the master key's
+    /// (`MasterKeySource::Pkcs11`), or the target of `rekey keys rotate-master` /
+    /// `new-master --pkcs11`.
+    pub pkcs11: Option<crate::keys::pkcs11::TokenSettings>,
     /// The prefix of every queue and exchange name, so that test runs and environments
     /// sharing one broker never see each other's messages.
     pub queue_prefix: String,
@@ -367,7 +454,7 @@ impl Settings {
             }
         }
 
-        let master_key = if let Some(v) = env.get("REKEY_MASTER_KEY").filter(|v| !v.is_empty()) {
+        let local_key = if let Some(v) = env.get("REKEY_MASTER_KEY").filter(|v| !v.is_empty()) {
             MasterKeySource::Env(SecretString::from(v.clone()))
         } else if let Some(p) = env.get("REKEY_MASTER_KEY_FILE").filter(|v| !v.is_empty()) {
             MasterKeySource::File(PathBuf::from(p))
@@ -375,6 +462,32 @@ impl Settings {
             MasterKeySource::File(p)
         } else {
             MasterKeySource::None
+        };
+        let pkcs11 = pkcs11_settings(env, file.pkcs11)?;
+        let provider = env
+            .get("REKEY_MASTER_KEY_PROVIDER")
+            .filter(|v| !v.trim().is_empty())
+            .cloned()
+            .or(file.master_key_provider);
+        // Which key is the master: said, or the only one configured. Both configured
+        // (a move between providers with `rotate-master`) needs it said.
+        let master_key = match (provider.as_deref().map(str::trim), &local_key, &pkcs11) {
+            (Some("local"), MasterKeySource::None, _) => bail!(
+                "REKEY_MASTER_KEY_PROVIDER is local but neither REKEY_MASTER_KEY nor REKEY_MASTER_KEY_FILE is set"
+            ),
+            (Some("local"), _, _) => local_key,
+            (Some("pkcs11"), _, None) => bail!(
+                "REKEY_MASTER_KEY_PROVIDER is pkcs11 but REKEY_PKCS11_MODULE (or [pkcs11] module) is not set"
+            ),
+            (Some("pkcs11"), _, Some(_)) => MasterKeySource::Pkcs11,
+            (Some(other), _, _) => {
+                bail!("REKEY_MASTER_KEY_PROVIDER must be local or pkcs11, not {other:?}")
+            }
+            (None, MasterKeySource::None, Some(_)) => MasterKeySource::Pkcs11,
+            (None, _, None) => local_key,
+            (None, _, Some(_)) => bail!(
+                "both a local master key (REKEY_MASTER_KEY / REKEY_MASTER_KEY_FILE) and a PKCS#11 token (REKEY_PKCS11_MODULE) are configured: set REKEY_MASTER_KEY_PROVIDER to local or pkcs11 to say which is the master key now"
+            ),
         };
 
         let mut key_policy = file.keys.unwrap_or_default();
@@ -472,6 +585,7 @@ impl Settings {
             amqp_url_from,
             config_file: path,
             master_key,
+            pkcs11,
             queue_prefix,
             actor,
             key_policy,
@@ -497,6 +611,9 @@ impl Settings {
                 FileMasterKey::new("REKEY_MASTER_KEY_FILE", p)
                     .allow_insecure(self.allow_insecure_key_file),
             )),
+            MasterKeySource::Pkcs11 => Ok(Box::new(crate::keys::master::Pkcs11MasterKey {
+                settings: self.pkcs11.clone().ok_or(MasterKeyError::Missing)?,
+            })),
         }
     }
 

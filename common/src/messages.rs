@@ -65,7 +65,7 @@ impl fmt::Debug for MessageKey {
 
 impl MessageKey {
     pub fn derive(master: &MasterKey) -> Self {
-        let hk = hkdf::Hkdf::<Sha256>::new(None, master.material().expose());
+        let hk = hkdf::Hkdf::<Sha256>::new(None, master.message_key_ikm());
         let mut okm = Zeroizing::new([0u8; 32]);
         hk.expand(MESSAGE_KEY_INFO, okm.as_mut())
             .expect("32 bytes is a valid HKDF-SHA-256 output length");

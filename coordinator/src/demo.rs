@@ -103,7 +103,8 @@ pub async fn run(
             write_private(&p, v.expose_secret())?;
             p
         }
-        MasterKeySource::None => {
+        // A token's key is not for a throw-away demo database: the demo makes its own.
+        MasterKeySource::None | MasterKeySource::Pkcs11 => {
             let p = dir.join("master.key");
             write_private(&p, master::generate_base64().expose_secret())?;
             p
@@ -112,6 +113,7 @@ pub async fn run(
     let mut settings = base.clone();
     settings.database_url = SecretString::from(url_for(&base, &name)?);
     settings.master_key = MasterKeySource::File(key_file.clone());
+    settings.pkcs11 = None;
     settings.queue_prefix = name.clone();
     settings.targets = rekey_common::target::demo_targets();
 
@@ -154,6 +156,7 @@ pub async fn run(
             .env("REKEY_DATABASE_URL", settings.database_url.expose_secret())
             .env("REKEY_AMQP_URL", settings.amqp_url.expose_secret())
             .env("REKEY_MASTER_KEY_FILE", &key_file)
+            .env("REKEY_MASTER_KEY_PROVIDER", "local")
             .env("REKEY_QUEUE_PREFIX", &name)
             .env("REKEY_CONFIG", "/dev/null")
             .env_remove("REKEY_MASTER_KEY")

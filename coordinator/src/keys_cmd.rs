@@ -50,18 +50,42 @@ pub enum KeysCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Master key rotation: every data key re-wrapped under a new master key. The current
-    /// master key comes from the usual settings, the new one from this file (base64 text).
+    /// Master key rotation: every data key re-wrapped under a new master key, in one
+    /// transaction, audited; no field value is touched. The current master key comes from
+    /// the usual settings (REKEY_MASTER_KEY_PROVIDER says which when both a local key and a
+    /// token are configured); the new one from a file (base64 text) or from the configured
+    /// PKCS#11 token by its label. Moves between providers: local → token, token → token,
+    /// token → local.
     RotateMaster {
+        /// The new master key: a local key in this file (base64 text).
+        #[arg(
+            long,
+            required_unless_present = "new_pkcs11_label",
+            conflicts_with = "new_pkcs11_label"
+        )]
+        new_master_key_file: Option<PathBuf>,
+        /// The new master key: the key with this label in the PKCS#11 token the settings
+        /// name (REKEY_PKCS11_MODULE, REKEY_PKCS11_TOKEN_LABEL, REKEY_PKCS11_PIN_FILE).
         #[arg(long)]
-        new_master_key_file: PathBuf,
+        new_pkcs11_label: Option<String>,
         #[arg(long)]
         json: bool,
     },
-    /// Write a new random master key (base64) to a file readable only by its owner.
+    /// A new master key: 32 random bytes (base64) in a file readable only by its owner
+    /// (`--out FILE`), or an AES-256 key generated inside the configured PKCS#11 token
+    /// (`--pkcs11 --label L`): sensitive, not extractable, a token object; its bytes never
+    /// leave the token.
     NewMaster {
+        #[arg(long, required_unless_present = "pkcs11", conflicts_with = "pkcs11")]
+        out: Option<PathBuf>,
+        /// Generate the key inside the PKCS#11 token of the settings.
+        #[arg(long, requires = "label")]
+        pkcs11: bool,
+        /// The new token key's label (CKA_LABEL).
         #[arg(long)]
-        out: PathBuf,
+        label: Option<String>,
+        #[arg(long)]
+        json: bool,
     },
     /// Retire a key; refused while the census finds any value under it or a run needs it.
     Retire {
@@ -123,6 +147,9 @@ pub struct KeyStatus {
     /// Field keys: values under the key in the target columns (`None` with --no-census);
     /// data keys: field keys wrapped by it.
     pub still_under: Option<i64>,
+    /// What wraps the key: for a data key its master key's provider and key (`local key`,
+    /// `pkcs11 key 'L' in token 'T' (serial S)`), for a field key its data key.
+    pub wrapped_by: String,
 }
 
 /// `rekey keys status`, computed.
@@ -177,6 +204,7 @@ pub async fn status<C: tokio_postgres::GenericClient>(
                 nonce_budget: k.nonce_budget,
                 nonce_budget_used_pct: 100.0 * k.encryptions as f64 / k.nonce_budget.max(1) as f64,
                 still_under,
+                wrapped_by: k.wrapped_by.clone(),
             }
         })
         .collect();
@@ -186,12 +214,12 @@ pub async fn status<C: tokio_postgres::GenericClient>(
 
 fn print_status(r: &StatusReport) {
     println!(
-        "{:<36}  {:<5}  {:<12}  {:>8}  {:<16}  {:>9}  {:>9}  {:>12}",
+        "{:<36}  {:<5}  {:<12}  {:>8}  {:<16}  {:>9}  {:>9}  {:>12}  WRAPPED BY",
         "ID", "KIND", "STATE", "AGE (d)", "ROTATION DUE", "DUE IN", "BUDGET %", "STILL UNDER"
     );
     for k in &r.keys {
         println!(
-            "{:<36}  {:<5}  {:<12}  {:>8.1}  {:<16}  {:>9}  {:>9.6}  {:>12}",
+            "{:<36}  {:<5}  {:<12}  {:>8.1}  {:<16}  {:>9}  {:>9.6}  {:>12}  {}",
             k.id,
             k.kind,
             k.state,
@@ -204,6 +232,7 @@ fn print_status(r: &StatusReport) {
             },
             k.nonce_budget_used_pct,
             k.still_under.map_or("-".to_owned(), |n| n.to_string()),
+            k.wrapped_by,
         );
     }
     for id in &r.overdue {
@@ -216,9 +245,43 @@ fn parse_kind(s: &str) -> Result<KeyKind, String> {
 }
 
 pub async fn run(config: Option<&Path>, command: KeysCommand) -> anyhow::Result<ExitCode> {
-    if let KeysCommand::NewMaster { out } = &command {
-        write_new_master(out)?;
-        println!("wrote a new master key to {}", out.display());
+    if let KeysCommand::NewMaster {
+        out,
+        pkcs11,
+        label,
+        json,
+    } = &command
+    {
+        if let Some(out) = out {
+            write_new_master(out)?;
+            println!("wrote a new master key to {}", out.display());
+            return Ok(ExitCode::SUCCESS);
+        }
+        debug_assert!(*pkcs11);
+        let settings = rekey_common::Settings::load(config)?;
+        let token = settings.pkcs11.as_ref().ok_or_else(|| {
+            anyhow::anyhow!(
+                "--pkcs11 needs the token's settings: REKEY_PKCS11_MODULE, REKEY_PKCS11_TOKEN_LABEL (or REKEY_PKCS11_SLOT) and REKEY_PKCS11_PIN_FILE, or [pkcs11] in rekey.toml"
+            )
+        })?;
+        let label = label.as_deref().expect("clap requires --label");
+        let key = rekey_common::keys::pkcs11::TokenKey::generate(&token.with_key_label(label))?;
+        if *json {
+            output::json(&serde_json::json!({
+                "provider": "pkcs11",
+                "master_key_id": key.id(),
+                "token": key.token_label(),
+                "serial": key.serial(),
+                "key_label": key.key_label(),
+            }))?;
+        } else {
+            println!(
+                "generated master key {} inside the token: {}
+                 It is sensitive and not extractable. Use it with REKEY_PKCS11_KEY_LABEL={label} (and                  REKEY_MASTER_KEY_PROVIDER=pkcs11), or move the data keys to it with                  `rekey keys rotate-master --new-pkcs11-label {label}`.",
+                key.id(),
+                key.describe()
+            );
+        }
         return Ok(ExitCode::SUCCESS);
     }
     let ctx = Context::connect(config).await?;
@@ -305,32 +368,61 @@ pub async fn run(config: Option<&Path>, command: KeysCommand) -> anyhow::Result<
         }
         KeysCommand::RotateMaster {
             new_master_key_file,
+            new_pkcs11_label,
             json,
         } => {
             let old = ctx.master_key()?;
-            let provider = FileMasterKey::new("--new-master-key-file", &new_master_key_file);
-            let new = provider
-                .load()
-                .with_context(|| format!("load the new master key from {}", provider.describe()))?;
+            let new = match (&new_master_key_file, &new_pkcs11_label) {
+                (Some(file), _) => {
+                    let provider = FileMasterKey::new("--new-master-key-file", file);
+                    provider.load().with_context(|| {
+                        format!("load the new master key from {}", provider.describe())
+                    })?
+                }
+                (None, Some(label)) => {
+                    let token = ctx.settings.pkcs11.as_ref().ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "--new-pkcs11-label needs the token's settings: REKEY_PKCS11_MODULE, REKEY_PKCS11_TOKEN_LABEL (or REKEY_PKCS11_SLOT) and REKEY_PKCS11_PIN_FILE, or [pkcs11] in rekey.toml"
+                        )
+                    })?;
+                    let key =
+                        rekey_common::keys::pkcs11::TokenKey::open(&token.with_key_label(label))?;
+                    master::MasterKey::from_token(key)?
+                }
+                (None, None) => unreachable!("clap requires one"),
+            };
+            anyhow::ensure!(
+                new.id() != old.id(),
+                "the new master key is the current one ({}): nothing to re-wrap",
+                new.describe()
+            );
             let tx = client.transaction().await?;
             let n = store::rotate_master(&tx, &old, &new, &actor)
                 .await
                 .context("rotate the master key")?;
             tx.commit().await?;
             if json {
-                output::json(
-                    &serde_json::json!({"old_master_key": old.id(), "new_master_key": new.id(), "n_data_keys": n}),
-                )?;
+                output::json(&serde_json::json!({
+                    "old_master_key": old.id(),
+                    "old_provider": old.provider(),
+                    "new_master_key": new.id(),
+                    "new_provider": new.provider(),
+                    "new_master_key_is": new.describe(),
+                    "n_data_keys": n
+                }))?;
             } else {
                 println!(
-                    "{n} data key(s) re-wrapped under master key {} (was {}).\n\
-                     Next: give every process the new key (REKEY_MASTER_KEY, or replace the file REKEY_MASTER_KEY_FILE names), then\n\
+                    "{n} data key(s) re-wrapped under master key {} ({}; was {}, {}).\n\
+                     Next: give every process the new key (REKEY_MASTER_KEY, or replace the file REKEY_MASTER_KEY_FILE names; \
+                     for a token key REKEY_PKCS11_KEY_LABEL and REKEY_MASTER_KEY_PROVIDER=pkcs11), then\n\
                      - restart every rekey-worker (a worker whose key file was replaced reloads it by itself; one given the key in REKEY_MASTER_KEY must be restarted),\n\
                      - restart every coordinator driving a run (`rekey resume N` after the restart carries on),\n\
                      - restart the application's processes that unwrap keys.\n\
                      `rekey status` names workers still holding the old key, and `rekey preflight` fails while one is live.",
                     new.id(),
-                    old.id()
+                    new.describe(),
+                    old.id(),
+                    old.describe()
                 );
             }
         }
@@ -432,12 +524,12 @@ fn write_new_master(out: &Path) -> anyhow::Result<()> {
 
 fn print_keys(keys: &[KeyRecord]) {
     println!(
-        "{:<36}  {:<5}  {:<12}  {:<16}  {:<16}  {:<16}  {:>12}",
+        "{:<36}  {:<5}  {:<12}  {:<16}  {:<16}  {:<16}  {:>12}  WRAPPED BY",
         "ID", "KIND", "STATE", "CREATED", "ACTIVATED", "ROTATION DUE", "ENCRYPTIONS"
     );
     for k in keys {
         println!(
-            "{:<36}  {:<5}  {:<12}  {:<16}  {:<16}  {:<16}  {:>12}",
+            "{:<36}  {:<5}  {:<12}  {:<16}  {:<16}  {:<16}  {:>12}  {}",
             k.id,
             k.kind,
             k.state,
@@ -448,7 +540,8 @@ fn print_keys(keys: &[KeyRecord]) {
                 "{}/2^{}",
                 k.encryptions,
                 63 - k.nonce_budget.leading_zeros()
-            )
+            ),
+            k.wrapped_by
         );
     }
 }

@@ -278,8 +278,10 @@ async fn key_checks(
                 "master_key",
                 Status::Pass,
                 format!(
-                    "master key {} unwraps every stored key ({} field keys usable)",
+                    "master key {} ({}, provider {}) unwraps every stored key ({} field keys usable)",
                     master.id(),
+                    master.describe(),
+                    master.provider(),
                     r.len()
                 ),
             ));

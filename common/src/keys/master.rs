@@ -1,7 +1,9 @@
-//! The master key: supplied from outside the database and used only to wrap data keys.
-//! A provider is a trait so that a cloud KMS or Vault can stand behind it later; today
-//! there is an environment variable (`REKEY_MASTER_KEY`, base64 of 32 bytes) and a file
-//! (`REKEY_MASTER_KEY_FILE`, holding the same base64 text).
+//! The master key: supplied from outside the database and used only to wrap data keys (and
+//! to derive the batch orders' message key). Two providers: `local`, an environment
+//! variable (`REKEY_MASTER_KEY`, base64 of 32 bytes) or a file (`REKEY_MASTER_KEY_FILE`,
+//! the same base64 text), whose bytes are in this process's memory; and `pkcs11`, a key
+//! inside an HSM or KMS token ([`super::pkcs11`]) that wraps and unwraps there and whose
+//! bytes this process never holds.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -37,6 +39,9 @@ pub enum MasterKeyError {
         "{source_name} can be read by other users (mode {mode:04o}): `chmod 600` it, or pass --allow-insecure-key-file (REKEY_ALLOW_INSECURE_KEY_FILE=1) if a group must read it"
     )]
     InsecureFile { source_name: String, mode: u32 },
+    /// The PKCS#11 token holding the master key could not be used.
+    #[error(transparent)]
+    Token(#[from] super::pkcs11::TokenError),
 }
 
 /// Set by `--allow-insecure-key-file`: key files readable by group or others are accepted.
@@ -48,36 +53,152 @@ pub fn allow_insecure_key_files() {
     ALLOW_INSECURE_KEY_FILES.store(true, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// An unwrapped master key and its fingerprint id.
+/// A master key: its id, and either its bytes (`local`) or the token that holds it
+/// (`pkcs11`).
 pub struct MasterKey {
     id: Uuid,
-    material: KeyMaterial,
+    inner: Inner,
+    /// The input keying material of the batch orders' message key: the local key's bytes
+    /// (as always), or a token key's CMAC of a fixed label, asked of the token once here.
+    message_ikm: Zeroizing<Vec<u8>>,
+}
+
+enum Inner {
+    Local(KeyMaterial),
+    Token(std::sync::Arc<super::pkcs11::TokenKey>),
 }
 
 impl MasterKey {
+    /// A local master key.
     pub fn new(material: KeyMaterial) -> Self {
         Self {
             id: fingerprint(&material),
-            material,
+            message_ikm: Zeroizing::new(material.expose().to_vec()),
+            inner: Inner::Local(material),
         }
     }
 
-    /// The key's fingerprint: the first 16 bytes of SHA-256("rekey master key v1" || key).
-    /// Stored as each data key's wrapping key id, so a wrong master key is recognised as
-    /// such before any unwrap is tried.
+    /// A master key inside a PKCS#11 token (opened: its checks passed).
+    pub fn from_token(key: super::pkcs11::TokenKey) -> Result<Self, MasterKeyError> {
+        Ok(Self {
+            id: key.id(),
+            message_ikm: key.message_key_material()?,
+            inner: Inner::Token(std::sync::Arc::new(key)),
+        })
+    }
+
+    /// The key's id: for a local key its fingerprint, the first 16 bytes of
+    /// SHA-256("rekey master key v1" || key); for a token key derived from the token's
+    /// serial number and the key's CKA_ID ([`super::pkcs11::token_key_id`]). Stored as each
+    /// data key's wrapping key id, so a wrong master key is recognised as such before any
+    /// unwrap is tried.
     pub fn id(&self) -> Uuid {
         self.id
     }
 
-    pub fn material(&self) -> &KeyMaterial {
-        &self.material
+    /// `local` or `pkcs11`.
+    pub fn provider(&self) -> &'static str {
+        match self.inner {
+            Inner::Local(_) => "local",
+            Inner::Token(_) => "pkcs11",
+        }
     }
+
+    /// Which key this is, for messages and `keys status` (never its bytes).
+    pub fn describe(&self) -> String {
+        match &self.inner {
+            Inner::Local(_) => format!("local key {}", self.id),
+            Inner::Token(t) => t.describe(),
+        }
+    }
+
+    /// The token key, for a `pkcs11` master key.
+    pub fn token(&self) -> Option<&super::pkcs11::TokenKey> {
+        match &self.inner {
+            Inner::Local(_) => None,
+            Inner::Token(t) => Some(t),
+        }
+    }
+
+    /// The local key's bytes; `None` for a token key, whose bytes nobody can read.
+    pub fn local_material(&self) -> Option<&KeyMaterial> {
+        match &self.inner {
+            Inner::Local(m) => Some(m),
+            Inner::Token(_) => None,
+        }
+    }
+
+    /// The input keying material of the batch orders' message key.
+    pub fn message_key_ikm(&self) -> &[u8] {
+        &self.message_ikm
+    }
+
+    /// Wraps data key `key_id`: `nonce || ciphertext || tag` (FORMAT.md), by this process
+    /// (local) or by the token (pkcs11), the same layout and associated data either way.
+    pub fn wrap_data_key(
+        &self,
+        key_id: Uuid,
+        key: &KeyMaterial,
+    ) -> Result<Vec<u8>, MasterKeyError> {
+        match &self.inner {
+            Inner::Local(m) => Ok(super::wrap::wrap(
+                m,
+                self.id,
+                super::KeyKind::Data,
+                key_id,
+                key,
+            )),
+            Inner::Token(t) => {
+                let aad = super::wrap::associated_data(super::KeyKind::Data, key_id, self.id);
+                Ok(t.wrap(&aad, key.expose())?)
+            }
+        }
+    }
+
+    /// Unwraps data key `key_id`. A wrapped key that does not authenticate is
+    /// [`DataKeyUnwrapError::Unwrap`]; a token that cannot be used, [`DataKeyUnwrapError::Token`].
+    pub fn unwrap_data_key(
+        &self,
+        key_id: Uuid,
+        wrapped: &[u8],
+    ) -> Result<KeyMaterial, DataKeyUnwrapError> {
+        match &self.inner {
+            Inner::Local(m) => Ok(super::wrap::unwrap(
+                m,
+                self.id,
+                super::KeyKind::Data,
+                key_id,
+                wrapped,
+            )?),
+            Inner::Token(t) => {
+                let aad = super::wrap::associated_data(super::KeyKind::Data, key_id, self.id);
+                match t.unwrap(&aad, wrapped)? {
+                    Some(bytes) => Ok(KeyMaterial::from_slice(&bytes).expect("32 bytes checked")),
+                    None => Err(DataKeyUnwrapError::Unwrap(super::wrap::UnwrapError {
+                        kind: super::KeyKind::Data,
+                        key_id,
+                        wrapping_key_id: self.id,
+                    })),
+                }
+            }
+        }
+    }
+}
+
+/// Why a data key could not be unwrapped.
+#[derive(Debug, thiserror::Error)]
+pub enum DataKeyUnwrapError {
+    #[error(transparent)]
+    Unwrap(#[from] super::wrap::UnwrapError),
+    #[error(transparent)]
+    Token(#[from] super::pkcs11::TokenError),
 }
 
 impl fmt::Debug for MasterKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MasterKey")
             .field("id", &self.id)
+            .field("provider", &self.provider())
             .field("material", &"[REDACTED]")
             .finish()
     }
@@ -184,6 +305,27 @@ impl MasterKeyProvider for FileMasterKey {
     }
 }
 
+/// A master key inside a PKCS#11 token (`REKEY_PKCS11_*`, `[pkcs11]` in rekey.toml).
+#[derive(Debug)]
+pub struct Pkcs11MasterKey {
+    pub settings: super::pkcs11::TokenSettings,
+}
+
+impl MasterKeyProvider for Pkcs11MasterKey {
+    fn describe(&self) -> String {
+        format!(
+            "pkcs11 key '{}' in {} (module {})",
+            self.settings.key_label,
+            self.settings.token,
+            self.settings.module.display()
+        )
+    }
+
+    fn load(&self) -> Result<MasterKey, MasterKeyError> {
+        MasterKey::from_token(super::pkcs11::TokenKey::open(&self.settings)?)
+    }
+}
+
 /// Decodes base64 text into a 32-byte master key.
 pub fn decode_base64_key(source_name: &str, text: &str) -> Result<MasterKey, MasterKeyError> {
     let bytes =
@@ -258,7 +400,7 @@ mod tests {
         let key = FileMasterKey::new("REKEY_MASTER_KEY_FILE", &dir)
             .load()
             .unwrap();
-        assert_eq!(key.id(), fingerprint(key.material()));
+        assert_eq!(key.id(), fingerprint(key.local_material().unwrap()));
         std::fs::remove_file(&dir).unwrap();
         let err = FileMasterKey::new("REKEY_MASTER_KEY_FILE", &dir)
             .load()

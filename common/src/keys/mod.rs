@@ -9,6 +9,7 @@
 
 pub mod census;
 pub mod master;
+pub mod pkcs11;
 pub mod ring;
 pub mod store;
 pub mod wrap;

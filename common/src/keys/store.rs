@@ -35,6 +35,9 @@ pub enum Error {
     },
     #[error(transparent)]
     Unwrap(#[from] UnwrapError),
+    /// The master key's token could not be used (PKCS#11).
+    #[error(transparent)]
+    Custody(#[from] super::pkcs11::TokenError),
     #[error("illegal state change for {kind} key {key_id}: {from} -> {to}{}", transition_hint(*from, *to))]
     IllegalTransition {
         key_id: Uuid,
@@ -112,10 +115,31 @@ pub struct KeyRecord {
     pub rotation_due_at: DateTime<Utc>,
     pub encryptions: i64,
     pub nonce_budget: i64,
+    /// For a data key, the master key that wraps it: `local key`, or `pkcs11 key 'L' in
+    /// token 'T' (serial S)` (from `rekey.master_keys`); for a field key, `data key <id>`.
+    pub wrapped_by: String,
 }
 
 const COLUMNS: &str = "id, kind, state, wrapping_key_id, label, created_at, activated_at, deactivated_at, \
-                       retired_at, destroyed_at, rotation_due_at, encryptions, nonce_budget";
+                       retired_at, destroyed_at, rotation_due_at, encryptions, nonce_budget, \
+                       CASE WHEN kind = 'field' THEN 'data key ' || wrapping_key_id \
+                       ELSE coalesce((SELECT m.description FROM rekey.master_keys m WHERE m.id = wrapping_key_id), 'local key') \
+                       END AS wrapped_by";
+
+/// Records `master` in `rekey.master_keys` (once): the provider of the key that wraps
+/// data keys, for `keys list` and `keys status`.
+async fn record_master<C: GenericClient>(c: &C, master: &MasterKey) -> Result<()> {
+    let description = match master.token() {
+        Some(t) => t.describe(),
+        None => "local key".to_owned(),
+    };
+    c.execute(
+        "INSERT INTO rekey.master_keys (id, provider, description) VALUES ($1, $2, $3) ON CONFLICT (id) DO NOTHING",
+        &[&master.id(), &master.provider(), &description],
+    )
+    .await?;
+    Ok(())
+}
 
 fn record(row: &Row) -> KeyRecord {
     KeyRecord {
@@ -138,6 +162,7 @@ fn record(row: &Row) -> KeyRecord {
         rotation_due_at: row.get("rotation_due_at"),
         encryptions: row.get("encryptions"),
         nonce_budget: row.get("nonce_budget"),
+        wrapped_by: row.get("wrapped_by"),
     }
 }
 
@@ -233,13 +258,21 @@ async fn data_key_material<C: GenericClient>(
         expected: "pending, active, decrypt_only or retired",
         action: "unwrapped",
     })?;
-    Ok(wrap::unwrap(
-        master.material(),
-        master.id(),
-        KeyKind::Data,
-        id,
-        &wrapped,
-    )?)
+    unwrap_data_key(master, id, &wrapped)
+}
+
+fn unwrap_data_key(master: &MasterKey, id: Uuid, wrapped: &[u8]) -> Result<KeyMaterial> {
+    master.unwrap_data_key(id, wrapped).map_err(|e| match e {
+        super::master::DataKeyUnwrapError::Unwrap(u) => Error::Unwrap(u),
+        super::master::DataKeyUnwrapError::Token(t) => Error::Custody(t),
+    })
+}
+
+fn wrap_data_key(master: &MasterKey, id: Uuid, key: &KeyMaterial) -> Result<Vec<u8>> {
+    master.wrap_data_key(id, key).map_err(|e| match e {
+        super::master::MasterKeyError::Token(t) => Error::Custody(t),
+        other => Error::Other(other.into()),
+    })
 }
 
 fn rotation_days(policy: &KeyPolicy, kind: KeyKind) -> i64 {
@@ -263,10 +296,10 @@ pub async fn generate(
     let id = Uuid::new_v4();
     let material = KeyMaterial::generate();
     let (wrapping_id, wrapped) = match kind {
-        KeyKind::Data => (
-            master.id(),
-            wrap::wrap(master.material(), master.id(), KeyKind::Data, id, &material),
-        ),
+        KeyKind::Data => {
+            record_master(tx, master).await?;
+            (master.id(), wrap_data_key(master, id, &material)?)
+        }
         KeyKind::Field => {
             let data = active(tx, KeyKind::Data)
                 .await?
@@ -531,6 +564,7 @@ pub async fn rotate_master(
     tx.execute("SELECT pg_advisory_xact_lock(hashtext('rekey keys'))", &[])
         .await?;
     verify_master(tx, old).await?;
+    record_master(tx, new).await?;
     let rows = tx
         .query(
             "SELECT id, wrapped_key FROM rekey.keys WHERE kind = 'data' AND state <> 'destroyed' ORDER BY id FOR UPDATE",
@@ -541,8 +575,8 @@ pub async fn rotate_master(
     for row in &rows {
         let id: Uuid = row.get(0);
         let wrapped: Vec<u8> = row.get(1);
-        let material = wrap::unwrap(old.material(), old.id(), KeyKind::Data, id, &wrapped)?;
-        let rewrapped = wrap::wrap(new.material(), new.id(), KeyKind::Data, id, &material);
+        let material = unwrap_data_key(old, id, &wrapped)?;
+        let rewrapped = wrap_data_key(new, id, &material)?;
         tx.execute(
             "UPDATE rekey.keys SET wrapped_key = $2, wrapping_key_id = $3 WHERE id = $1",
             &[&id, &rewrapped, &new.id()],

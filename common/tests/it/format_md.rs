@@ -40,7 +40,7 @@ fn computed() -> Vec<(&'static str, String)> {
     let field_id = Uuid::parse_str("66666666-7777-4888-9999-aaaaaaaaaaaa").unwrap();
     let field_key = KeyMaterial::from_slice(&seq(0x40, 32)).unwrap();
     let wrapped_data = wrap::wrap_with_nonce(
-        master.material(),
+        master.local_material().unwrap(),
         master.id(),
         KeyKind::Data,
         data_id,
@@ -89,7 +89,10 @@ fn computed() -> Vec<(&'static str, String)> {
             "master_key_base64",
             "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=".to_owned(),
         ),
-        ("master_key_id", fingerprint(master.material()).to_string()),
+        (
+            "master_key_id",
+            fingerprint(master.local_material().unwrap()).to_string(),
+        ),
         ("data_key_id", data_id.to_string()),
         ("data_key", hex::encode(seq(0x20, 32))),
         ("data_key_wrap_nonce", hex::encode(seq(0xa0, 12))),

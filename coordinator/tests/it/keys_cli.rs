@@ -146,14 +146,14 @@ async fn a_whole_key_lifecycle_logs_no_key_bytes_and_no_plaintext() {
         .await
         .unwrap();
     let mut secrets: Vec<Vec<u8>> = vec![
-        master.material().expose().to_vec(),
-        new_master.material().expose().to_vec(),
+        master.local_material().unwrap().expose().to_vec(),
+        new_master.local_material().unwrap().expose().to_vec(),
     ];
     let mut data_keys = Vec::new();
     for r in &rows {
         let id: Uuid = r.get(0);
         let m = wrap::unwrap(
-            new_master.material(),
+            new_master.local_material().unwrap(),
             new_master.id(),
             KeyKind::Data,
             id,
