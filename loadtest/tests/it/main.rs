@@ -10,6 +10,7 @@ mod brakes;
 mod broker_users;
 mod budget;
 mod compose;
+mod custody;
 mod deploy;
 mod faults;
 mod hardening;

@@ -1,0 +1,208 @@
+//! Key custody through the binaries, as an operator meets it: a SoftHSM2 token made here,
+//! `rekey keys new-master --pkcs11`, the key store moved from a local master key into the
+//! token with `rekey keys rotate-master`, a staged rotation by two workers whose master key
+//! is the token's, then a move to a second token key; refusals (a wrong PIN, a missing key
+//! label) that change nothing.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use rekey_common::testing::TestDb;
+
+use crate::binaries::{Env, quick_rotate, sigterm, wait_exit};
+
+const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+const PIN: &str = "2718-rekey";
+
+/// A SoftHSM2 token directory with one token, `rekey`; its settings for the binaries.
+fn softhsm(dir: &Path) -> Vec<(&'static str, String)> {
+    std::fs::create_dir_all(dir.join("tokens")).unwrap();
+    let conf = dir.join("softhsm2.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+            dir.join("tokens").display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new("softhsm2-util")
+        .args(["--init-token", "--free", "--label", "rekey", "--pin", PIN])
+        .args(["--so-pin", "31415926"])
+        .env("SOFTHSM2_CONF", &conf)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let pin = dir.join("pin");
+    write_private(&pin, PIN);
+    vec![
+        ("SOFTHSM2_CONF", conf.display().to_string()),
+        ("REKEY_PKCS11_MODULE", MODULE.into()),
+        ("REKEY_PKCS11_TOKEN_LABEL", "rekey".into()),
+        ("REKEY_PKCS11_PIN_FILE", pin.display().to_string()),
+    ]
+}
+
+fn write_private(path: &Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, format!("{text}\n")).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+fn set(env: &mut Env, key: &'static str, value: &str) {
+    env.vars.retain(|(k, _)| *k != key);
+    env.vars.push((key, value.to_owned()));
+}
+
+/// What wraps the data keys, per `rekey keys list --json`.
+fn wrapped_by(env: &Env) -> Vec<String> {
+    let (ok, out, err) = env.run("rekey", &["keys", "list", "--json"]);
+    assert!(ok, "{out}{err}");
+    let keys: serde_json::Value = serde_json::from_str(&out).unwrap();
+    keys.as_array()
+        .unwrap()
+        .iter()
+        .filter(|k| k["kind"] == "data")
+        .map(|k| k["wrapped_by"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn verify(env: &Env, target: &str) {
+    let (ok, out, err) = env.run(
+        "rekey-loadtest",
+        &["verify", "--expect-key", target, "--json"],
+    );
+    assert!(ok, "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["mismatched"], 0, "{v}");
+    assert!(v["ok"].as_i64().unwrap() >= 1500, "{v}");
+}
+
+#[tokio::test]
+async fn a_staged_rotation_with_the_master_key_inside_a_softhsm2_token() {
+    if !Path::new(MODULE).exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{MODULE} is missing: scripts/setup.sh installs softhsm2"
+        );
+        eprintln!("skipped: {MODULE} is missing (apt-get install softhsm2)");
+        return;
+    }
+    let db = TestDb::new().await;
+    let dir: PathBuf = std::env::temp_dir().join(format!("{}-softhsm", db.name));
+    let mut env = Env::new(&db, dir.join("reports"));
+    env.vars.extend(softhsm(&dir));
+    // Both a local key (Env's REKEY_MASTER_KEY) and a token are configured: which is the
+    // master key must be said.
+    let (ok, _, err) = env.run("rekey", &["keys", "init"]);
+    assert!(!ok && err.contains("REKEY_MASTER_KEY_PROVIDER"), "{err}");
+    set(&mut env, "REKEY_MASTER_KEY_PROVIDER", "local");
+    let (ok, out, err) = env.run("rekey", &["keys", "init"]);
+    assert!(ok, "{out}{err}");
+    let (ok, out, err) = env.run("rekey-loadtest", &["seed", "--rows", "1500"]);
+    assert!(ok, "{out}{err}");
+    assert_eq!(wrapped_by(&env), ["local key"]);
+
+    // A key generated inside the token.
+    let (ok, out, err) = env.run(
+        "rekey",
+        &[
+            "keys",
+            "new-master",
+            "--pkcs11",
+            "--label",
+            "master-a",
+            "--json",
+        ],
+    );
+    assert!(ok, "{out}{err}");
+    let a: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(a["provider"], "pkcs11");
+    assert!(!out.contains(PIN) && !err.contains(PIN));
+
+    // Refusals change nothing: a wrong PIN (named, not retried), a missing key label.
+    let wrong = dir.join("wrong-pin");
+    write_private(&wrong, "0000");
+    let mut bad = Env {
+        vars: env.vars.clone(),
+    };
+    set(&mut bad, "REKEY_PKCS11_PIN_FILE", wrong.to_str().unwrap());
+    let (ok, _, err) = bad.run(
+        "rekey",
+        &["keys", "rotate-master", "--new-pkcs11-label", "master-a"],
+    );
+    assert!(
+        !ok && err.contains("REKEY_PKCS11_PIN_FILE") && err.contains("does not try again"),
+        "{err}"
+    );
+    let (ok, _, err) = env.run(
+        "rekey",
+        &["keys", "rotate-master", "--new-pkcs11-label", "no-such-key"],
+    );
+    assert!(!ok && err.contains("REKEY_PKCS11_KEY_LABEL"), "{err}");
+    assert_eq!(wrapped_by(&env), ["local key"], "nothing changed");
+
+    // local → token.
+    let (ok, out, err) = env.run(
+        "rekey",
+        &[
+            "keys",
+            "rotate-master",
+            "--new-pkcs11-label",
+            "master-a",
+            "--json",
+        ],
+    );
+    assert!(ok, "{out}{err}");
+    let moved: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(moved["old_provider"], "local");
+    assert_eq!(moved["new_provider"], "pkcs11");
+    assert_eq!(moved["new_master_key"], a["master_key_id"]);
+    let by = wrapped_by(&env);
+    assert!(
+        by[0].starts_with("pkcs11 key 'master-a' in token 'rekey'"),
+        "{by:?}"
+    );
+
+    // Every process on the token now: the local key is not the master any more.
+    set(&mut env, "REKEY_MASTER_KEY_PROVIDER", "pkcs11");
+    set(&mut env, "REKEY_PKCS11_KEY_LABEL", "master-a");
+    let mut w1 = env.worker("hsm-1");
+    let mut w2 = env.worker("hsm-2");
+    let (ok, out, err) = env.run("rekey", &quick_rotate(&["--stages", "1,100", "--json"]));
+    assert!(ok, "{out}\n{err}");
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(status["run"]["state"], "completed", "{out}");
+    let target = status["run"]["target_key_id"].as_str().unwrap().to_owned();
+    verify(&env, &target);
+
+    // token → another token key; the values still verify through it.
+    let (ok, out, err) = env.run(
+        "rekey",
+        &["keys", "new-master", "--pkcs11", "--label", "master-b"],
+    );
+    assert!(ok, "{out}{err}");
+    let (ok, out, err) = env.run(
+        "rekey",
+        &["keys", "rotate-master", "--new-pkcs11-label", "master-b"],
+    );
+    assert!(ok, "{out}{err}");
+    set(&mut env, "REKEY_PKCS11_KEY_LABEL", "master-b");
+    verify(&env, &target);
+    let by = wrapped_by(&env);
+    assert!(by.iter().all(|b| b.contains("'master-b'")), "{by:?}");
+    let (ok, out, err) = env.run("rekey", &["audit", "verify", "--json"]);
+    assert!(ok, "{out}{err}");
+    let audit: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(audit["problems"], serde_json::json!([]));
+
+    for w in [&mut w1, &mut w2] {
+        sigterm(w);
+        let status = wait_exit(w, Duration::from_secs(30));
+        let mut log = String::new();
+        std::io::Read::read_to_string(w.stderr.as_mut().unwrap(), &mut log).unwrap();
+        assert!(status.success(), "{status}: {log}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
