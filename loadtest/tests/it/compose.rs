@@ -355,6 +355,39 @@ fn unix_now() -> i64 {
         .as_secs() as i64
 }
 
+/// The worker containers' addresses on the project's network as they come and go: when
+/// each was first and last seen, for the check that Prometheus scraped every one.
+#[derive(Default)]
+struct SeenWorkers(std::collections::BTreeMap<String, (Instant, Instant)>);
+
+impl SeenWorkers {
+    fn note(&mut self, p: &Project) {
+        let now = Instant::now();
+        for id in p.containers("worker") {
+            let o = docker(&[
+                "inspect",
+                "-f",
+                "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}",
+                &id,
+            ]);
+            for ip in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+                let e = self.0.entry(ip.to_owned()).or_insert((now, now));
+                e.1 = now;
+            }
+        }
+    }
+
+    /// The addresses that lived at least `long` (Prometheus finds workers by DNS every
+    /// 15 s and scrapes every 15 s: one that lived that long must have been scraped).
+    fn lived(&self, long: Duration) -> Vec<String> {
+        self.0
+            .iter()
+            .filter(|(_, (first, last))| last.duration_since(*first) >= long)
+            .map(|(ip, _)| ip.clone())
+            .collect()
+    }
+}
+
 /// After a fault ended: how long until the next batch was done (progress resumed).
 fn resumed(p: &Project, rotate: &mut Child) -> f64 {
     let t = Instant::now();
@@ -520,6 +553,8 @@ async fn compose_up_scaled_workers_rotate_through_kills_restarts_partitions_and_
     let mut up = vec!["up", "-d", "--scale", "worker=3"];
     up.extend(services);
     p.ok(&up);
+    let mut seen = SeenWorkers::default();
+    seen.note(&p);
     p.wait_healthy(
         &["postgres", "rabbitmq", "worker"],
         Duration::from_secs(240),
@@ -542,6 +577,7 @@ async fn compose_up_scaled_workers_rotate_through_kills_restarts_partitions_and_
     // 1. Scale 3 → 1: compose stops two workers with SIGTERM; each finishes and acks what
     //    it holds and exits 0 well inside the 2-minute grace period.
     await_done(&p, &mut rotate, 3, "scaling down");
+    seen.note(&p);
     let before = p.containers("worker");
     let since = unix_now() - 1;
     let t = Instant::now();
@@ -563,16 +599,19 @@ async fn compose_up_scaled_workers_rotate_through_kills_restarts_partitions_and_
     );
     let t = Instant::now();
     p.ok(&["up", "-d", "--no-deps", "--scale", "worker=3", "worker"]);
+    seen.note(&p);
     mark("scaled 1 → 3", t, &mut rotate);
 
     // 2. SIGKILL a worker in the middle of a batch (its transaction is open).
     let (done, _) = p.batches();
     await_done(&p, &mut rotate, done + 2, "killing a worker");
+    seen.note(&p);
     let victim = p.containers("worker")[0].clone();
     let t = Instant::now();
     docker_ok(&["kill", &victim]);
     mark("docker kill of a worker mid-batch", t, &mut rotate);
     p.ok(&["up", "-d", "--no-deps", "--scale", "worker=3", "worker"]);
+    seen.note(&p);
 
     // 3. Restart the broker: every connection drops; unacked orders go back to the queue.
     let (done, _) = p.batches();
@@ -586,6 +625,7 @@ async fn compose_up_scaled_workers_rotate_through_kills_restarts_partitions_and_
     //    transaction's result must not make a second, different value.
     let (done, _) = p.batches();
     await_done(&p, &mut rotate, done + 2, "disconnecting a worker");
+    seen.note(&p);
     let cut = p.containers("worker")[1].clone();
     let t = Instant::now();
     docker_ok(&["network", "disconnect", &p.network(), &cut]);
@@ -598,6 +638,7 @@ async fn compose_up_scaled_workers_rotate_through_kills_restarts_partitions_and_
         &p.network(),
         &cut,
     ]);
+    seen.note(&p);
     mark(
         "a worker cut off the network for 15 s (lease 10 s), then reconnected",
         t,
@@ -618,13 +659,27 @@ async fn compose_up_scaled_workers_rotate_through_kills_restarts_partitions_and_
     let left: i64 = queue_messages(&p, "rabbitmq").iter().map(|(_, n)| n).sum();
     assert_eq!(left, 0, "messages left in the queues");
 
-    // Prometheus saw every worker up at some point (the three first, the replacements) and
-    // the run's figures.
-    tokio::time::sleep(Duration::from_secs(16)).await;
+    // Prometheus saw every worker up at some point (the three first, the replacements: each
+    // address that lived long enough to be found and scraped) and the run's figures.
+    seen.note(&p);
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    seen.note(&p);
     let up = p
         .prometheus("max_over_time(up{job=\"rekey-worker\"}[1h]) == 1")
         .await;
-    assert!(up.len() >= 3, "worker targets seen up: {up:?}");
+    let scraped: Vec<String> = up
+        .iter()
+        .filter_map(|r| r["metric"]["instance"].as_str())
+        .map(|i| i.rsplit_once(':').map_or(i, |(ip, _)| ip).to_owned())
+        .collect();
+    let must = seen.lived(Duration::from_secs(45));
+    assert!(must.len() >= 3, "workers seen: {:?}", seen.0.keys());
+    for ip in &must {
+        assert!(
+            scraped.contains(ip),
+            "worker {ip} was never seen up by Prometheus: {scraped:?}"
+        );
+    }
     let rows = p
         .prometheus("sum(max_over_time(rows_rotated_total[1h]))")
         .await;
@@ -632,9 +687,10 @@ async fn compose_up_scaled_workers_rotate_through_kills_restarts_partitions_and_
     assert!(rows > 0.0, "{rows}");
     eprintln!(
         "[compose] up in {up_secs:.0} s; faults: {}; faults over at {faults_done:.0} s; \
-         {} worker targets seen up; whole test {:.0} s",
+         {} worker targets seen up ({} workers lived long enough to be scraped, all seen); whole test {:.0} s",
         faults.join("; "),
         up.len(),
+        must.len(),
         test_start.elapsed().as_secs_f64()
     );
 }
