@@ -152,7 +152,7 @@ fn load_reason(
         .is_some_and(|t| t > Instant::now())
     {
         return Some(format!(
-            "held: PostgreSQL requested a checkpoint (WAL outgrew max_wal_size; {checkpoints_req} requested since its statistics were reset); publication goes on {:.0} s after it (--checkpoint-hold)",
+            "held: PostgreSQL requested a checkpoint (WAL outgrew max_wal_size, or someone ran CHECKPOINT; {checkpoints_req} requested since its statistics were reset); publication goes on {:.0} s after it (--checkpoint-hold)",
             s.checkpoint_hold_secs
         ));
     }

@@ -302,3 +302,69 @@ async fn busy_backends_hold_publication_until_they_finish() {
     assert!(ok, "{out}{err}");
     let _ = std::fs::remove_dir_all(&reports);
 }
+
+/// A checkpoint PostgreSQL was asked for mid-run (here a `CHECKPOINT` command; in
+/// production, WAL outgrowing `max_wal_size` under the rotation's writes) holds publication
+/// for `--checkpoint-hold`, and `rekey status` says so; then the run goes on and completes,
+/// every value verified.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_requested_checkpoint_holds_publication_for_the_checkpoint_hold() {
+    let (db, env, reports) = seeded(3_000).await;
+    // Batches that take a while, so that the run is still going when the checkpoint comes.
+    let mut worker = env
+        .cmd("rekey-worker", &["--worker-id", "w"])
+        .env("FAILPOINTS", "worker.after_write=sleep(300)")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut driver = env
+        .cmd(
+            "rekey",
+            &quick_rotate(&[
+                "--stages",
+                "100",
+                "--batch-size",
+                "100",
+                "--checkpoint-hold",
+                "12s",
+            ]),
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let done = "SELECT count(*) FROM rekey.batches WHERE run_id = 1 AND state = 'done'";
+    let start = Instant::now();
+    while db.scalar(done, &[]).await < 2 {
+        assert!(start.elapsed() < Duration::from_secs(60), "no batch done");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    on(&db.url, "CHECKPOINT").await;
+    let held = status_until(&env, "1", Duration::from_secs(30), |s| {
+        s.contains("requested a checkpoint")
+    })
+    .await;
+    assert!(held.contains("(--checkpoint-hold)"), "{held}");
+    let published = "SELECT count(*) FROM rekey.batches WHERE run_id = 1 AND state <> 'pending'";
+    let before = db.scalar(published, &[]).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        db.scalar(published, &[]).await,
+        before,
+        "nothing published during the hold"
+    );
+    let code = wait_exit(&mut driver, Duration::from_secs(180));
+    assert!(code.success(), "{code:?}");
+    assert_eq!(
+        db.scalar(done, &[]).await,
+        db.scalar("SELECT count(*) FROM rekey.batches WHERE run_id = 1", &[])
+            .await,
+        "every batch done after the hold"
+    );
+    sigterm(&worker);
+    wait_exit(&mut worker, Duration::from_secs(30));
+    let (ok, out, err) = env.run("rekey-loadtest", &["verify"]);
+    assert!(ok, "{out}{err}");
+    let _ = std::fs::remove_dir_all(&reports);
+}
