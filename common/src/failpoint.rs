@@ -6,11 +6,12 @@
 //! `fail` crate's syntax: `name=actions;name=actions`, e.g.
 //! `worker.after_commit=25%return` or `worker.after_claim=3*off->return`. The action
 //! `return` **kills the process with SIGKILL** on the spot (the test's way of dying at an
-//! exact step); `sleep(ms)`, `pause`, `panic` and `print` do what the `fail` crate says.
+//! exact step; `pkcs11.lose_session` alone does what its comment says instead);
+//! `sleep(ms)`, `pause`, `panic` and `print` do what the `fail` crate says.
 //! Each point names the step it sits after; [`POINTS`] lists them all.
 
 /// Every fault point, in the order a batch meets them, then the coordinator's.
-pub const POINTS: [&str; 7] = [
+pub const POINTS: [&str; 8] = [
     // The batch's ledger row is locked and checked, nothing else done.
     "worker.after_claim",
     // The batch's rows are read (not locked), nothing computed or written.
@@ -25,6 +26,9 @@ pub const POINTS: [&str; 7] = [
     "coordinator.before_publish",
     // The coordinator scanned a stage's coverage, not yet recorded its gate decision.
     "coordinator.mid_gate",
+    // A key ring is about to be loaded with a PKCS#11 master key. Not a death: `return`
+    // finalizes the PKCS#11 library under the process's session (the token closed it).
+    "pkcs11.lose_session",
 ];
 
 /// Marks a fault point. With the `failpoints` feature, configured by `FAILPOINTS`; the

@@ -269,7 +269,7 @@ fn find_token(settings: &TokenSettings) -> Result<(Pkcs11, Slot, String, String)
     };
     let mut present = Vec::new();
     for slot in ctx.get_slots_with_token().map_err(init_err)? {
-        let info = ctx.get_token_info(slot).map_err(init_err)?;
+        let info = token_info(&ctx, slot).map_err(init_err)?;
         let label = info.label().trim().to_owned();
         let serial = info.serial_number().trim().to_owned();
         let chosen = match &settings.token {
@@ -296,6 +296,25 @@ fn find_token(settings: &TokenSettings) -> Result<(Pkcs11, Slot, String, String)
             format!("tokens {}", present.join(", "))
         },
     })
+}
+
+/// `C_GetTokenInfo`, asked up to five times over a second while the token answers
+/// `CKR_GENERAL_ERROR`/`CKR_FUNCTION_FAILED`: SoftHSM2's file store fails a read of the
+/// token's record while another process rewrites it (each login does), as when two workers
+/// start at once. Read-only; a PIN is never tried twice.
+fn token_info(ctx: &Pkcs11, slot: Slot) -> Result<cryptoki::slot::TokenInfo, CkError> {
+    let mut tries = 0;
+    loop {
+        match ctx.get_token_info(slot) {
+            Err(CkError::Pkcs11(RvError::GeneralError | RvError::FunctionFailed, _))
+                if tries < 4 =>
+            {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(100 * tries));
+            }
+            other => return other,
+        }
+    }
 }
 
 /// A read-write session on the token, logged in as its user.
@@ -518,6 +537,24 @@ impl TokenKey {
         &self.serial
     }
 
+    /// Fault point `pkcs11.lose_session` (the `failpoints` feature): when it fires, the
+    /// PKCS#11 library is finalized under this process's open session, as a token that
+    /// closed every session (or a library reset by its vendor's daemon) would leave it. The
+    /// next operation must find the session gone and open a new one. Called where a key
+    /// ring is about to be loaded (`store::load_ring`), the one place a running worker calls
+    /// the token.
+    pub fn fault_lose_session(&self) {
+        #[cfg(feature = "failpoints")]
+        if fail::eval("pkcs11.lose_session", |_| ()).is_some() {
+            eprintln!(
+                "fault point pkcs11.lose_session: finalizing the PKCS#11 library under the open session"
+            );
+            if let Ok(ctx) = Pkcs11::new(&self.settings.module) {
+                let _ = ctx.finalize();
+            }
+        }
+    }
+
     /// Runs `f` on the open session, opening it first if needed; when the token says the
     /// session (or the library) is gone, opens a new one and runs `f` once more.
     fn with_session<T>(
@@ -562,14 +599,18 @@ impl TokenKey {
 
     /// Encrypts a data key's 32 bytes with the token key, AES-256-GCM, a fresh random
     /// 12-byte nonce and `aad`: `nonce || ciphertext || tag`, as a local master key does.
+    /// A token that chooses the IV itself (AWS CloudHSM writes its own into the
+    /// parameters' IV buffer) has its IV stored: the one the token used.
     pub fn wrap(&self, aad: &[u8], key: &[u8]) -> Result<Vec<u8>, TokenError> {
         let mut nonce = [0u8; 12];
         rand::rng().fill_bytes(&mut nonce);
-        let sealed = self.with_session("wrap a data key (C_Encrypt, CKM_AES_GCM)", |s, k| {
-            let mut iv = nonce;
-            let params = GcmParams::new(&mut iv, aad, 128.into())?;
-            s.encrypt(&Mechanism::AesGcm(params), k, key)
-        })?;
+        let (nonce, sealed) =
+            self.with_session("wrap a data key (C_Encrypt, CKM_AES_GCM)", |s, k| {
+                let mut iv = nonce;
+                let params = GcmParams::new(&mut iv, aad, 128.into())?;
+                let sealed = s.encrypt(&Mechanism::AesGcm(params), k, key)?;
+                Ok((iv, sealed))
+            })?;
         let mut out = Vec::with_capacity(12 + sealed.len());
         out.extend_from_slice(&nonce);
         out.extend_from_slice(&sealed);

@@ -694,6 +694,9 @@ pub async fn destroy(
 /// Loads every field key that can still decrypt (pending, active, decrypt-only) into a
 /// ring that encrypts with the active field key.
 pub async fn load_ring<C: GenericClient>(c: &C, master: &MasterKey) -> Result<KeyRing> {
+    if let Some(token) = master.token() {
+        token.fault_lose_session();
+    }
     verify_master(c, master).await?;
     let rows = c
         .query(
