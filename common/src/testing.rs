@@ -25,6 +25,23 @@ pub fn demo_config() -> std::path::PathBuf {
     crate::config::demo_config_file().expect("write the demo targets")
 }
 
+/// The `name = value` lines of the first fenced block after `heading` in FORMAT.md: the
+/// values of a worked example, for the tests that check it byte for byte.
+pub fn format_md_example(heading: &str) -> std::collections::HashMap<String, String> {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../FORMAT.md"))
+        .expect("FORMAT.md");
+    let section = text
+        .split(heading)
+        .nth(1)
+        .unwrap_or_else(|| panic!("FORMAT.md has no {heading:?}"));
+    let block = section.split("```").nth(1).expect("a fenced block");
+    block
+        .lines()
+        .filter_map(|l| l.split_once(" = "))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect()
+}
+
 /// The server tests use: `REKEY_TEST_DATABASE_URL` or the local default.
 pub fn admin_url() -> String {
     std::env::var("REKEY_TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_owned())

@@ -19,18 +19,7 @@ fn seq(start: u8, n: usize) -> Vec<u8> {
 
 /// The `name = hex-or-text` lines of the fenced block after "## Worked example".
 fn documented() -> HashMap<String, String> {
-    let text =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../FORMAT.md")).unwrap();
-    let section = text
-        .split("## Worked example")
-        .nth(1)
-        .expect("FORMAT.md has a worked example");
-    let block = section.split("```").nth(1).expect("a fenced block");
-    block
-        .lines()
-        .filter_map(|l| l.split_once(" = "))
-        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
-        .collect()
+    rekey_common::testing::format_md_example("\n## Worked example")
 }
 
 fn computed() -> Vec<(&'static str, String)> {
@@ -236,4 +225,62 @@ fn an_independent_program_can_tag_a_batch_order_and_a_worker_accepts_it() {
     let order = BatchMessage::decode(&body).unwrap();
     assert_eq!((order.run_id, order.batch_no, order.id_hi), (7, 12, 1000));
     MessageKey::derive(&master).verify(&order).unwrap();
+}
+
+fn documented_token_example() -> HashMap<String, String> {
+    rekey_common::testing::format_md_example("#### Example: a data key wrapped by a token key")
+}
+
+/// The token example, without a token: its id from the serial and CKA_ID, its AAD, and
+/// AES-256-GCM under the key's bytes give the documented wrapped key (rekey's wrap code
+/// and an independent `aes-gcm` call agree), and HKDF of the CMAC gives the message key.
+/// `common/tests/custody.rs` checks the same bytes against a SoftHSM2 token.
+#[test]
+fn the_token_example_is_aes_gcm_under_the_token_keys_bytes() {
+    let doc = documented_token_example();
+    let h = |k: &str| hex::decode(&doc[k]).unwrap();
+    let uuid = |k: &str| Uuid::parse_str(&doc[k]).unwrap();
+    let id = rekey_common::keys::pkcs11::token_key_id(&doc["token_serial"], &h("token_key_cka_id"));
+    assert_eq!(id, uuid("token_master_key_id"));
+    // An independent SHA-256 of the documented formula.
+    use sha2::Digest;
+    let digest = sha2::Sha256::new()
+        .chain_update(b"rekey pkcs11 master key v1")
+        .chain_update(doc["token_serial"].as_bytes())
+        .chain_update([0u8])
+        .chain_update(h("token_key_cka_id"))
+        .finalize();
+    assert_eq!(&digest[..16], id.as_bytes());
+    let data_id = uuid("data_key_id");
+    assert_eq!(
+        hex::encode(wrap::associated_data(KeyKind::Data, data_id, id)),
+        doc["token_data_key_wrap_aad"]
+    );
+    let key = KeyMaterial::from_slice(&h("token_key_value")).unwrap();
+    let ours = wrap::wrap_with_nonce(
+        &key,
+        id,
+        KeyKind::Data,
+        data_id,
+        &KeyMaterial::from_slice(&h("data_key")).unwrap(),
+        h("token_data_key_wrap_nonce").try_into().unwrap(),
+    );
+    assert_eq!(hex::encode(&ours), doc["token_wrapped_data_key"]);
+    let nonce = h("token_data_key_wrap_nonce");
+    let sealed = Aes256Gcm::new_from_slice(&h("token_key_value"))
+        .unwrap()
+        .encrypt(
+            &Nonce::try_from(&nonce[..]).unwrap(),
+            Payload {
+                msg: &h("data_key"),
+                aad: &h("token_data_key_wrap_aad"),
+            },
+        )
+        .unwrap();
+    assert_eq!([nonce, sealed].concat(), h("token_wrapped_data_key"));
+    let mut message_key = [0u8; 32];
+    hkdf::Hkdf::<sha2::Sha256>::new(None, &h("token_message_key_ikm"))
+        .expand(b"rekey batch message hmac v2", &mut message_key)
+        .unwrap();
+    assert_eq!(hex::encode(message_key), doc["token_message_key"]);
 }

@@ -2,7 +2,8 @@
 //! `rekey keys new-master --pkcs11`, the key store moved from a local master key into the
 //! token with `rekey keys rotate-master`, a staged rotation by two workers whose master key
 //! is the token's, then a move to a second token key; refusals (a wrong PIN, a missing key
-//! label) that change nothing.
+//! label, a token without AES-GCM) that change nothing; a worker whose token session is
+//! lost mid-run; the same settings from `rekey.toml`'s `[pkcs11]` table.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -165,10 +166,53 @@ async fn a_staged_rotation_with_the_master_key_inside_a_softhsm2_token() {
         "{by:?}"
     );
 
+    // A token that does not offer AES-GCM (the same token, SoftHSM2 told to leave the
+    // mechanism out): new-master is refused naming it, and no key is made.
+    let no_gcm = dir.join("no-gcm.conf");
+    std::fs::write(
+        &no_gcm,
+        format!(
+            // SoftHSM2 2.6.1 reads a "-" list's first name with its minus sign: an empty
+            // name first.
+            "{}slots.mechanisms = -,CKM_AES_GCM\n",
+            std::fs::read_to_string(dir.join("softhsm2.conf")).unwrap()
+        ),
+    )
+    .unwrap();
+    let mut bad = Env {
+        vars: env.vars.clone(),
+    };
+    set(&mut bad, "SOFTHSM2_CONF", no_gcm.to_str().unwrap());
+    let (ok, _, err) = bad.run(
+        "rekey",
+        &["keys", "new-master", "--pkcs11", "--label", "master-x"],
+    );
+    assert!(
+        !ok && err.contains("CKM_AES_GCM") && err.contains("REKEY_PKCS11_MODULE"),
+        "{err}"
+    );
+    let (ok, _, err) = env.run(
+        "rekey",
+        &["keys", "rotate-master", "--new-pkcs11-label", "master-x"],
+    );
+    assert!(
+        !ok && err.contains("REKEY_PKCS11_KEY_LABEL"),
+        "no key was made: {err}"
+    );
+
     // Every process on the token now: the local key is not the master any more.
     set(&mut env, "REKEY_MASTER_KEY_PROVIDER", "pkcs11");
     set(&mut env, "REKEY_PKCS11_KEY_LABEL", "master-a");
-    let mut w1 = env.worker("hsm-1");
+    // The first worker's token session is lost when it next loads its key ring (the
+    // rotation's new key, mid-run): the library finalized under it, as a token that closed
+    // every session would leave it. It opens a new one and goes on.
+    let mut w1 = env
+        .cmd("rekey-worker", &["--worker-id", "hsm-1"])
+        .env("FAILPOINTS", "pkcs11.lose_session=1*off->1*return")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     let mut w2 = env.worker("hsm-2");
     let (ok, out, err) = env.run("rekey", &quick_rotate(&["--stages", "1,100", "--json"]));
     assert!(ok, "{out}\n{err}");
@@ -176,6 +220,27 @@ async fn a_staged_rotation_with_the_master_key_inside_a_softhsm2_token() {
     assert_eq!(status["run"]["state"], "completed", "{out}");
     let target = status["run"]["target_key_id"].as_str().unwrap().to_owned();
     verify(&env, &target);
+
+    // Processes that open the token at the same moment (workers started together; with
+    // SoftHSM2's file store one's login rewrites the token's record while another reads
+    // it) all start.
+    let many: Vec<_> = (0..6)
+        .map(|_| {
+            env.cmd("rekey", &["keys", "status"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for p in many {
+        let out = p.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 
     // token → another token key; the values still verify through it.
     let (ok, out, err) = env.run(
@@ -197,12 +262,47 @@ async fn a_staged_rotation_with_the_master_key_inside_a_softhsm2_token() {
     let audit: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(audit["problems"], serde_json::json!([]));
 
+    // The same settings from rekey.toml's [pkcs11] table and master_key_provider, with no
+    // REKEY_PKCS11_* nor local key in the environment.
+    let toml = dir.join("rekey.toml");
+    std::fs::write(
+        &toml,
+        format!(
+            "master_key_provider = \"pkcs11\"\n{}\n[pkcs11]\nmodule = \"{MODULE}\"\ntoken_label = \"rekey\"\npin_file = \"{}\"\nkey_label = \"master-b\"\n",
+            std::fs::read_to_string(rekey_common::testing::demo_config()).unwrap(),
+            dir.join("pin").display()
+        ),
+    )
+    .unwrap();
+    let mut from_toml = Env {
+        vars: env.vars.clone(),
+    };
+    from_toml.vars.retain(|(k, _)| {
+        !k.starts_with("REKEY_PKCS11_")
+            && *k != "REKEY_MASTER_KEY"
+            && *k != "REKEY_MASTER_KEY_PROVIDER"
+    });
+    set(&mut from_toml, "REKEY_CONFIG", toml.to_str().unwrap());
+    let (ok, out, err) = from_toml.run("rekey", &["keys", "status", "--json"]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("'master-b'"), "{out}");
+    verify(&from_toml, &target);
+
+    let mut logs = Vec::new();
     for w in [&mut w1, &mut w2] {
         sigterm(w);
         let status = wait_exit(w, Duration::from_secs(30));
         let mut log = String::new();
         std::io::Read::read_to_string(w.stderr.as_mut().unwrap(), &mut log).unwrap();
         assert!(status.success(), "{status}: {log}");
+        logs.push(log);
     }
+    let log = &logs[0];
+    assert!(
+        log.contains("fault point pkcs11.lose_session")
+            && log.contains("PKCS#11 session lost; reopening it")
+            && log.contains("PKCS#11 session reopened"),
+        "hsm-1 lost its session and reopened it: {log}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
