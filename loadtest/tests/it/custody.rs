@@ -1,9 +1,11 @@
 //! Key custody through the binaries, as an operator meets it: a SoftHSM2 token made here,
 //! `rekey keys new-master --pkcs11`, the key store moved from a local master key into the
 //! token with `rekey keys rotate-master`, a staged rotation by two workers whose master key
-//! is the token's, then a move to a second token key; refusals (a wrong PIN, a missing key
-//! label, a token without AES-GCM) that change nothing; a worker whose token session is
-//! lost mid-run; the same settings from `rekey.toml`'s `[pkcs11]` table.
+//! is the token's (one of them losing its token session mid-run), `rekey preflight` naming
+//! the provider, a move to a second token key and back to a local key; refusals (a wrong
+//! PIN, a missing module, a missing key label, a token without AES-GCM) that change
+//! nothing; processes opening the token at once; the same settings from `rekey.toml`'s
+//! `[pkcs11]` table.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -142,6 +144,18 @@ async fn a_staged_rotation_with_the_master_key_inside_a_softhsm2_token() {
         &["keys", "rotate-master", "--new-pkcs11-label", "no-such-key"],
     );
     assert!(!ok && err.contains("REKEY_PKCS11_KEY_LABEL"), "{err}");
+    let mut bad = Env {
+        vars: env.vars.clone(),
+    };
+    set(&mut bad, "REKEY_PKCS11_MODULE", "/nonexistent/libpkcs11.so");
+    let (ok, _, err) = bad.run(
+        "rekey",
+        &["keys", "rotate-master", "--new-pkcs11-label", "master-a"],
+    );
+    assert!(
+        !ok && err.contains("REKEY_PKCS11_MODULE") && err.contains("/nonexistent/libpkcs11.so"),
+        "{err}"
+    );
     assert_eq!(wrapped_by(&env), ["local key"], "nothing changed");
 
     // local → token.
@@ -257,6 +271,12 @@ async fn a_staged_rotation_with_the_master_key_inside_a_softhsm2_token() {
     verify(&env, &target);
     let by = wrapped_by(&env);
     assert!(by.iter().all(|b| b.contains("'master-b'")), "{by:?}");
+    // preflight names the provider and unwraps every data key through the token.
+    let (ok, out, err) = env.run("rekey", &["preflight"]);
+    assert!(
+        out.contains("provider pkcs11") && out.contains("unwraps every stored key"),
+        "{ok} {out}{err}"
+    );
     let (ok, out, err) = env.run("rekey", &["audit", "verify", "--json"]);
     assert!(ok, "{out}{err}");
     let audit: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -287,6 +307,40 @@ async fn a_staged_rotation_with_the_master_key_inside_a_softhsm2_token() {
     assert!(ok, "{out}{err}");
     assert!(out.contains("'master-b'"), "{out}");
     verify(&from_toml, &target);
+
+    // token → local: a new local key file becomes the master; the values verify with it
+    // alone (no token configured).
+    let new_key = dir.join("local.key");
+    let (ok, out, err) = env.run(
+        "rekey",
+        &["keys", "new-master", "--out", new_key.to_str().unwrap()],
+    );
+    assert!(ok, "{out}{err}");
+    let (ok, out, err) = env.run(
+        "rekey",
+        &[
+            "keys",
+            "rotate-master",
+            "--new-master-key-file",
+            new_key.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{out}{err}");
+    assert_eq!(wrapped_by(&env), ["local key"]);
+    let mut local = Env {
+        vars: env.vars.clone(),
+    };
+    local.vars.retain(|(k, _)| {
+        !k.starts_with("REKEY_PKCS11_")
+            && *k != "REKEY_MASTER_KEY"
+            && *k != "REKEY_MASTER_KEY_PROVIDER"
+    });
+    set(
+        &mut local,
+        "REKEY_MASTER_KEY_FILE",
+        new_key.to_str().unwrap(),
+    );
+    verify(&local, &target);
 
     let mut logs = Vec::new();
     for w in [&mut w1, &mut w2] {
