@@ -450,6 +450,14 @@ async fn say_throttle(
             throttle.gap.as_millis()
         )
     });
+    // The application's own signal lost: the probe governs meanwhile, and status says so.
+    let lost = rt.slo_error.as_deref().map(|e| {
+        format!("the application's p99 from Prometheus is unavailable ({e}); the probe alone governs until it answers")
+    });
+    let latency = match (latency, lost) {
+        (Some(l), Some(n)) => Some(format!("{l}; {n}")),
+        (l, n) => l.or(n),
+    };
     let now = hold.map(str::to_owned).or(latency);
     if now == rt.said_throttle {
         return;

@@ -75,6 +75,11 @@ pub enum RunEvent<'a> {
         before_reads_p99_ms: Option<f64>,
         before_writes_p99_ms: Option<f64>,
     },
+    /// The application's own signal (`--slo-query`) stopped answering: the probe alone
+    /// governs the throttle until it does again.
+    SignalLost { error: String },
+    /// The application's own signal answers again.
+    SignalBack { p99_ms: f64 },
     /// Publication is held by the operator (`rekey throttle RUN on`) or a flag file.
     Held { reason: String },
     /// The hold was lifted: publication goes on.
@@ -114,6 +119,8 @@ impl RunEvent<'_> {
             Self::Throttling { .. } => "throttling",
             Self::ThrottleReleased { .. } => "throttle_released",
             Self::Rebaselined { .. } => "rebaselined",
+            Self::SignalLost { .. } => "signal_lost",
+            Self::SignalBack { .. } => "signal_back",
             Self::Held { .. } => "held",
             Self::HoldReleased => "hold_released",
             Self::NoConsumer { .. } => "no_consumer",
@@ -139,6 +146,8 @@ impl RunEvent<'_> {
         "throttling",
         "throttle_released",
         "rebaselined",
+        "signal_lost",
+        "signal_back",
         "held",
         "hold_released",
         "no_consumer",
@@ -187,6 +196,7 @@ impl RunEvent<'_> {
             Self::NoConsumer { .. } => Some("nobody is consuming the batch queue: start workers"),
             Self::WorkersFailing { error, .. } => Some(error),
             Self::Held { reason } => Some(reason),
+            Self::SignalLost { error } => Some(error),
             Self::Halted { reason } => *reason,
             _ => None,
         }
@@ -302,6 +312,16 @@ impl RunEvent<'_> {
                 before_reads_p99_ms,
                 before_writes_p99_ms,
                 "new baseline: the application alone, publication paused"
+            ),
+            Self::SignalLost { error } => tracing::warn!(
+                run_id,
+                error,
+                "the application's p99 from Prometheus is unavailable: the probe alone governs the throttle until it answers"
+            ),
+            Self::SignalBack { p99_ms } => tracing::info!(
+                run_id,
+                p99_ms,
+                "the application's p99 from Prometheus answers again"
             ),
             Self::Held { reason } => tracing::warn!(
                 run_id,
@@ -567,6 +587,10 @@ mod tests {
                 before_reads_p99_ms: Some(1.4),
                 before_writes_p99_ms: Some(3.0),
             },
+            RunEvent::SignalLost {
+                error: "the SLO query returned 0 series".into(),
+            },
+            RunEvent::SignalBack { p99_ms: 12.0 },
             RunEvent::Held {
                 reason: "held by the operator".into(),
             },

@@ -352,10 +352,10 @@ async fn slo_value(d: &Driver<'_>, rt: &mut StageRuntime, run: &Run) -> Option<f
     }
     match rt.slo.as_ref()?.value_ms().await {
         Ok(v) => {
-            if rt.slo_failing {
-                tracing::info!(run_id = d.run_id, "the SLO query answers again");
+            if rt.slo_error.take().is_some() {
+                let back = RunEvent::SignalBack { p99_ms: v };
+                d.events.emit(d.pool, d.run_id, back).await;
             }
-            rt.slo_failing = false;
             if let Some(m) = &d.opts.metrics {
                 m.slo_latency
                     .record(v, &[KeyValue::new("run_id", d.run_id)]);
@@ -363,10 +363,14 @@ async fn slo_value(d: &Driver<'_>, rt: &mut StageRuntime, run: &Run) -> Option<f
             Some(v)
         }
         Err(e) => {
-            if !rt.slo_failing {
-                tracing::warn!(run_id = d.run_id, error = %format!("{e:#}"), "the SLO query failed; the probe alone governs the throttle until it answers");
+            let error = format!("{e:#}");
+            if rt.slo_error.is_none() {
+                let lost = RunEvent::SignalLost {
+                    error: error.clone(),
+                };
+                d.events.emit(d.pool, d.run_id, lost).await;
             }
-            rt.slo_failing = true;
+            rt.slo_error = Some(error);
             None
         }
     }

@@ -90,8 +90,9 @@ pub(crate) struct StageRuntime {
     pub(crate) looks: crate::brakes::Looks,
     /// The application's Prometheus, when the run has an SLO query.
     pub(crate) slo: Option<crate::slo::Slo>,
-    /// Whether the last SLO query failed (said once per failure streak).
-    pub(crate) slo_failing: bool,
+    /// Why the last SLO query failed, while it fails (a `signal_lost` event once per
+    /// failure streak; `rekey status` shows it).
+    pub(crate) slo_error: Option<String>,
     /// Which latency signal holds the throttle back now, its value and limit.
     pub(crate) latency_reason: Option<String>,
     /// Judgements made while batches were worked on (slow start waits for them).

@@ -24,6 +24,8 @@ struct AppExporter {
     port: u16,
     p99_bits: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
+    /// While false, every scrape gets a 503: the metric goes stale in Prometheus.
+    up: Arc<AtomicBool>,
 }
 
 impl AppExporter {
@@ -33,7 +35,8 @@ impl AppExporter {
         let port = listener.local_addr().unwrap().port();
         let p99_bits = Arc::new(AtomicU64::new(p99_secs.to_bits()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (bits, halt) = (p99_bits.clone(), stop.clone());
+        let up = Arc::new(AtomicBool::new(true));
+        let (bits, halt, serving) = (p99_bits.clone(), stop.clone(), up.clone());
         std::thread::spawn(move || {
             while !halt.load(Ordering::Relaxed) {
                 let Ok((mut s, _)) = listener.accept() else {
@@ -44,6 +47,13 @@ impl AppExporter {
                 s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
                 let mut req = [0u8; 2048];
                 let _ = s.read(&mut req);
+                if !serving.load(Ordering::Relaxed) {
+                    let _ = write!(
+                        s,
+                        "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    );
+                    continue;
+                }
                 let body = format!(
                     "# TYPE app_p99_seconds gauge\napp_p99_seconds {}\n",
                     f64::from_bits(bits.load(Ordering::Relaxed))
@@ -59,7 +69,12 @@ impl AppExporter {
             port,
             p99_bits,
             stop,
+            up,
         }
+    }
+
+    fn serve(&self, up: bool) {
+        self.up.store(up, Ordering::Relaxed);
     }
 
     fn set(&self, p99_secs: f64) {
@@ -305,4 +320,91 @@ fn gap_ms(status: &str) -> u64 {
             before.rsplit(' ').next()?.parse().ok()
         })
         .unwrap_or(0)
+}
+
+/// The application's signal lost mid-run (its exporter fails every scrape: the metric goes
+/// stale, the SLO query returns no series): the run goes on, governed by the probe alone,
+/// and `rekey status` and a `signal_lost` event say why; when the metric is back, a
+/// `signal_back` event, and the run completes with every value verified.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_signal_lost_mid_run_leaves_the_probe_governing_and_status_says_so() {
+    let (db, env, reports) = seeded(3_000).await;
+    let app = AppExporter::start(0.010);
+    let prom = Prometheus::start(&db.name, &[("app", app.port)])
+        .await
+        .unwrap();
+    let (ok, out, err) = env.run(
+        "rekey",
+        &quick_rotate(&[
+            "--stages",
+            "100",
+            "--batch-size",
+            "50",
+            "--slo-prometheus-url",
+            &prom.url,
+            "--slo-query",
+            "max(app_p99_seconds)",
+            "--slo-unit",
+            "s",
+            "--detach",
+        ]),
+    );
+    assert!(ok, "{out}{err}");
+    // Batches that take a while: the run outlasts the outage.
+    let mut worker = env
+        .cmd("rekey-worker", &["--worker-id", "w"])
+        .env("FAILPOINTS", "worker.after_write=sleep(300)")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let log_path = std::env::temp_dir().join(format!("{}-driver.log", db.name));
+    let mut driver = env
+        .cmd("rekey", &["resume", "1"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while done_batches(&db).await < 2 {
+        assert!(start.elapsed() < Duration::from_secs(60), "no batch done");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    app.serve(false);
+    let lost = status_until(&env, "1", Duration::from_secs(30), |s| {
+        s.contains("from Prometheus is unavailable")
+    })
+    .await;
+    assert!(
+        lost.contains("the query returned no series") && lost.contains("the probe alone governs"),
+        "{lost}"
+    );
+    // Not held by the loss: batches go on being done meanwhile.
+    let at = done_batches(&db).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        done_batches(&db).await > at,
+        "the run stalled while the signal was lost"
+    );
+    app.serve(true);
+    status_until(&env, "1", Duration::from_secs(30), |s| {
+        !s.contains("is unavailable")
+    })
+    .await;
+    let code = wait_exit(&mut driver, Duration::from_secs(180));
+    assert!(code.success(), "{code:?}");
+    sigterm(&worker);
+    wait_exit(&mut worker, Duration::from_secs(30));
+    let (ok, out, err) = env.run("rekey-loadtest", &["verify"]);
+    assert!(ok, "{out}{err}");
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    let _ = std::fs::remove_file(&log_path);
+    let lost_at = log
+        .find("from Prometheus is unavailable: the probe alone governs")
+        .unwrap_or_else(|| panic!("no signal_lost event:\n{log}"));
+    let back_at = log
+        .find("from Prometheus answers again")
+        .unwrap_or_else(|| panic!("no signal_back event:\n{log}"));
+    assert!(lost_at < back_at, "{log}");
+    let _ = std::fs::remove_dir_all(&reports);
 }
