@@ -74,6 +74,9 @@ pub enum RunEvent<'a> {
         writes_p99_ms: Option<f64>,
         before_reads_p99_ms: Option<f64>,
         before_writes_p99_ms: Option<f64>,
+        /// The application's own p99 from its Prometheus, now and before the run.
+        slo_p99_ms: Option<f64>,
+        before_slo_p99_ms: Option<f64>,
     },
     /// The application's own signal (`--slo-query`) stopped answering: the probe alone
     /// governs the throttle until it does again.
@@ -304,6 +307,8 @@ impl RunEvent<'_> {
                 writes_p99_ms,
                 before_reads_p99_ms,
                 before_writes_p99_ms,
+                slo_p99_ms,
+                before_slo_p99_ms,
             } => tracing::info!(
                 run_id,
                 stage_no,
@@ -311,6 +316,8 @@ impl RunEvent<'_> {
                 writes_p99_ms,
                 before_reads_p99_ms,
                 before_writes_p99_ms,
+                slo_p99_ms,
+                before_slo_p99_ms,
                 "new baseline: the application alone, publication paused"
             ),
             Self::SignalLost { error } => tracing::warn!(
@@ -586,6 +593,8 @@ mod tests {
                 writes_p99_ms: Some(4.0),
                 before_reads_p99_ms: Some(1.4),
                 before_writes_p99_ms: Some(3.0),
+                slo_p99_ms: Some(6.3),
+                before_slo_p99_ms: Some(5.2),
             },
             RunEvent::SignalLost {
                 error: "the SLO query returned 0 series".into(),

@@ -135,10 +135,19 @@ pub(crate) async fn judge(
                 // One level per judgement over (the probes under do not count then).
                 over += (1.0 / crate::throttle::STEP) as usize;
                 under = 0;
+                let st = &run.settings;
+                let before = st.slo_baseline_ms.unwrap_or_default();
+                let base = st.slo_base_ms().unwrap_or(before);
+                let over_what = if base > before {
+                    format!(
+                        "{base:.1} ms at the last re-baseline, the application alone; {before:.1} ms before the run"
+                    )
+                } else {
+                    format!("{before:.1} ms before the run")
+                };
                 reason = Some(format!(
-                    "the application's p99 from Prometheus is {v:.1} ms, over its limit of {limit:.1} ms ({:.0}% over its {:.1} ms before the run)",
-                    run.settings.throttle_pct,
-                    run.settings.slo_baseline_ms.unwrap_or_default()
+                    "the application's p99 from Prometheus is {v:.1} ms, over its limit of {limit:.1} ms ({:.0}% over its {over_what})",
+                    st.throttle_pct,
                 ));
             } else if working {
                 // Under its limit: the application's own word that it is fine speeds the
@@ -249,6 +258,11 @@ pub(crate) async fn judge(
 /// skipped until the next one).
 pub const REBASELINE_DRAIN: Duration = Duration::from_secs(60);
 
+/// With an SLO query, a re-baseline asks the application's Prometheus this long after the
+/// last batch in flight finished: the query's `rate()` window (the bench's 10 s) and a
+/// scrape must fit in it for the value to be the application alone.
+pub const SLO_SETTLE: Duration = Duration::from_secs(20);
+
 /// A re-baseline's probes: 150 of each kind, 10 ms apart (about 4 s).
 pub const REBASELINE_PROBES: usize = 300;
 
@@ -288,6 +302,14 @@ pub(crate) async fn rebaseline(
             "re-baseline skipped: batches still in flight after 60 s"
         );
     } else {
+        // The application's own p99 is a rate over a window: ask it once the window holds
+        // the application alone.
+        if s.slo.is_some() {
+            let drained = *rt.rebaseline_drained.get_or_insert_with(Instant::now);
+            if drained.elapsed() < SLO_SETTLE {
+                return Ok(Some(rebaseline_reason(s)));
+            }
+        }
         let b = probe::measure(
             d.pool,
             &run.targets,
@@ -298,13 +320,23 @@ pub(crate) async fn rebaseline(
         )
         .await?;
         let writes = b.writes.map(|w| w.p99_ms);
-        ledger::set_rebaseline(&**d.pool.get().await?, d.run_id, b.reads.p99_ms, writes).await?;
+        let slo = slo_value(d, rt, run).await;
+        ledger::set_rebaseline(
+            &**d.pool.get().await?,
+            d.run_id,
+            b.reads.p99_ms,
+            writes,
+            slo,
+        )
+        .await?;
         let said = RunEvent::Rebaselined {
             stage_no,
             reads_p99_ms: b.reads.p99_ms,
             writes_p99_ms: writes,
             before_reads_p99_ms: s.probe_baseline_p99_ms,
             before_writes_p99_ms: s.probe_write_baseline_p99_ms,
+            slo_p99_ms: slo,
+            before_slo_p99_ms: s.slo_baseline_ms,
         };
         d.events.emit(d.pool, d.run_id, said).await;
         rt.perf.figures.rebaselines += 1;
@@ -316,13 +348,22 @@ pub(crate) async fn rebaseline(
         p.take();
     }
     rt.rebaselining = None;
+    rt.rebaseline_drained = None;
     rt.last_rebaseline = Some(Instant::now());
     Ok(None)
 }
 
 fn rebaseline_reason(s: &ledger::RunSettings) -> String {
+    let slo = if s.slo.is_some() {
+        format!(
+            ", and the application's Prometheus is asked {} s after",
+            SLO_SETTLE.as_secs()
+        )
+    } else {
+        String::new()
+    };
     format!(
-        "held: re-baselining — the probe measures the application alone once the batches in flight finish (every {:.0} s, --rebaseline-every)",
+        "held: re-baselining — the probe measures the application alone once the batches in flight finish{slo} (every {:.0} s, --rebaseline-every)",
         s.rebaseline_secs
     )
 }

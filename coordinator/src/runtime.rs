@@ -104,6 +104,9 @@ pub(crate) struct StageRuntime {
     pub(crate) rotating_since: Option<Instant>,
     pub(crate) last_rebaseline: Option<Instant>,
     pub(crate) rebaselining: Option<Instant>,
+    /// Since when a re-baseline has had nothing in flight (the application's own p99 is
+    /// asked once its query's window is clear of the rotation).
+    pub(crate) rebaseline_drained: Option<Instant>,
 }
 
 impl StageRuntime {

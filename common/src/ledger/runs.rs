@@ -221,6 +221,10 @@ pub struct RunSettings {
     /// … and its value before the run (milliseconds): the throttle holds it within
     /// `throttle_pct` of this.
     pub slo_baseline_ms: Option<f64>,
+    /// Its value at the last re-baseline, the application alone (publication paused, the
+    /// query's window clear of the rotation): the throttle's baseline from then on, kept
+    /// between the value before the run and twice it.
+    pub slo_rebaselined_ms: Option<f64>,
 }
 
 impl RunSettings {
@@ -271,10 +275,22 @@ impl RunSettings {
         Some(self.probe_p99(write)? + self.throttle_budget_ms()?.max(noise.unwrap_or(0.0)))
     }
 
+    /// The application's p99 the throttle measures against: its value before the run, or
+    /// at the last re-baseline within bounds (never below the value before the run, never
+    /// past twice it), as for the probe.
+    pub fn slo_base_ms(&self) -> Option<f64> {
+        let before = self.slo_baseline_ms?;
+        Some(match self.slo_rebaselined_ms {
+            Some(again) => again.clamp(before, 2.0 * before),
+            None => before,
+        })
+    }
+
     /// The application's p99 (from its Prometheus) over this counts against the throttle:
-    /// its value before the run plus `throttle_pct` of it (at least `throttle_min_ms`).
+    /// its base ([`RunSettings::slo_base_ms`]) plus `throttle_pct` of it (at least
+    /// `throttle_min_ms`).
     pub fn slo_limit_ms(&self) -> Option<f64> {
-        let base = self.slo_baseline_ms?;
+        let base = self.slo_base_ms()?;
         (self.throttle_pct > 0.0 && self.slo.is_some())
             .then(|| base + (self.throttle_pct / 100.0 * base).max(self.throttle_min_ms))
     }
@@ -324,22 +340,29 @@ impl Default for RunSettings {
             checkpoint_hold_secs: DEFAULT_CHECKPOINT_HOLD_SECS,
             slo: None,
             slo_baseline_ms: None,
+            slo_rebaselined_ms: None,
         }
     }
 }
 
-/// Records a re-baseline of the probe in the run's settings (the throttle's baseline from
+/// Records a re-baseline of the probe (and of the application's own p99, when it answered)
+/// in the run's settings (the throttle's baseline from
 /// then on, within bounds: [`RunSettings`]).
 pub async fn set_rebaseline<C: GenericClient>(
     c: &C,
     run_id: i64,
     reads_p99_ms: f64,
     writes_p99_ms: Option<f64>,
+    slo_ms: Option<f64>,
 ) -> Result<(), LedgerError> {
-    let patch = serde_json::json!({
+    let mut patch = serde_json::json!({
         "probe_rebaselined_p99_ms": reads_p99_ms,
         "probe_write_rebaselined_p99_ms": writes_p99_ms,
     });
+    // A re-baseline whose SLO query did not answer keeps the last one's value.
+    if let Some(v) = slo_ms {
+        patch["slo_rebaselined_ms"] = v.into();
+    }
     c.execute(
         "UPDATE rekey.runs SET settings = settings || $2::jsonb WHERE id = $1",
         &[&run_id, &patch],
@@ -511,4 +534,33 @@ pub async fn advance_stage<C: GenericClient>(
         )
         .await?;
     Ok(n == 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RunSettings;
+
+    /// The application's own p99 re-baselined moves the throttle's limit with the
+    /// application's drift, within bounds: never below its value before the run, never
+    /// past twice it.
+    #[test]
+    fn a_rebaselined_slo_moves_the_limit_within_bounds() {
+        let mut s = RunSettings {
+            throttle_pct: 15.0,
+            throttle_min_ms: 0.5,
+            slo: Some(crate::config::SloSource {
+                prometheus_url: "http://127.0.0.1:9090".into(),
+                query: "max(app_p99_seconds)".into(),
+                unit_ms: 1000.0,
+            }),
+            slo_baseline_ms: Some(10.0),
+            ..RunSettings::default()
+        };
+        assert_eq!(s.slo_limit_ms(), Some(11.5));
+        for (again, base) in [(18.0, 18.0), (5.0, 10.0), (35.0, 20.0)] {
+            s.slo_rebaselined_ms = Some(again);
+            assert_eq!(s.slo_base_ms(), Some(base), "re-baselined at {again} ms");
+            assert!((s.slo_limit_ms().unwrap() - base * 1.15).abs() < 1e-9);
+        }
+    }
 }

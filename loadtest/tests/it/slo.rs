@@ -408,3 +408,101 @@ async fn a_signal_lost_mid_run_leaves_the_probe_governing_and_status_says_so() {
     assert!(lost_at < back_at, "{log}");
     let _ = std::fs::remove_dir_all(&reports);
 }
+
+/// The application slower for reasons of its own (also while nothing runs): the throttle
+/// first holds the run back against the p99 before the run; the next re-baseline (the
+/// rotation paused, the query's window clear of it) asks Prometheus for the application
+/// alone and moves the limit with it, so the run goes on instead of crawling at the
+/// longest gap; the new value is recorded and said.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_applications_own_drift_is_rebaselined_and_the_run_goes_on() {
+    let (db, env, reports) = seeded(3_000).await;
+    let app = AppExporter::start(0.010);
+    let prom = Prometheus::start(&db.name, &[("app", app.port)])
+        .await
+        .unwrap();
+    let (ok, out, err) = env.run(
+        "rekey",
+        &quick_rotate(&[
+            "--stages",
+            "100",
+            "--batch-size",
+            "20",
+            "--slo-prometheus-url",
+            &prom.url,
+            "--slo-query",
+            "max(app_p99_seconds)",
+            "--slo-unit",
+            "s",
+            "--rebaseline-every",
+            "30s",
+            "--detach",
+        ]),
+    );
+    assert!(ok, "{out}{err}");
+    let mut worker = env
+        .cmd("rekey-worker", &["--worker-id", "w"])
+        .env("FAILPOINTS", "worker.after_write=sleep(300)")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let log_path = std::env::temp_dir().join(format!("{}-driver.log", db.name));
+    let mut driver = env
+        .cmd("rekey", &["resume", "1"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while done_batches(&db).await < 2 {
+        assert!(start.elapsed() < Duration::from_secs(60), "no batch done");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // 18 ms from now on, whatever the rotation does: the throttle holds the run back.
+    app.set(0.018);
+    status_until(&env, "1", Duration::from_secs(30), |s| {
+        s.contains("the application's p99 from Prometheus is 18.0 ms, over its limit of 11.5 ms")
+    })
+    .await;
+    // The re-baseline (30 s into the stage) waits for the application alone, then moves
+    // the limit: 18.0 ms + 15%.
+    status_until(&env, "1", Duration::from_secs(90), |s| {
+        s.contains("re-baselining")
+            && s.contains("the application's Prometheus is asked 20 s after")
+    })
+    .await;
+    let code = wait_exit(&mut driver, Duration::from_secs(240));
+    assert!(code.success(), "{code:?}");
+    let settings: serde_json::Value = db
+        .pool
+        .get()
+        .await
+        .unwrap()
+        .query_one("SELECT settings FROM rekey.runs WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        settings["slo_baseline_ms"].as_f64(),
+        Some(10.0),
+        "{settings}"
+    );
+    assert_eq!(
+        settings["slo_rebaselined_ms"].as_f64(),
+        Some(18.0),
+        "{settings}"
+    );
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    let _ = std::fs::remove_file(&log_path);
+    assert!(
+        log.lines()
+            .any(|l| l.contains("new baseline") && l.contains("slo_p99_ms=18")),
+        "no re-baseline of the application's p99:\n{log}"
+    );
+    sigterm(&worker);
+    wait_exit(&mut worker, Duration::from_secs(30));
+    let (ok, out, err) = env.run("rekey-loadtest", &["verify"]);
+    assert!(ok, "{out}{err}");
+    let _ = std::fs::remove_dir_all(&reports);
+}
