@@ -37,8 +37,11 @@ fn colour() -> bool {
 /// Directives appended after `RUST_LOG`, whatever it says: crates that log secrets at
 /// their debug or trace levels (lapin and amq-protocol the AMQP login with its password,
 /// tokio-postgres statement parameters: wrapped keys and ciphertexts; the HTTP stack the
-/// webhook's URL, whose path is its token).
+/// webhook's URL, whose path is its token), and cryptoki's mechanism list, which logs an
+/// ERROR for each vendor mechanism a token lists that cryptoki does not know (thirty lines
+/// at every start with SoftHSM2; rekey reads the list only to find AES-GCM and AES-CMAC).
 pub const LOG_FLOOR: &[&str] = &[
+    "cryptoki::mechanism=off",
     "lapin=off",
     "amq_protocol=off",
     "amq_protocol_types=off",
@@ -50,9 +53,15 @@ pub const LOG_FLOOR: &[&str] = &[
     "hyper_util=info",
 ];
 
+/// The filter without `RUST_LOG`. `cryptoki::mechanism` logs an error for each vendor
+/// mechanism a token lists that cryptoki does not know (thirty lines at each start with
+/// SoftHSM2); rekey asks for the list only to find AES-GCM and AES-CMAC in it.
+pub const DEFAULT_FILTER: &str =
+    "info,refinery_core=warn,tokio_postgres=warn,cryptoki::mechanism=off";
+
 fn filter() -> EnvFilter {
-    let mut f = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,refinery_core=warn,tokio_postgres=warn"));
+    let mut f =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     for d in LOG_FLOOR {
         f = f.add_directive(d.parse().expect("a valid directive"));
     }

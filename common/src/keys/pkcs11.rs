@@ -354,7 +354,10 @@ fn secret_keys_labelled(
         .map_err(|e| op_error(token, "C_FindObjects", e))
 }
 
-/// Checks the mechanisms rekey needs.
+/// Checks the mechanisms rekey needs in the token's list (`C_GetMechanismList`: SoftHSM2's
+/// `C_GetMechanismInfo` answers for a mechanism its `slots.mechanisms` leaves out). cryptoki
+/// logs an error for every vendor mechanism in the list it does not know; the log filter's
+/// floor silences `cryptoki::mechanism` (telemetry).
 fn check_mechanisms(ctx: &Pkcs11, slot: Slot, token: &str) -> Result<(), TokenError> {
     let have = ctx
         .get_mechanism_list(slot)
