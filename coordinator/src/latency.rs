@@ -12,7 +12,7 @@ use rekey_common::ledger::{Run, RunState};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use crate::throttle::{SUSTAINED_SAMPLES, Throttle};
+use crate::throttle::{SUSTAINED_SAMPLES, SloReading, Throttle};
 
 /// Starts the stage's throttle and background probe when the stage starts rotating, and
 /// every `probe_every` judges the probe's samples since the last judgement: records the
@@ -99,7 +99,7 @@ pub(crate) async fn judge(
             .is_some_and(|t| t.elapsed() < opts.probe_every * 2);
         let working =
             (in_flight > 0 || published_lately) && d.consumers.load(Ordering::Relaxed) != 0;
-        let (mut over, mut under) = if working {
+        let (over, under) = if working {
             rt.perf.record(&run.settings, lat.median_ms);
             rt.perf.probes(&run.settings, &samples)
         } else {
@@ -117,24 +117,34 @@ pub(crate) async fn judge(
             )
         });
         // The application's own p99, when its Prometheus is configured: the preferred
-        // signal; the worse of it and the probe governs.
+        // signal, with a level of its own; the worse of it and the probe governs. It is
+        // judged whether or not a batch is in flight right now: its window spans the
+        // batches of the last seconds, and a paced run mostly has none in flight.
+        let mut slo_reading = None;
         if let Some(v) = slo_value(d, rt, run).await
-            && let Some(limit) = run.settings.slo_limit_ms()
+            && let (Some(limit), Some(aim)) =
+                (run.settings.slo_limit_ms(), run.settings.slo_aim_ms())
         {
+            let r = SloReading {
+                ms: v,
+                aim_ms: aim,
+                limit_ms: limit,
+            };
+            slo_reading = Some(r);
             let f = &mut rt.perf.figures;
             f.slo_baseline_ms = run.settings.slo_baseline_ms;
             f.slo_limit_ms = Some(limit);
+            f.slo_aim_ms = Some(aim);
             f.slo_polls += 1;
             f.slo_max_ms = Some(f.slo_max_ms.map_or(v, |m: f64| m.max(v)));
             f.slo_ms = Some(v);
-            if v > limit {
+            if r.over_limit() {
                 f.slo_polls_over += 1;
                 if over == 0 {
                     f.throttled_samples += 1;
                 }
-                // One level per judgement over (the probes under do not count then).
-                over += (1.0 / crate::throttle::STEP) as usize;
-                under = 0;
+            }
+            if v > aim {
                 let st = &run.settings;
                 let before = st.slo_baseline_ms.unwrap_or_default();
                 let base = st.slo_base_ms().unwrap_or(before);
@@ -145,14 +155,21 @@ pub(crate) async fn judge(
                 } else {
                     format!("{before:.1} ms before the run")
                 };
-                reason = Some(format!(
-                    "the application's p99 from Prometheus is {v:.1} ms, over its limit of {limit:.1} ms ({:.0}% over its {over_what})",
-                    st.throttle_pct,
-                ));
-            } else if working {
-                // Under its limit: the application's own word that it is fine speeds the
-                // recovery (a quarter level per judgement) beside the probes'.
-                under += SLO_CLEAN_PROBES;
+                let slo_reason = if r.over_limit() {
+                    format!(
+                        "the application's p99 from Prometheus is {v:.1} ms, over its limit of {limit:.1} ms ({:.0}% over its {over_what})",
+                        st.throttle_pct,
+                    )
+                } else {
+                    format!(
+                        "the application's p99 from Prometheus is {v:.1} ms, over the throttle's aim of {aim:.1} ms (its limit: {limit:.1} ms, {:.0}% over its {over_what})",
+                        st.throttle_pct,
+                    )
+                };
+                // The probes' reason stays when they are over and govern.
+                if reason.is_none() || r.over_limit() {
+                    reason = Some(slo_reason);
+                }
             }
         }
         if working {
@@ -178,7 +195,10 @@ pub(crate) async fn judge(
         };
         let throttle = rt.throttle.as_mut().expect("set above");
         let was = throttle.clone();
-        throttle.judge(over, under, in_flight);
+        if slo_reading.is_none() {
+            throttle.forget_slo();
+        }
+        throttle.judge(over, under, in_flight, slo_reading);
         rt.latency_reason = if throttle.slow {
             Some(format!(
                 "slow start: paced until the throttle has judged the database under the rotation ({} judgement(s) so far)",
@@ -208,7 +228,8 @@ pub(crate) async fn judge(
         }
         // A warning when latency first slows the stage and a note when the
         // throttle lets go; the steps in between are debug (the report counts them).
-        if over > 0 && signal.is_some() && signal != rt.said_signal {
+        let slowed = over > 0 || slo_reading.is_some_and(|r| r.ms > r.aim_ms);
+        if slowed && signal.is_some() && signal != rt.said_signal {
             rt.said_signal = signal;
             let throttling = RunEvent::Throttling {
                 stage_no,
@@ -367,10 +388,6 @@ fn rebaseline_reason(s: &ledger::RunSettings) -> String {
         s.rebaseline_secs
     )
 }
-
-/// What one judgement with the application's p99 under its limit counts for, in probes
-/// under the threshold: a quarter of a level (`throttle::STEP × 1% / 99%` per probe).
-pub const SLO_CLEAN_PROBES: usize = 50;
 
 /// A figure in milliseconds, or `-`.
 fn ms(v: Option<f64>) -> String {

@@ -40,6 +40,8 @@ pub struct PerfFigures {
     pub slo_ms: Option<f64>,
     pub slo_max_ms: Option<f64>,
     pub slo_limit_ms: Option<f64>,
+    /// What the throttle steers the application's p99 to (see `SLO_AIM_SHARE`).
+    pub slo_aim_ms: Option<f64>,
     pub slo_polls: u64,
     pub slo_polls_over: u64,
     /// Re-baselines during the stage, and the last one's p99 (reads, writes).
@@ -73,10 +75,18 @@ pub struct PerfTracker {
 /// in five over) climbs a level every ten probes; clean probes take a level back every 198
 /// (10 s at one probe per 50 ms). A stage starts at one batch in flight (a slow start), so
 /// that a rotation never opens at full speed on a database it has not measured.
+///
+/// The application's own p99 (`--slo-query`), when given, moves a level of its own, and
+/// the higher of the two levels governs (the worse signal). That level integrates the
+/// signal's distance from its aim, symmetrically: `SLO_GAIN × ln(p99 / aim)` per judgement
+/// (at most `SLO_MAX_UP` up and `SLO_MAX_DOWN` down), so a p99 that wanders around its aim
+/// from window to window leaves the level where it is, and the level rests where the
+/// application's p99 is its aim on (geometric) average. See [`SloReading`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct Throttle {
     max: i64,
     level: f64,
+    slo_level: Option<f64>,
     pub window: i64,
     pub gap: std::time::Duration,
     /// In slow start: paced, and each clean judgement doubles the pace until the first
@@ -101,6 +111,37 @@ pub const STEP: f64 = 0.5;
 /// The share of probes over the threshold the throttle holds a run to.
 pub const TARGET_SHARE: f64 = 0.01;
 
+/// The application's p99 level: levels per judgement per unit of `ln(p99 / aim)` (15% over
+/// its aim: +0.28; at a baseline 9% under its aim: −0.19, a level every 10 s at a
+/// judgement every 2 s), and the most one judgement moves it.
+pub const SLO_GAIN: f64 = 2.0;
+pub const SLO_MAX_UP: f64 = 1.0;
+pub const SLO_MAX_DOWN: f64 = 0.5;
+
+/// The application's p99 at one judgement (milliseconds): the throttle steers it to its
+/// aim, the part of the latency budget it spends on average (`SLO_AIM_SHARE`); over the
+/// limit it ends a slow start and counts as a judgement over.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SloReading {
+    pub ms: f64,
+    pub aim_ms: f64,
+    pub limit_ms: f64,
+}
+
+impl SloReading {
+    pub fn over_limit(&self) -> bool {
+        self.ms > self.limit_ms
+    }
+
+    /// What this reading moves the application's level by.
+    pub fn step(&self) -> f64 {
+        if self.ms <= 0.0 || self.aim_ms <= 0.0 || !self.ms.is_finite() {
+            return 0.0;
+        }
+        (SLO_GAIN * (self.ms / self.aim_ms).ln()).clamp(-SLO_MAX_DOWN, SLO_MAX_UP)
+    }
+}
+
 impl Throttle {
     /// A stage's throttle: with `slow_start`, one batch per 1.5 s until the throttle has
     /// judged the database under the rotation; else from `max`.
@@ -108,6 +149,7 @@ impl Throttle {
         let mut t = Self {
             max: max.max(1),
             level: 0.0,
+            slo_level: None,
             window: max.max(1),
             gap: std::time::Duration::ZERO,
             slow: slow_start,
@@ -119,13 +161,16 @@ impl Throttle {
         t
     }
 
-    /// One judgement of the probes (and the application's signal): in slow start a clean
-    /// judgement of at least [`SLOW_START_MIN_PROBES`] halves the gap (or doubles the
-    /// window), the first over ends slow start; after it, [`Throttle::adjust`].
-    pub fn judge(&mut self, over: usize, under: usize, in_flight: i64) {
+    /// One judgement of the probes and, when configured, the application's p99: in slow
+    /// start a clean judgement (no probe over, the application under its limit) of at
+    /// least [`SLOW_START_MIN_PROBES`] probes or with the application's word halves the gap
+    /// (or doubles the window), the first unclean one ends slow start; after it,
+    /// [`Throttle::adjust`] for the probes and [`Throttle::adjust_slo`] for the
+    /// application.
+    pub fn judge(&mut self, over: usize, under: usize, in_flight: i64, slo: Option<SloReading>) {
         if self.slow {
-            if over == 0 {
-                if under >= SLOW_START_MIN_PROBES {
+            if over == 0 && !slo.is_some_and(|r| r.over_limit()) {
+                if under >= SLOW_START_MIN_PROBES || slo.is_some() {
                     self.level = (self.level - 1.0).max(0.0);
                     self.slow = self.level > 0.0;
                     self.apply();
@@ -135,6 +180,33 @@ impl Throttle {
             self.slow = false;
         }
         self.adjust(over, under, in_flight);
+        if let Some(r) = slo {
+            self.adjust_slo(r, in_flight);
+        }
+    }
+
+    /// Moves the application's level by one reading ([`SloReading::step`]); the first
+    /// reading starts it where the probes' level is.
+    pub fn adjust_slo(&mut self, r: SloReading, in_flight: i64) {
+        let mut level = self.slo_level.unwrap_or(self.level);
+        if r.over_limit() && self.window > in_flight.max(1) {
+            level = level.max((self.max as f64 / in_flight.max(1) as f64).log2());
+        }
+        self.slo_level = Some((level + r.step()).clamp(0.0, self.top()));
+        self.apply();
+    }
+
+    /// The application's signal is lost: its level is dropped and the probes' governs
+    /// until it answers again (then it starts from the probes' level).
+    pub fn forget_slo(&mut self) {
+        if self.slo_level.take().is_some() {
+            self.apply();
+        }
+    }
+
+    /// Which signal governs now: the application's p99 when its level is the higher.
+    pub fn slo_governs(&self) -> bool {
+        self.slo_level.is_some_and(|l| l > self.level)
     }
 
     /// Levels from `max` batches in flight down to one.
@@ -149,12 +221,13 @@ impl Throttle {
 
     fn apply(&mut self) {
         let h = self.halvings();
-        if self.level < h {
-            self.window = ((self.max as f64) / self.level.exp2()).floor().max(1.0) as i64;
+        let level = self.level.max(self.slo_level.unwrap_or(0.0));
+        if level < h {
+            self.window = ((self.max as f64) / level.exp2()).floor().max(1.0) as i64;
             self.gap = std::time::Duration::ZERO;
         } else {
             self.window = 1;
-            self.gap = GAP_UNIT.mul_f64((self.level - h).exp2() - 1.0).min(MAX_GAP);
+            self.gap = GAP_UNIT.mul_f64((level - h).exp2() - 1.0).min(MAX_GAP);
         }
     }
 
@@ -428,7 +501,7 @@ mod tests {
                     over += 1;
                 }
             }
-            t.judge(over, 40 - over, t.window);
+            t.judge(over, 40 - over, t.window, None);
             if judgement >= 500 {
                 over_total += over;
                 total += 40;
@@ -449,33 +522,153 @@ mod tests {
         assert_eq!((t.window, t.gap), (1, GAP_UNIT * 15), "one batch per 1.5 s");
         assert!(t.engaged() && t.slow);
         // Too few probes to judge: no change.
-        t.judge(0, SLOW_START_MIN_PROBES - 1, 1);
+        t.judge(0, SLOW_START_MIN_PROBES - 1, 1, None);
         assert_eq!(t.gap, GAP_UNIT * 15);
         // Each clean judgement halves the pace's period: 1.5 s, 700, 300, 100 ms, then
         // one, two, four … batches.
-        t.judge(0, 40, 1);
+        t.judge(0, 40, 1, None);
         assert_eq!(t.gap, GAP_UNIT * 7);
         for _ in 0..3 {
-            t.judge(0, 40, 1);
+            t.judge(0, 40, 1, None);
         }
         assert_eq!((t.window, t.gap), (1, Duration::ZERO));
-        t.judge(0, 40, 1);
+        t.judge(0, 40, 1, None);
         assert_eq!(t.window, 2);
         // The first probe over ends slow start where it is, and the controller takes over.
-        t.judge(1, 39, 2);
+        t.judge(1, 39, 2, None);
         assert!(!t.slow);
         assert_eq!(t.window, 1, "halved from two: {t:?}");
         // Clean judgements now come back at the controller's slow pace.
-        t.judge(0, 40, 1);
+        t.judge(0, 40, 1, None);
         assert_eq!(t.window, 1);
         // Without a probe over, slow start runs until full speed.
         let mut t = Throttle::new(8, true);
         let mut judgements = 0;
         while t.slow {
-            t.judge(0, 40, 1);
+            t.judge(0, 40, 1, None);
             judgements += 1;
         }
         assert_eq!(judgements, 3 + 4, "three halvings and four gap levels");
         assert!(!t.engaged());
+    }
+
+    fn reading(ms: f64) -> SloReading {
+        // The application alone at 5.0 ms, a 15% budget: aim 5.5 ms, limit 5.75 ms.
+        SloReading {
+            ms,
+            aim_ms: 5.5,
+            limit_ms: 5.75,
+        }
+    }
+
+    #[test]
+    fn the_applications_level_moves_symmetrically_around_its_aim() {
+        let mut t = Throttle::new(8, false);
+        t.judge(0, 40, 8, Some(reading(11.0)));
+        assert_eq!(
+            t.slo_level,
+            Some(SLO_MAX_UP),
+            "twice its aim: capped at one level"
+        );
+        let at = t.slo_level.unwrap();
+        // 4% over its aim (under its limit), then 4% under (as a ratio): back where it was.
+        t.judge(0, 40, 1, Some(reading(5.5 * 1.04)));
+        assert!(t.slo_level.unwrap() > at);
+        t.judge(0, 40, 1, Some(reading(5.5 / 1.04)));
+        assert!((t.slo_level.unwrap() - at).abs() < 1e-9, "{t:?}");
+        // Under its limit but over its aim still slows; the probes' clean judgements do
+        // not pull the application's level down: the worse one governs.
+        let before = t.clone();
+        t.judge(0, 40, 1, Some(reading(5.6)));
+        assert!(t.slo_level > before.slo_level && t.slo_governs());
+        assert!(t.gap >= before.gap);
+        // The signal lost: the probes' level governs alone.
+        t.forget_slo();
+        assert!(!t.slo_governs());
+        assert_eq!((t.window, t.gap), (8, std::time::Duration::ZERO), "{t:?}");
+        // Back, over its limit with 64 allowed and 4 in flight: it starts from what is in
+        // flight, as the probes do.
+        let mut t = Throttle::new(64, false);
+        t.judge(0, 40, 4, Some(reading(6.0)));
+        assert!(t.window < 4, "{t:?}");
+    }
+
+    #[test]
+    fn from_the_longest_gap_the_application_at_its_baseline_brings_full_speed_in_two_minutes() {
+        let mut t = Throttle::new(8, false);
+        for _ in 0..20 {
+            t.judge(0, 40, 1, Some(reading(50.0)));
+        }
+        assert_eq!(t.gap, MAX_GAP);
+        let mut judgements = 0;
+        while t.engaged() {
+            t.judge(0, 40, 1, Some(reading(5.0)));
+            judgements += 1;
+        }
+        // (3 halvings + 8.2 gap levels) / (2 × ln(5.5 / 5.0)) = 59 judgements, 2 s each.
+        assert!((55..=62).contains(&judgements), "{judgements} judgements");
+    }
+
+    #[test]
+    fn on_a_noisy_signal_the_application_rests_at_its_aim_not_at_the_longest_gap() {
+        // A stand-in for the application: 5.0 ms alone, 40% slower at full duty (one batch
+        // in flight without a gap), each window's p99 ±10% of that (log-normal, the same
+        // window seen by five judgements in a row, as a 10 s rate() polled every 2 s is).
+        let mut t = Throttle::new(8, true);
+        let mut rng = 99u64;
+        let mut uniform = || {
+            rng = rng
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (rng >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let (mut log_sum, mut duty_sum, mut n, mut at_max) = (0.0, 0.0, 0, 0);
+        let mut noise = 1.0;
+        for judgement in 0..5_000 {
+            let busy = 0.5 * t.window as f64;
+            let duty = (busy / (busy + t.gap.as_secs_f64())).min(1.0);
+            if judgement % 5 == 0 {
+                // Box–Muller: one normal deviate, σ = 0.1 in ln.
+                let (u1, u2) = (uniform().max(1e-12), uniform());
+                noise = (0.1 * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()).exp();
+            }
+            let p99 = 5.0 * (1.0 + 0.4 * duty) * noise;
+            t.judge(0, 40, t.window, Some(reading(p99)));
+            if judgement >= 1_000 {
+                log_sum += (p99 / 5.5).ln();
+                duty_sum += duty;
+                n += 1;
+                at_max += usize::from(t.gap == MAX_GAP);
+            }
+        }
+        let geo_mean = 5.5 * (log_sum / n as f64).exp();
+        let duty = duty_sum / n as f64;
+        assert!(
+            (5.3..5.7).contains(&geo_mean),
+            "the application's p99: {geo_mean} ms"
+        );
+        // 5.5 = 5.0 × (1 + 0.4 × duty): a duty of 25% on average.
+        assert!((0.15..0.35).contains(&duty), "duty {duty}");
+        assert!(
+            at_max < n / 100,
+            "{at_max} of {n} judgements at the longest gap"
+        );
+    }
+
+    #[test]
+    fn a_slow_start_ends_on_the_application_over_its_limit_and_speeds_up_on_its_word() {
+        let mut t = Throttle::new(8, true);
+        let start = t.gap;
+        // Few probes, but the application says it is fine: judged clean.
+        t.judge(0, 3, 1, Some(reading(5.2)));
+        assert!(t.slow && t.gap < start, "{t:?}");
+        // Over its aim, under its limit: still clean for a slow start.
+        let paced = t.gap;
+        t.judge(0, 40, 1, Some(reading(5.7)));
+        assert!(t.slow && t.gap < paced);
+        // Over its limit: slow start ends, slower than it was.
+        let paced = t.gap;
+        t.judge(0, 40, 1, Some(reading(6.5)));
+        assert!(!t.slow && t.gap > paced, "{t:?}");
     }
 }

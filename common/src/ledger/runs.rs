@@ -294,7 +294,20 @@ impl RunSettings {
         (self.throttle_pct > 0.0 && self.slo.is_some())
             .then(|| base + (self.throttle_pct / 100.0 * base).max(self.throttle_min_ms))
     }
+
+    /// What the throttle steers the application's p99 to: its base plus
+    /// [`SLO_AIM_SHARE`] of the budget, so that its window-to-window spread stays under
+    /// the limit.
+    pub fn slo_aim_ms(&self) -> Option<f64> {
+        let base = self.slo_base_ms()?;
+        self.slo_limit_ms()
+            .map(|limit| base + SLO_AIM_SHARE * (limit - base))
+    }
 }
+
+/// The share of the latency budget the throttle spends on average (the aim); the rest is
+/// for the application's p99's spread from one window to the next.
+pub const SLO_AIM_SHARE: f64 = 2.0 / 3.0;
 
 /// The replicas' brake by default: 30 s of replay lag, or 1 GiB of WAL.
 pub const DEFAULT_MAX_REPLICATION_LAG_SECS: f64 = 30.0;
@@ -557,10 +570,18 @@ mod tests {
             ..RunSettings::default()
         };
         assert_eq!(s.slo_limit_ms(), Some(11.5));
+        assert!(
+            (s.slo_aim_ms().unwrap() - 11.0).abs() < 1e-9,
+            "two thirds of 1.5 ms"
+        );
         for (again, base) in [(18.0, 18.0), (5.0, 10.0), (35.0, 20.0)] {
             s.slo_rebaselined_ms = Some(again);
             assert_eq!(s.slo_base_ms(), Some(base), "re-baselined at {again} ms");
             assert!((s.slo_limit_ms().unwrap() - base * 1.15).abs() < 1e-9);
+            assert!((s.slo_aim_ms().unwrap() - base * 1.10).abs() < 1e-9);
         }
+        // No throttle, no aim.
+        s.throttle_pct = 0.0;
+        assert_eq!(s.slo_aim_ms(), None);
     }
 }

@@ -506,3 +506,67 @@ async fn the_applications_own_drift_is_rebaselined_and_the_run_goes_on() {
     assert!(ok, "{out}{err}");
     let _ = std::fs::remove_dir_all(&reports);
 }
+
+/// The baseline is the application's recent history, not the moment the run is planned: a
+/// minute at 10 ms and a spike to 30 ms while the run is planned make a 10 ms baseline (the
+/// median of the query over the last two minutes, a value every 10 s), where five polls
+/// at that moment would have made it 30 ms.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_slo_baseline_is_the_applications_recent_history_not_the_moment_of_planning() {
+    let (db, env, reports) = seeded(300).await;
+    let app = AppExporter::start(0.010);
+    let prom = Prometheus::start(&db.name, &[("app", app.port)])
+        .await
+        .unwrap();
+    // Enough history for the subquery's 10 s steps: at least five of them at 10 ms.
+    let start = Instant::now();
+    loop {
+        let points = prom
+            .query("count_over_time((max(app_p99_seconds))[2m:10s])")
+            .await
+            .unwrap_or(0.0);
+        if points >= 6.0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "{points} points"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    app.set(0.030);
+    let start = Instant::now();
+    while prom.query("max(app_p99_seconds)").await.ok() != Some(0.030) {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the spike not scraped"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (ok, out, err) = env.run(
+        "rekey",
+        &quick_rotate(&[
+            "--slo-prometheus-url",
+            &prom.url,
+            "--slo-query",
+            "max(app_p99_seconds)",
+            "--detach",
+        ]),
+    );
+    assert!(ok, "{out}{err}");
+    let settings: serde_json::Value = db
+        .pool
+        .get()
+        .await
+        .unwrap()
+        .query_one("SELECT settings FROM rekey.runs WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        settings["slo_baseline_ms"].as_f64(),
+        Some(10.0),
+        "{settings}"
+    );
+    let _ = std::fs::remove_dir_all(&reports);
+}
