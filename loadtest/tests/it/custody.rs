@@ -373,18 +373,12 @@ async fn workers_present(db: &TestDb, ids: &[&str]) {
     let ids: Vec<String> = ids.iter().map(|s| (*s).to_owned()).collect();
     let start = std::time::Instant::now();
     loop {
-        let n: i64 = db
-            .pool
-            .get()
-            .await
-            .unwrap()
-            .query_one(
+        let n = db
+            .scalar(
                 "SELECT count(*) FROM rekey.workers WHERE worker_id = ANY($1)",
                 &[&ids],
             )
-            .await
-            .unwrap()
-            .get(0);
+            .await;
         if n == ids.len() as i64 {
             return;
         }

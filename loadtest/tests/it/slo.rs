@@ -88,6 +88,18 @@ impl Drop for AppExporter {
     }
 }
 
+/// Run 1's settings as the ledger keeps them.
+async fn run_settings(db: &rekey_common::testing::TestDb) -> serde_json::Value {
+    db.pool
+        .get()
+        .await
+        .unwrap()
+        .query_one("SELECT settings FROM rekey.runs WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
 fn free_port() -> u16 {
     rekey_loadtest::prom::free_port().unwrap()
 }
@@ -202,15 +214,7 @@ async fn the_applications_own_p99_from_prometheus_paces_the_run_and_status_names
         )
     };
     assert!(ok, "{out}{err}");
-    let settings: serde_json::Value = db
-        .pool
-        .get()
-        .await
-        .unwrap()
-        .query_one("SELECT settings FROM rekey.runs WHERE id = 1", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let settings = run_settings(&db).await;
     assert_eq!(
         settings["slo_baseline_ms"].as_f64(),
         Some(10.0),
@@ -474,15 +478,7 @@ async fn the_applications_own_drift_is_rebaselined_and_the_run_goes_on() {
     .await;
     let code = wait_exit(&mut driver, Duration::from_secs(240));
     assert!(code.success(), "{code:?}");
-    let settings: serde_json::Value = db
-        .pool
-        .get()
-        .await
-        .unwrap()
-        .query_one("SELECT settings FROM rekey.runs WHERE id = 1", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let settings = run_settings(&db).await;
     assert_eq!(
         settings["slo_baseline_ms"].as_f64(),
         Some(10.0),
@@ -554,15 +550,7 @@ async fn the_slo_baseline_is_the_applications_recent_history_not_the_moment_of_p
         ]),
     );
     assert!(ok, "{out}{err}");
-    let settings: serde_json::Value = db
-        .pool
-        .get()
-        .await
-        .unwrap()
-        .query_one("SELECT settings FROM rekey.runs WHERE id = 1", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let settings = run_settings(&db).await;
     assert_eq!(
         settings["slo_baseline_ms"].as_f64(),
         Some(10.0),
