@@ -105,7 +105,7 @@ pub(crate) async fn judge(
         } else {
             (0, samples.len())
         };
-        let mut reason = (over > 0).then(|| {
+        let probe_reason = (over > 0).then(|| {
             let f = &rt.perf.figures;
             format!(
                 "{over} of {} probes over their thresholds (reads {} ms, writes {} ms; the probe's p99 so far: reads {} ms, writes {} ms)",
@@ -121,6 +121,7 @@ pub(crate) async fn judge(
         // judged whether or not a batch is in flight right now: its window spans the
         // batches of the last seconds, and a paced run mostly has none in flight.
         let mut slo_reading = None;
+        let mut slo_reason = None;
         if let Some(v) = slo_value(d, rt, run).await
             && let (Some(limit), Some(aim)) =
                 (run.settings.slo_limit_ms(), run.settings.slo_aim_ms())
@@ -155,7 +156,7 @@ pub(crate) async fn judge(
                 } else {
                     format!("{before:.1} ms before the run")
                 };
-                let slo_reason = if r.over_limit() {
+                let reason = if r.over_limit() {
                     format!(
                         "the application's p99 from Prometheus is {v:.1} ms, over its limit of {limit:.1} ms ({:.0}% over its {over_what})",
                         st.throttle_pct,
@@ -166,10 +167,7 @@ pub(crate) async fn judge(
                         st.throttle_pct,
                     )
                 };
-                // The probes' reason stays when they are over and govern.
-                if reason.is_none() || r.over_limit() {
-                    reason = Some(slo_reason);
-                }
+                slo_reason = Some(reason);
             }
         }
         if working {
@@ -187,18 +185,27 @@ pub(crate) async fn judge(
             )
             .await;
         }
-        // Which signal slowed the run: said again when another one does.
-        let signal = match &reason {
-            Some(r) if r.contains("from Prometheus") => Some("prometheus"),
-            Some(_) => Some("probe"),
-            None => None,
-        };
         let throttle = rt.throttle.as_mut().expect("set above");
         let was = throttle.clone();
         if slo_reading.is_none() {
             throttle.forget_slo();
         }
         throttle.judge(over, under, in_flight, slo_reading);
+        // Which signal governs the throttle after this judgement (the one whose level is
+        // the higher; said again when the other one takes over, not each time the other
+        // one is over for a judgement), and the reason: the governing signal's when it is
+        // over its aim, else the other's.
+        let governing = if throttle.slo_governs() {
+            PROMETHEUS
+        } else {
+            PROBE
+        };
+        let (first, second) = if governing == PROMETHEUS {
+            (slo_reason, probe_reason)
+        } else {
+            (probe_reason, slo_reason)
+        };
+        let reason = first.or(second);
         rt.latency_reason = if throttle.slow {
             Some(format!(
                 "slow start: paced until the throttle has judged the database under the rotation ({} judgement(s) so far)",
@@ -229,8 +236,8 @@ pub(crate) async fn judge(
         // A warning when latency first slows the stage and a note when the
         // throttle lets go; the steps in between are debug (the report counts them).
         let slowed = over > 0 || slo_reading.is_some_and(|r| r.ms > r.aim_ms);
-        if slowed && signal.is_some() && signal != rt.said_signal {
-            rt.said_signal = signal;
+        if slowed && rt.said_signal != Some(governing) {
+            rt.said_signal = Some(governing);
             let throttling = RunEvent::Throttling {
                 stage_no,
                 reason: rt.latency_reason.clone().unwrap_or_default(),
@@ -274,6 +281,10 @@ pub(crate) async fn judge(
     }
     Ok(None)
 }
+
+/// The signals that slow a run, as the throttling event names them.
+const PROBE: &str = "probe";
+const PROMETHEUS: &str = "prometheus";
 
 /// A re-baseline waits at most this long for the batches in flight to finish (else it is
 /// skipped until the next one).

@@ -205,8 +205,7 @@ impl Throttle {
     }
 
     /// Which signal governs now: the application's p99 when its level is the higher.
-    #[cfg(test)]
-    fn slo_governs(&self) -> bool {
+    pub fn slo_governs(&self) -> bool {
         self.slo_level.is_some_and(|l| l > self.level)
     }
 
