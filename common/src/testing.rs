@@ -25,6 +25,48 @@ pub fn demo_config() -> std::path::PathBuf {
     crate::config::demo_config_file().expect("write the demo targets")
 }
 
+/// Where Debian's softhsm2 package puts its PKCS#11 module.
+pub const SOFTHSM2_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+
+/// A SoftHSM2 configuration of a test's own in `dir` (its tokens under `dir/tokens`, the
+/// lines of `extra_conf` appended) with one token initialized for each of `labels`, user PIN
+/// `pin`; returns the configuration's path, for `SOFTHSM2_CONF`.
+pub fn softhsm2_tokens(
+    dir: &std::path::Path,
+    labels: &[&str],
+    pin: &str,
+    extra_conf: &str,
+) -> std::path::PathBuf {
+    std::fs::create_dir_all(dir.join("tokens")).expect("the token directory");
+    let conf = dir.join("softhsm2.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n{extra_conf}\n",
+            dir.join("tokens").display()
+        ),
+    )
+    .expect("softhsm2.conf");
+    for label in labels {
+        let out = std::process::Command::new("softhsm2-util")
+            .args(["--init-token", "--free", "--label", label, "--pin", pin])
+            .args(["--so-pin", "so-31415926"])
+            .env("SOFTHSM2_CONF", &conf)
+            .output()
+            .expect("softhsm2-util (scripts/setup.sh installs softhsm2)");
+        assert!(out.status.success(), "{out:?}");
+    }
+    conf
+}
+
+/// Writes `text` and a newline to `path`, readable by its owner only (a PIN or password
+/// file, as rekey requires of them).
+pub fn write_private(path: &std::path::Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, format!("{text}\n")).expect("a private file");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("mode 0600");
+}
+
 /// The `name = value` lines of the first fenced block after `heading` in FORMAT.md: the
 /// values of a worked example, for the tests that check it byte for byte.
 pub fn format_md_example(heading: &str) -> std::collections::HashMap<String, String> {

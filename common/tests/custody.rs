@@ -23,14 +23,13 @@ use rekey_common::keys::master::{
 use rekey_common::keys::pkcs11::{TokenError, TokenKey, TokenSelector, TokenSettings, token_calls};
 use rekey_common::keys::store;
 use rekey_common::secret::KeyMaterial;
-use rekey_common::testing::TestDb;
+use rekey_common::testing::{SOFTHSM2_MODULE, TestDb, softhsm2_tokens, write_private};
 use secrecy::{ExposeSecret, SecretString};
 use uuid::Uuid;
 
-const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+const MODULE: &str = SOFTHSM2_MODULE;
 const TOKEN: &str = "rekey-test";
 const PIN: &str = "4711-rekey";
-const SO_PIN: &str = "so-0815-rekey";
 
 struct Hsm {
     dir: PathBuf,
@@ -64,26 +63,8 @@ fn hsm_with(test: &str, extra_conf: &str) -> Option<Hsm> {
         return None;
     }
     let dir = std::env::temp_dir().join(format!("rekey-softhsm-{}", Uuid::new_v4()));
-    std::fs::create_dir_all(dir.join("tokens")).unwrap();
-    let conf = dir.join("softhsm2.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n{extra_conf}\n",
-            dir.join("tokens").display()
-        ),
-    )
-    .unwrap();
-    for label in [TOKEN, "another-token"] {
-        let out = Command::new("softhsm2-util")
-            .args(["--init-token", "--free", "--label", label, "--pin", PIN])
-            .args(["--so-pin", SO_PIN])
-            .env("SOFTHSM2_CONF", &conf)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
-    }
-    write_pin(&dir.join("pin"), PIN);
+    let conf = softhsm2_tokens(&dir, &[TOKEN, "another-token"], PIN, extra_conf);
+    write_private(&dir.join("pin"), PIN);
     let out = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", test, "--nocapture", "--test-threads=1"])
         .env("SOFTHSM2_CONF", &conf)
@@ -99,12 +80,6 @@ fn hsm_with(test: &str, extra_conf: &str) -> Option<Hsm> {
         "{test} in its child process:\n{stdout}\n{stderr}"
     );
     None
-}
-
-fn write_pin(path: &Path, pin: &str) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::write(path, format!("{pin}\n")).unwrap();
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
 
 fn settings(h: &Hsm, key_label: &str) -> TokenSettings {
@@ -465,7 +440,7 @@ fn each_misconfiguration_is_refused_naming_the_setting_and_nothing_is_tried_twic
     // A wrong PIN: refused once, named, never retried; the right PIN still works after it
     // (the token is not locked by rekey).
     let wrong = h.dir.join("wrong-pin");
-    write_pin(&wrong, "0000-not-it");
+    write_private(&wrong, "0000-not-it");
     let mut s = settings(h, &label);
     s.pin_file = wrong;
     let e = TokenKey::open(&s).unwrap_err();
