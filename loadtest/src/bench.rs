@@ -195,6 +195,134 @@ pub struct BenchReport {
     /// The SLO query (c) was given, when `--slo`.
     #[serde(default)]
     pub slo_query: Option<String>,
+    /// What the figures depend on besides rekey: the database's settings and the machine's
+    /// memory reclaim.
+    #[serde(default)]
+    pub conditions: Conditions,
+}
+
+/// The settings the bench's figures depend on, read when it starts: PostgreSQL's own
+/// (which share of the data its buffers hold, how often it checkpoints) and whether the
+/// kernel reclaims memory that has not been touched for a while (DAMON's proactive
+/// `pageout`, as on some virtual machines): then every page of the page cache untouched
+/// for that long is dropped, and an application's point reads of a database larger than
+/// `shared_buffers` go to the disk whatever a rotation does.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct Conditions {
+    /// `name = setting` of the PostgreSQL settings in [`PG_SETTINGS`].
+    pub postgres: Vec<(String, String)>,
+    /// The database's size when the bench starts (after seeding) and when it ends, MiB.
+    pub database_mib: f64,
+    pub database_mib_after: f64,
+    /// The kernel's proactive reclaim, when one runs: what it reclaims and how fast.
+    pub reclaim: Option<String>,
+}
+
+/// The PostgreSQL settings a bench records.
+pub const PG_SETTINGS: [&str; 6] = [
+    "server_version",
+    "shared_buffers",
+    "max_wal_size",
+    "checkpoint_timeout",
+    "synchronous_commit",
+    "wal_compression",
+];
+
+impl Conditions {
+    async fn read(pool: &Pool) -> anyhow::Result<Self> {
+        let c = pool.get().await?;
+        let mut postgres = Vec::new();
+        for name in PG_SETTINGS {
+            let row = c.query_one("SELECT current_setting($1)", &[&name]).await?;
+            postgres.push((name.to_owned(), row.get(0)));
+        }
+        Ok(Self {
+            postgres,
+            database_mib: database_mib(pool).await?,
+            database_mib_after: 0.0,
+            reclaim: damon_reclaim(Path::new("/sys/kernel/mm/damon/admin/kdamonds")),
+        })
+    }
+
+    /// One line for the printed report.
+    pub fn line(&self) -> String {
+        let pg = self
+            .postgres
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut line = format!(
+            "PostgreSQL: {pg}; database {:.0} MiB before, {:.0} MiB after",
+            self.database_mib, self.database_mib_after
+        );
+        if let Some(r) = &self.reclaim {
+            line.push_str(&format!("; the kernel reclaims memory: {r}"));
+        }
+        line
+    }
+}
+
+async fn database_mib(pool: &Pool) -> anyhow::Result<f64> {
+    Ok(pool
+        .get()
+        .await?
+        .query_one(
+            "SELECT pg_database_size(current_database())::float8 / 1048576",
+            &[],
+        )
+        .await?
+        .get(0))
+}
+
+/// The DAMON schemes that page memory out, from its sysfs interface (`root`): for each
+/// running kdamond, the age after which a region not accessed is paged out and the quota.
+/// `None` when there is none (or no such interface).
+pub fn damon_reclaim(root: &Path) -> Option<String> {
+    let read = |p: PathBuf| std::fs::read_to_string(p).ok().map(|s| s.trim().to_owned());
+    let mut found = Vec::new();
+    for kd in std::fs::read_dir(root).ok()?.flatten() {
+        let kd = kd.path();
+        if read(kd.join("state")).as_deref() != Some("on") {
+            continue;
+        }
+        for ctx in std::fs::read_dir(kd.join("contexts")).ok()?.flatten() {
+            let ctx = ctx.path();
+            let aggr_us: f64 = read(ctx.join("monitoring_attrs/intervals/aggr_us"))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0.0);
+            let Ok(schemes) = std::fs::read_dir(ctx.join("schemes")) else {
+                continue;
+            };
+            for sc in schemes.flatten() {
+                let sc = sc.path();
+                if read(sc.join("action")).as_deref() != Some("pageout") {
+                    continue;
+                }
+                let age: f64 = read(sc.join("access_pattern/age/min"))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0.0);
+                let quota: f64 = read(sc.join("quotas/bytes"))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0.0);
+                let reset_ms: f64 = read(sc.join("quotas/reset_interval_ms"))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(1000.0);
+                let mut what = format!(
+                    "DAMON pages out what was not accessed for {:.0} s",
+                    age * aggr_us / 1e6
+                );
+                if quota > 0.0 && reset_ms > 0.0 {
+                    what.push_str(&format!(
+                        ", up to {:.0} MiB/s",
+                        quota / 1048576.0 * 1000.0 / reset_ms
+                    ));
+                }
+                found.push(what);
+            }
+        }
+    }
+    (!found.is_empty()).then(|| found.join("; "))
 }
 
 /// The demo tables and their encrypted columns.
@@ -582,6 +710,7 @@ pub async fn run(
     let seeded = seed::reseed(&pool, settings, &master, opts.rows, opts.seed).await?;
     report.seed_seconds = t.elapsed().as_secs_f64();
     report.values = seeded.values;
+    report.conditions = Conditions::read(&pool).await?;
     report.data_mib = pool
         .get()
         .await?
@@ -934,6 +1063,7 @@ pub async fn run(
         server.abort();
     }
     crate::procs::delete_queues(settings, &prefix).await;
+    report.conditions.database_mib_after = database_mib(&pool).await?;
     if !opts.only_full {
         report.full_vs_ceiling = report.full.rows_per_sec / report.ceiling.rows_per_sec.max(1e-9);
         report.full_vs_bare = report.full.rows_per_sec / report.bare.rows_per_sec.max(1e-9);
@@ -1152,6 +1282,9 @@ pub fn print(r: &BenchReport) {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    if !r.conditions.postgres.is_empty() {
+        println!("  {}", r.conditions.line());
+    }
     if r.throttle_pct > 0.0 {
         println!(
             "  (c) throttle: the probe's p99 held within {}% of the application's p99 (at least {} ms), {}",
@@ -1421,4 +1554,39 @@ pub fn chart(r: &BenchReport, path: &Path, font: &Path) -> anyhow::Result<()> {
     }
     root.present()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A DAMON sysfs tree as a VM's proactive reclaim sets it up: one kdamond on, a
+    /// `pageout` scheme for regions not accessed for 12 aggregation intervals of 5 s, at
+    /// most 128 MiB a second; a second kdamond off; a scheme of another action.
+    #[test]
+    fn the_kernels_proactive_reclaim_is_read_from_damons_sysfs() {
+        let root = std::env::temp_dir().join(format!("rekey-damon-{}", Uuid::new_v4()));
+        let put = |rel: &str, v: &str| {
+            let p = root.join(rel);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, format!("{v}\n")).unwrap();
+        };
+        assert_eq!(damon_reclaim(&root), None, "no interface");
+        put("0/state", "on");
+        put("0/contexts/0/monitoring_attrs/intervals/aggr_us", "5000000");
+        put("0/contexts/0/schemes/0/action", "pageout");
+        put("0/contexts/0/schemes/0/access_pattern/age/min", "12");
+        put("0/contexts/0/schemes/0/quotas/bytes", "134217728");
+        put("0/contexts/0/schemes/0/quotas/reset_interval_ms", "1000");
+        put("0/contexts/0/schemes/1/action", "stat");
+        put("1/state", "off");
+        put("1/contexts/0/schemes/0/action", "pageout");
+        assert_eq!(
+            damon_reclaim(&root).as_deref(),
+            Some("DAMON pages out what was not accessed for 60 s, up to 128 MiB/s")
+        );
+        put("0/state", "off");
+        assert_eq!(damon_reclaim(&root), None, "not running");
+        let _ = std::fs::remove_dir_all(&root);
+    }
 }

@@ -217,9 +217,21 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // First thing: a SIGTERM or Ctrl-C to this process alone (a supervisor's stop, a CI
+    // job cancelled, `timeout`) drops what runs, and with it every process it started —
+    // workers, `rekey rotate`, Prometheus, private brokers and clusters are all killed on
+    // drop — instead of leaving them running behind it.
+    let stop = rekey_common::shutdown::signal();
     let cli = Cli::parse();
     rekey_common::telemetry::init(cli.log_format);
-    match run(cli).await {
+    let outcome = tokio::select! {
+        r = run(cli) => r,
+        () = stop => {
+            eprintln!("stopped by a signal: the processes it started are stopped with it; a rotation it started stays resumable (`rekey status`)");
+            return ExitCode::from(130);
+        }
+    };
+    match outcome {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {}", rekey_common::report_error::error_text(&e));

@@ -20,6 +20,58 @@ pub(crate) fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// A spawned process that is killed (and reaped) when dropped: a test that fails half-way
+/// leaves no worker, driver or traffic generator running behind it.
+pub(crate) struct Proc(Option<Child>);
+
+impl Proc {
+    pub(crate) fn into_inner(mut self) -> Child {
+        self.0.take().expect("a Proc holds its child until dropped")
+    }
+}
+
+impl std::ops::Deref for Proc {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        self.0
+            .as_ref()
+            .expect("a Proc holds its child until dropped")
+    }
+}
+
+impl std::ops::DerefMut for Proc {
+    fn deref_mut(&mut self) -> &mut Child {
+        self.0
+            .as_mut()
+            .expect("a Proc holds its child until dropped")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0
+            && let Ok(None) = c.try_wait()
+        {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// `Command::spawn` for the tests: the child is a [`Proc`].
+pub(crate) trait SpawnGuarded {
+    fn spawn_guarded(&mut self) -> Proc;
+}
+
+impl SpawnGuarded for Command {
+    fn spawn_guarded(&mut self) -> Proc {
+        match self.spawn() {
+            Ok(c) => Proc(Some(c)),
+            Err(e) => panic!("cannot start {}: {e}", self.get_program().display()),
+        }
+    }
+}
+
 pub(crate) struct Env {
     pub(crate) vars: Vec<(&'static str, String)>,
 }
@@ -66,12 +118,11 @@ impl Env {
         )
     }
 
-    pub(crate) fn worker(&self, id: &str) -> Child {
+    pub(crate) fn worker(&self, id: &str) -> Proc {
         self.cmd("rekey-worker", &["--worker-id", id])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
+            .spawn_guarded()
     }
 }
 
@@ -97,6 +148,18 @@ pub(crate) fn paced_rotate<'a>(extra: &[&'a str]) -> Vec<&'a str> {
     ];
     args.extend_from_slice(extra);
     args
+}
+
+/// A channel on the suite's broker (the guest user on 127.0.0.1), with its connection.
+pub(crate) async fn test_channel() -> (lapin::Connection, lapin::Channel) {
+    let conn = broker::connect(
+        &secrecy::SecretString::from("amqp://guest:guest@127.0.0.1:5672/%2f"),
+        "t",
+    )
+    .await
+    .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    (conn, ch)
 }
 
 pub(crate) fn sigterm(child: &Child) {
@@ -144,13 +207,7 @@ async fn seed_rotate_with_two_worker_processes_verify_and_stop_them_with_sigterm
     let mut w1 = env.worker("p1");
     let mut w2 = env.worker("p2");
     // Preflight requires live workers: wait until both consume.
-    let conn = broker::connect(
-        &secrecy::SecretString::from("amqp://guest:guest@127.0.0.1:5672/%2f"),
-        "t",
-    )
-    .await
-    .unwrap();
-    let ch = conn.create_channel().await.unwrap();
+    let (_conn, ch) = test_channel().await;
     let topo = Topology::new(&db.name);
     broker::declare(&ch, &topo).await.unwrap();
     let start = Instant::now();
@@ -231,13 +288,7 @@ async fn seed_rotate_with_two_worker_processes_verify_and_stop_them_with_sigterm
     assert!(wait_exit(&mut w1, Duration::from_secs(30)).success());
     assert!(wait_exit(&mut w2, Duration::from_secs(30)).success());
 
-    let conn = broker::connect(
-        &secrecy::SecretString::from("amqp://guest:guest@127.0.0.1:5672/%2f"),
-        "t",
-    )
-    .await
-    .unwrap();
-    let ch = conn.create_channel().await.unwrap();
+    let (_conn, ch) = test_channel().await;
     broker::delete(&ch, &Topology::new(&db.name)).await.unwrap();
 }
 
@@ -384,13 +435,7 @@ async fn a_breach_with_auto_rollback_rolls_the_run_back_by_itself() {
     );
     sigterm(&w);
     assert!(wait_exit(&mut w, Duration::from_secs(30)).success());
-    let conn = broker::connect(
-        &secrecy::SecretString::from("amqp://guest:guest@127.0.0.1:5672/%2f"),
-        "t",
-    )
-    .await
-    .unwrap();
-    let ch = conn.create_channel().await.unwrap();
+    let (_conn, ch) = test_channel().await;
     broker::delete(&ch, &Topology::new(&db.name)).await.unwrap();
 }
 
@@ -480,6 +525,36 @@ async fn bench_measures_three_phases_on_the_same_data_and_leaves_every_value_ver
     let workers = r["workers_memory"].as_array().unwrap();
     assert_eq!(workers.len(), 1);
     assert!(workers[0]["peak_rss_mib"].as_f64().unwrap() > 1.0);
+    // What the figures depend on besides rekey: the server's settings as it reports them,
+    // the database's size before and after, printed too.
+    let c = &r["conditions"];
+    let pg: std::collections::HashMap<String, String> =
+        serde_json::from_value::<Vec<(String, String)>>(c["postgres"].clone())
+            .unwrap()
+            .into_iter()
+            .collect();
+    let version = db
+        .pool
+        .get()
+        .await
+        .unwrap()
+        .query_one("SHOW server_version", &[])
+        .await
+        .unwrap()
+        .get::<_, String>(0);
+    assert_eq!(pg.get("server_version"), Some(&version), "{c}");
+    assert!(pg.contains_key("shared_buffers"), "{c}");
+    assert!(c["database_mib"].as_f64().unwrap() > 1.0, "{c}");
+    assert!(
+        c["database_mib_after"].as_f64().unwrap() >= c["database_mib"].as_f64().unwrap() * 0.5,
+        "{c}"
+    );
+    assert!(
+        out.contains(&format!(
+            "PostgreSQL: server_version {version}, shared_buffers "
+        )),
+        "{out}"
+    );
     // The chart is a PNG.
     let bytes = std::fs::read(&png).unwrap();
     assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
@@ -497,15 +572,127 @@ async fn bench_measures_three_phases_on_the_same_data_and_leaves_every_value_ver
     assert!(ok, "{out}{err}");
     assert_eq!(&std::fs::read(&again).unwrap()[..8], b"\x89PNG\r\n\x1a\n");
     // The bench's queues are gone: a passive declare of them fails.
-    let conn = broker::connect(
-        &secrecy::SecretString::from("amqp://guest:guest@127.0.0.1:5672/%2f"),
-        "t",
-    )
-    .await
-    .unwrap();
-    let ch = conn.create_channel().await.unwrap();
+    let (_conn, ch) = test_channel().await;
     let topo = Topology::new(r["queue_prefix"].as_str().unwrap());
     assert!(broker::queue_depth(&ch, &topo.batches).await.is_err());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The processes whose parent is `pid` (from /proc), with their names.
+fn children_of(pid: u32) -> Vec<(u32, String)> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid …: comm may hold spaces and parentheses.
+        let Some((head, tail)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let mut rest = tail.split_whitespace();
+        let (_state, ppid) = (rest.next(), rest.next());
+        if ppid.and_then(|p| p.parse::<u32>().ok()) == Some(pid) {
+            let child: u32 = head.split_whitespace().next().unwrap().parse().unwrap();
+            let comm = head.split_once('(').map_or("", |(_, c)| c).to_owned();
+            found.push((child, comm));
+        }
+    }
+    found
+}
+
+/// Whether `pid` is gone (or a zombie nobody reaped: dead all the same).
+fn gone(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit_once(')')
+                .is_some_and(|(_, t)| t.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(true)
+}
+
+/// A bench stopped by SIGTERM to it alone (a supervisor's stop, a cancelled job, `timeout`)
+/// stops the workers, the `rekey rotate` and the Prometheus it started, instead of
+/// leaving them running; it says so and exits non-zero.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bench_stopped_by_a_signal_stops_every_process_it_started() {
+    let db = TestDb::new().await;
+    let dir = std::env::temp_dir().join(format!("{}-bench", db.name));
+    std::fs::create_dir_all(&dir).unwrap();
+    let env = Env::new(&db, dir.join("reports"));
+    let log = dir.join("bench.log");
+    // Slow start paces (c)'s first batches 1.5 s apart: (c) lasts long enough to be stopped.
+    let mut bench = env
+        .cmd(
+            "rekey-loadtest",
+            &[
+                "bench",
+                "--rows",
+                "3000",
+                "--workers",
+                "2",
+                "--only-full",
+                "--slo",
+                "--batch-size",
+                "100",
+                "--traffic-rate",
+                "20",
+                "--baseline",
+                "2s",
+                "--out",
+                dir.join("bench.json").to_str().unwrap(),
+                "--chart",
+                dir.join("bench.png").to_str().unwrap(),
+            ],
+        )
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn_guarded();
+    let start = Instant::now();
+    let children = loop {
+        let c = children_of(bench.id());
+        let workers = c.iter().filter(|(_, n)| n == "rekey-worker").count();
+        if workers == 2
+            && c.iter().any(|(_, n)| n == "rekey")
+            && c.iter().any(|(_, n)| n == "prometheus")
+        {
+            break c;
+        }
+        assert!(
+            bench.try_wait().unwrap().is_none(),
+            "the bench ended first:\n{}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "(c) not under way: {c:?}\n{}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    sigterm(&bench);
+    let code = wait_exit(&mut bench, Duration::from_secs(30));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(code.code(), Some(130), "{text}");
+    assert!(
+        text.contains("stopped by a signal: the processes it started are stopped with it"),
+        "{text}"
+    );
+    let start = Instant::now();
+    while !children.iter().all(|(pid, _)| gone(*pid)) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "left running: {:?}",
+            children
+                .iter()
+                .filter(|(pid, _)| !gone(*pid))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Its queues stay with the run (the bench deletes them when it ends by itself).
+    let (_conn, ch) = test_channel().await;
+    let prefix = format!("{}-bench-{}", db.name, bench.id());
+    broker::delete(&ch, &Topology::new(&prefix)).await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -671,8 +858,7 @@ async fn ctrl_c_while_driving_prints_the_resume_hint_and_no_missing_report() {
         )
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .spawn_guarded();
     let start = Instant::now();
     loop {
         let c = db.pool.get().await.unwrap();
@@ -746,8 +932,7 @@ async fn a_dry_run_with_default_flags_finishes_and_writes_nothing() {
         )
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .spawn_guarded();
     let code = wait_exit(&mut rotate, Duration::from_secs(90));
     let mut text = String::new();
     std::io::Read::read_to_string(rotate.stdout.as_mut().unwrap(), &mut text).unwrap();

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::binaries::{quick_rotate, seeded, sigterm, wait_exit};
+use crate::binaries::{SpawnGuarded, quick_rotate, seeded, sigterm, wait_exit};
 use crate::observability::free_port;
 use crate::stalls::status_until;
 
@@ -185,8 +185,7 @@ async fn a_replica_whose_replay_falls_behind_holds_publication_until_it_catches_
         )
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .spawn_guarded();
     let held = status_until(&env, "1", Duration::from_secs(60), |s| {
         s.contains("throttle     held: replica")
     })
@@ -268,8 +267,7 @@ async fn busy_backends_hold_publication_until_they_finish() {
         )
         .stdout(Stdio::null())
         .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+        .spawn_guarded();
     let held = status_until(&env, "1", Duration::from_secs(60), |s| {
         s.contains("active backends in PostgreSQL")
     })
@@ -316,8 +314,7 @@ async fn a_requested_checkpoint_holds_publication_for_the_checkpoint_hold() {
         .env("FAILPOINTS", "worker.after_write=sleep(300)")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+        .spawn_guarded();
     let mut driver = env
         .cmd(
             "rekey",
@@ -332,8 +329,7 @@ async fn a_requested_checkpoint_holds_publication_for_the_checkpoint_hold() {
         )
         .stdout(Stdio::null())
         .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+        .spawn_guarded();
     let done = "SELECT count(*) FROM rekey.batches WHERE run_id = 1 AND state = 'done'";
     let start = Instant::now();
     while db.scalar(done, &[]).await < 2 {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use rekey_common::broker;
 use secrecy::SecretString;
 
-use crate::binaries::{Env, quick_rotate, seeded, sigterm, wait_exit};
+use crate::binaries::{Env, SpawnGuarded, quick_rotate, seeded, sigterm, wait_exit};
 
 fn rabbitmqctl(args: &[&str]) -> (bool, String) {
     let out = Command::new("rabbitmqctl")
@@ -103,8 +103,7 @@ async fn a_rotation_runs_with_a_coordinator_user_and_a_worker_user_of_least_perm
         .cmd("rekey-worker", &["--worker-id", "least"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .spawn_guarded();
     let (ok, out, err) = coord_env.run(
         "rekey",
         &quick_rotate(&["--batch-size", "500", "--max-error-rate", "0.05", "--json"]),

@@ -6,7 +6,7 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use crate::binaries::{quick_rotate, seeded, sigterm, wait_exit};
+use crate::binaries::{SpawnGuarded, quick_rotate, seeded, sigterm, wait_exit};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_spent_nonce_budget_halts_the_run_across_three_worker_processes_and_is_never_passed() {
@@ -26,8 +26,7 @@ async fn a_spent_nonce_budget_halts_the_run_across_three_worker_processes_and_is
         )
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .spawn_guarded();
     let code = wait_exit(&mut rotate, Duration::from_secs(180));
     let mut text = String::new();
     std::io::Read::read_to_string(rotate.stdout.as_mut().unwrap(), &mut text).unwrap();

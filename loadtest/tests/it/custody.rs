@@ -8,35 +8,18 @@
 //! `[pkcs11]` table.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
-use rekey_common::testing::TestDb;
+use rekey_common::testing::{SOFTHSM2_MODULE, TestDb, softhsm2_tokens, write_private};
 
-use crate::binaries::{Env, quick_rotate, sigterm, wait_exit};
+use crate::binaries::{Env, SpawnGuarded, quick_rotate, sigterm, wait_exit};
 
-const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+const MODULE: &str = SOFTHSM2_MODULE;
 const PIN: &str = "2718-rekey";
 
 /// A SoftHSM2 token directory with one token, `rekey`; its settings for the binaries.
 fn softhsm(dir: &Path) -> Vec<(&'static str, String)> {
-    std::fs::create_dir_all(dir.join("tokens")).unwrap();
-    let conf = dir.join("softhsm2.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-            dir.join("tokens").display()
-        ),
-    )
-    .unwrap();
-    let out = Command::new("softhsm2-util")
-        .args(["--init-token", "--free", "--label", "rekey", "--pin", PIN])
-        .args(["--so-pin", "31415926"])
-        .env("SOFTHSM2_CONF", &conf)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
+    let conf = softhsm2_tokens(dir, &["rekey"], PIN, "");
     let pin = dir.join("pin");
     write_private(&pin, PIN);
     vec![
@@ -45,12 +28,6 @@ fn softhsm(dir: &Path) -> Vec<(&'static str, String)> {
         ("REKEY_PKCS11_TOKEN_LABEL", "rekey".into()),
         ("REKEY_PKCS11_PIN_FILE", pin.display().to_string()),
     ]
-}
-
-fn write_private(path: &Path, text: &str) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::write(path, format!("{text}\n")).unwrap();
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
 
 fn set(env: &mut Env, key: &'static str, value: &str) {
@@ -225,8 +202,7 @@ async fn a_staged_rotation_with_the_master_key_inside_a_softhsm2_token() {
         .env("FAILPOINTS", "pkcs11.lose_session=1*off->1*return")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+        .spawn_guarded();
     let mut w2 = env.worker("hsm-2");
     // Both have loaded their rings before the rotation makes its key: hsm-1's next load is
     // the one that loses its session.
@@ -246,12 +222,11 @@ async fn a_staged_rotation_with_the_master_key_inside_a_softhsm2_token() {
             env.cmd("rekey", &["keys", "status"])
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap()
+                .spawn_guarded()
         })
         .collect();
     for p in many {
-        let out = p.wait_with_output().unwrap();
+        let out = p.into_inner().wait_with_output().unwrap();
         assert!(
             out.status.success(),
             "{}",

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use rekey_common::testing::TestDb;
 
-use crate::binaries::{Env, wait_exit};
+use crate::binaries::{Env, SpawnGuarded, wait_exit};
 
 fn without_master_key(env: &Env) -> Env {
     Env {
@@ -52,8 +52,7 @@ async fn a_master_key_file_others_can_read_is_refused_unless_allowed() {
         .cmd("rekey-worker", &[])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .spawn_guarded();
     let code = wait_exit(&mut worker, Duration::from_secs(30));
     let mut werr = String::new();
     std::io::Read::read_to_string(worker.stderr.as_mut().unwrap(), &mut werr).unwrap();

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use rekey_common::testing::TestDb;
 
-use crate::binaries::{Env, quick_rotate, seeded, sigterm, wait_exit};
+use crate::binaries::{Env, SpawnGuarded, quick_rotate, seeded, sigterm, wait_exit};
 
 /// A `text` encrypted column and an `int4` id: preflight fails naming each, and `rekey
 /// rotate --skip-preflight` refuses before it generates a key or plans a run.
@@ -151,8 +151,7 @@ async fn a_batch_that_panics_is_marked_failed_and_the_worker_goes_on() {
         .env("FAILPOINTS", "worker.after_read=1*panic")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+        .spawn_guarded();
     let rotate = quick_rotate(&["--stages", "100"]);
     let (ok, out, err) = env.run("rekey", &rotate);
     assert!(!ok, "the run halts on the failed batch: {out}{err}");

@@ -9,14 +9,16 @@
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 
 use rekey_loadtest::prom::Prometheus;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::binaries::{Env, paced_rotate, quick_rotate, seeded, sigterm, wait_exit};
+use crate::binaries::{
+    Env, Proc, SpawnGuarded, paced_rotate, quick_rotate, seeded, sigterm, wait_exit,
+};
 use crate::stalls::status_until;
 
 /// The application: serves `app_p99_seconds` (the test sets it) at /metrics.
@@ -184,8 +186,7 @@ async fn the_applications_own_p99_from_prometheus_paces_the_run_and_status_names
         )
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&traffic_log).unwrap())
-        .spawn()
-        .unwrap();
+        .spawn_guarded();
 
     // Planned with the signal from the environment (and the unit from a flag): the
     // baseline is the gauge's 10 ms. Slow start paces the first batches.
@@ -222,7 +223,7 @@ async fn the_applications_own_p99_from_prometheus_paces_the_run_and_status_names
     );
     assert_eq!(settings["slo"]["query"], "max(app_p99_seconds)");
 
-    let mut workers: Vec<Child> = (0..2).map(|i| env.worker(&format!("w{i}"))).collect();
+    let mut workers: Vec<Proc> = (0..2).map(|i| env.worker(&format!("w{i}"))).collect();
     let log_path = std::env::temp_dir().join(format!("{}-driver.log", db.name));
     let log = std::fs::File::create(&log_path).unwrap();
     let mut driver = env
@@ -237,8 +238,7 @@ async fn the_applications_own_p99_from_prometheus_paces_the_run_and_status_names
         )
         .stdout(Stdio::null())
         .stderr(log)
-        .spawn()
-        .unwrap();
+        .spawn_guarded();
     // The first batches are paced (slow start): the application turns slow then.
     let start = Instant::now();
     while done_batches(&db).await == 0 {
@@ -330,20 +330,34 @@ fn gap_ms(status: &str) -> u64 {
 /// stale, the SLO query returns no series): the run goes on, governed by the probe alone,
 /// and `rekey status` and a `signal_lost` event say why; when the metric is back, a
 /// `signal_back` event, and the run completes with every value verified.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_signal_lost_mid_run_leaves_the_probe_governing_and_status_says_so() {
-    let (db, env, reports) = seeded(3_000).await;
-    let app = AppExporter::start(0.010);
-    let prom = Prometheus::start(&db.name, &[("app", app.port)])
-        .await
-        .unwrap();
-    let (ok, out, err) = env.run(
-        "rekey",
-        &quick_rotate(&[
+/// A run planned on the exporter's signal (`--batch-size` and `extra` given to `rotate`),
+/// driven by `rekey resume` in the background with its log in a file, one worker whose
+/// batches take 300 ms (the run outlasts what the test does to the signal), two batches
+/// done.
+struct SloScene {
+    // Dropped in this order: the processes before the signal, the database last.
+    driver: Proc,
+    worker: Proc,
+    _prom: Prometheus,
+    app: AppExporter,
+    log_path: std::path::PathBuf,
+    reports: std::path::PathBuf,
+    env: Env,
+    db: rekey_common::testing::TestDb,
+}
+
+impl SloScene {
+    async fn start(batch_size: &str, extra: &[&str]) -> Self {
+        let (db, env, reports) = seeded(3_000).await;
+        let app = AppExporter::start(0.010);
+        let prom = Prometheus::start(&db.name, &[("app", app.port)])
+            .await
+            .unwrap();
+        let mut args = vec![
             "--stages",
             "100",
             "--batch-size",
-            "50",
+            batch_size,
             "--slo-prometheus-url",
             &prom.url,
             "--slo-query",
@@ -351,31 +365,64 @@ async fn a_signal_lost_mid_run_leaves_the_probe_governing_and_status_says_so() {
             "--slo-unit",
             "s",
             "--detach",
-        ]),
-    );
-    assert!(ok, "{out}{err}");
-    // Batches that take a while: the run outlasts the outage.
-    let mut worker = env
-        .cmd("rekey-worker", &["--worker-id", "w"])
-        .env("FAILPOINTS", "worker.after_write=sleep(300)")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let log_path = std::env::temp_dir().join(format!("{}-driver.log", db.name));
-    let mut driver = env
-        .cmd("rekey", &["resume", "1"])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while done_batches(&db).await < 2 {
-        assert!(start.elapsed() < Duration::from_secs(60), "no batch done");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        ];
+        args.extend_from_slice(extra);
+        let (ok, out, err) = env.run("rekey", &quick_rotate(&args));
+        assert!(ok, "{out}{err}");
+        let worker = env
+            .cmd("rekey-worker", &["--worker-id", "w"])
+            .env("FAILPOINTS", "worker.after_write=sleep(300)")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn_guarded();
+        let log_path = std::env::temp_dir().join(format!("{}-driver.log", db.name));
+        let driver = env
+            .cmd("rekey", &["resume", "1"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log_path).unwrap())
+            .spawn_guarded();
+        let start = Instant::now();
+        while done_batches(&db).await < 2 {
+            assert!(start.elapsed() < Duration::from_secs(60), "no batch done");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Self {
+            db,
+            env,
+            reports,
+            app,
+            _prom: prom,
+            worker,
+            driver,
+            log_path,
+        }
     }
-    app.serve(false);
-    let lost = status_until(&env, "1", Duration::from_secs(30), |s| {
+
+    /// Waits for the driver to finish the run and returns its log.
+    fn finished(&mut self, within: Duration) -> String {
+        let code = wait_exit(&mut self.driver, within);
+        assert!(code.success(), "{code:?}");
+        let log = std::fs::read_to_string(&self.log_path).unwrap();
+        let _ = std::fs::remove_file(&self.log_path);
+        log
+    }
+
+    /// Stops the worker and verifies every value.
+    fn verified(mut self) {
+        sigterm(&self.worker);
+        wait_exit(&mut self.worker, Duration::from_secs(30));
+        let (ok, out, err) = self.env.run("rekey-loadtest", &["verify"]);
+        assert!(ok, "{out}{err}");
+        let _ = std::fs::remove_dir_all(&self.reports);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_signal_lost_mid_run_leaves_the_probe_governing_and_status_says_so() {
+    let mut scene = SloScene::start("50", &[]).await;
+    let (db, env) = (&scene.db, &scene.env);
+    scene.app.serve(false);
+    let lost = status_until(env, "1", Duration::from_secs(30), |s| {
         s.contains("from Prometheus is unavailable")
     })
     .await;
@@ -384,25 +431,19 @@ async fn a_signal_lost_mid_run_leaves_the_probe_governing_and_status_says_so() {
         "{lost}"
     );
     // Not held by the loss: batches go on being done meanwhile.
-    let at = done_batches(&db).await;
+    let at = done_batches(db).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(
-        done_batches(&db).await > at,
+        done_batches(db).await > at,
         "the run stalled while the signal was lost"
     );
-    app.serve(true);
-    status_until(&env, "1", Duration::from_secs(30), |s| {
+    scene.app.serve(true);
+    status_until(env, "1", Duration::from_secs(30), |s| {
         !s.contains("is unavailable")
     })
     .await;
-    let code = wait_exit(&mut driver, Duration::from_secs(180));
-    assert!(code.success(), "{code:?}");
-    sigterm(&worker);
-    wait_exit(&mut worker, Duration::from_secs(30));
-    let (ok, out, err) = env.run("rekey-loadtest", &["verify"]);
-    assert!(ok, "{out}{err}");
-    let log = std::fs::read_to_string(&log_path).unwrap();
-    let _ = std::fs::remove_file(&log_path);
+    let log = scene.finished(Duration::from_secs(180));
+    scene.verified();
     let lost_at = log
         .find("from Prometheus is unavailable: the probe alone governs")
         .unwrap_or_else(|| panic!("no signal_lost event:\n{log}"));
@@ -410,7 +451,6 @@ async fn a_signal_lost_mid_run_leaves_the_probe_governing_and_status_says_so() {
         .find("from Prometheus answers again")
         .unwrap_or_else(|| panic!("no signal_back event:\n{log}"));
     assert!(lost_at < back_at, "{log}");
-    let _ = std::fs::remove_dir_all(&reports);
 }
 
 /// The application slower for reasons of its own (also while nothing runs): the throttle
@@ -420,65 +460,23 @@ async fn a_signal_lost_mid_run_leaves_the_probe_governing_and_status_says_so() {
 /// longest gap; the new value is recorded and said.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_applications_own_drift_is_rebaselined_and_the_run_goes_on() {
-    let (db, env, reports) = seeded(3_000).await;
-    let app = AppExporter::start(0.010);
-    let prom = Prometheus::start(&db.name, &[("app", app.port)])
-        .await
-        .unwrap();
-    let (ok, out, err) = env.run(
-        "rekey",
-        &quick_rotate(&[
-            "--stages",
-            "100",
-            "--batch-size",
-            "20",
-            "--slo-prometheus-url",
-            &prom.url,
-            "--slo-query",
-            "max(app_p99_seconds)",
-            "--slo-unit",
-            "s",
-            "--rebaseline-every",
-            "30s",
-            "--detach",
-        ]),
-    );
-    assert!(ok, "{out}{err}");
-    let mut worker = env
-        .cmd("rekey-worker", &["--worker-id", "w"])
-        .env("FAILPOINTS", "worker.after_write=sleep(300)")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let log_path = std::env::temp_dir().join(format!("{}-driver.log", db.name));
-    let mut driver = env
-        .cmd("rekey", &["resume", "1"])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while done_batches(&db).await < 2 {
-        assert!(start.elapsed() < Duration::from_secs(60), "no batch done");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let mut scene = SloScene::start("20", &["--rebaseline-every", "30s"]).await;
+    let env = &scene.env;
     // 18 ms from now on, whatever the rotation does: the throttle holds the run back.
-    app.set(0.018);
-    status_until(&env, "1", Duration::from_secs(30), |s| {
+    scene.app.set(0.018);
+    status_until(env, "1", Duration::from_secs(30), |s| {
         s.contains("the application's p99 from Prometheus is 18.0 ms, over its limit of 11.5 ms")
     })
     .await;
     // The re-baseline (30 s into the stage) waits for the application alone, then moves
     // the limit: 18.0 ms + 15%.
-    status_until(&env, "1", Duration::from_secs(90), |s| {
+    status_until(env, "1", Duration::from_secs(90), |s| {
         s.contains("re-baselining")
             && s.contains("the application's Prometheus is asked 20 s after")
     })
     .await;
-    let code = wait_exit(&mut driver, Duration::from_secs(240));
-    assert!(code.success(), "{code:?}");
-    let settings = run_settings(&db).await;
+    let log = scene.finished(Duration::from_secs(240));
+    let settings = run_settings(&scene.db).await;
     assert_eq!(
         settings["slo_baseline_ms"].as_f64(),
         Some(10.0),
@@ -489,18 +487,12 @@ async fn the_applications_own_drift_is_rebaselined_and_the_run_goes_on() {
         Some(18.0),
         "{settings}"
     );
-    let log = std::fs::read_to_string(&log_path).unwrap();
-    let _ = std::fs::remove_file(&log_path);
     assert!(
         log.lines()
             .any(|l| l.contains("new baseline") && l.contains("slo_p99_ms=18")),
         "no re-baseline of the application's p99:\n{log}"
     );
-    sigterm(&worker);
-    wait_exit(&mut worker, Duration::from_secs(30));
-    let (ok, out, err) = env.run("rekey-loadtest", &["verify"]);
-    assert!(ok, "{out}{err}");
-    let _ = std::fs::remove_dir_all(&reports);
+    scene.verified();
 }
 
 /// The baseline is the application's recent history, not the moment the run is planned: a

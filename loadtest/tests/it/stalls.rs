@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use rekey_common::keys::master::generate_base64;
 use secrecy::ExposeSecret;
 
-use crate::binaries::{Env, quick_rotate, seeded, sigterm, wait_exit};
+use crate::binaries::{Env, SpawnGuarded, quick_rotate, seeded, sigterm, wait_exit};
 use crate::observability::{free_port, scrape, sum};
 
 /// Runs `rekey status RUN` until its output satisfies `ok`; the last output.
@@ -80,8 +80,7 @@ async fn a_run_nobody_consumes_and_a_killed_driver_are_named_and_a_second_driver
         )
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+        .spawn_guarded();
     let pid = driver.id();
     // The driver counts the queue's consumers every 5 s; past `--no-consumer-after` it says so.
     let start = Instant::now();
@@ -155,8 +154,7 @@ async fn a_run_nobody_consumes_and_a_killed_driver_are_named_and_a_second_driver
         .cmd("rekey", &["resume", "1"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .spawn_guarded();
     let code = wait_exit(&mut resumed, Duration::from_secs(180));
     sigterm(&worker);
     wait_exit(&mut worker, Duration::from_secs(30));
@@ -218,8 +216,7 @@ async fn awaiting_promote_is_said_and_promote_with_nobody_driving_warns() {
         )
         .stdout(Stdio::null())
         .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+        .spawn_guarded();
     let awaiting = status_until(&env, "1", Duration::from_secs(120), |s| {
         s.contains("awaiting promote")
     })
@@ -282,8 +279,7 @@ async fn workers_left_with_the_old_master_key_are_named_by_status_and_fail_prefl
         .cmd("rekey-worker", &["--worker-id", "stale"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+        .spawn_guarded();
     let mut file_env = Env {
         vars: env
             .vars
@@ -357,8 +353,7 @@ async fn workers_left_with_the_old_master_key_are_named_by_status_and_fail_prefl
         )
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .spawn_guarded();
     let failing = status_until(&env, "1", Duration::from_secs(60), |s| {
         s.contains("failing every batch (wrong_master_key)")
     })

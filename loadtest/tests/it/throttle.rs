@@ -5,7 +5,7 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use crate::binaries::{quick_rotate, seeded, sigterm, wait_exit};
+use crate::binaries::{SpawnGuarded, quick_rotate, seeded, sigterm, wait_exit};
 use crate::stalls::status_until;
 
 /// Batches of run 1 in a state.
@@ -40,8 +40,7 @@ async fn throttle_on_and_a_flag_file_hold_publication_and_status_says_why() {
         .cmd("rekey", &["resume", "1", "--throttle-flag-file", &flag_arg])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .spawn_guarded();
     let held = status_until(&env, "1", Duration::from_secs(60), |s| {
         s.contains("throttle     held by the operator")
     })
@@ -120,8 +119,7 @@ async fn a_rotation_pauses_to_rebaseline_the_probe_and_records_the_new_baseline(
         )
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn()
-        .unwrap();
+        .spawn_guarded();
     let code = wait_exit(&mut driver, Duration::from_secs(180));
     let log = std::fs::read_to_string(&log_path).unwrap();
     let _ = std::fs::remove_file(&log_path);
