@@ -213,9 +213,7 @@ impl Project {
 
     /// A query in the project's database, as its superuser; the rows, `|`-separated.
     pub(crate) fn sql(&self, query: &str) -> String {
-        self.ok(&[
-            "exec", "-T", "postgres", "psql", "-U", "rekey", "-d", "rekey", "-At", "-c", query,
-        ])
+        self.ok(&psql(query))
     }
 
     /// `(done, all)` batches of run 1.
@@ -259,8 +257,8 @@ impl Project {
     }
 
     /// A `run --rm coordinator …` in the background, its standard output and error into
-    /// files (`.out`, `.err` beside the returned path).
-    pub(crate) fn spawn_coordinator(&self, args: &[&str]) -> (Child, PathBuf) {
+    /// files beside the project (read back by [`Rotation::log`]).
+    pub(crate) fn spawn_coordinator(&self, args: &[&str]) -> Rotation {
         let log = self
             .dir
             .join(format!("coordinator-{}", rand::random::<u16>()));
@@ -275,7 +273,7 @@ impl Project {
             .stderr(err)
             .spawn()
             .unwrap();
-        (child, log)
+        Rotation { child, files: log }
     }
 
     /// A `run --rm coordinator …` that must succeed; its standard output.
@@ -328,42 +326,96 @@ impl Drop for Project {
     }
 }
 
-/// The last lines of the coordinator's standard error (`log`'s `.err`), for a failure's text.
-fn coordinator_tail(log: &Path) -> String {
-    let err = std::fs::read_to_string(log.with_extension("err")).unwrap_or_default();
-    let lines: Vec<&str> = err.lines().collect();
-    lines[lines.len().saturating_sub(60)..].join("\n")
+/// The compose arguments that run `query` in the project's database as its superuser.
+fn psql(query: &str) -> [&str; 11] {
+    [
+        "exec", "-T", "postgres", "psql", "-U", "rekey", "-d", "rekey", "-At", "-c", query,
+    ]
 }
 
-/// Waits for the run to have `n` batches done (or the rotation to end first: then it says
-/// which fault it was waiting to inject, and shows the coordinator's last words).
-fn await_done(p: &Project, rotate: &mut Child, log: &Path, n: i64, before: &str) {
-    let start = Instant::now();
-    loop {
+/// A `rekey rotate` started by [`Project::spawn_coordinator`]: the compose client's process
+/// and where its output goes.
+pub(crate) struct Rotation {
+    child: Child,
+    /// The output files' stem: `.out` and `.err` beside it.
+    files: PathBuf,
+}
+
+impl Rotation {
+    /// The coordinator's standard output (`"out"`) or error (`"err"`), its last `lines`.
+    fn log(&self, ext: &str, lines: usize) -> String {
+        let all = std::fs::read_to_string(self.files.with_extension(ext)).unwrap_or_default();
+        let all: Vec<&str> = all.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Waits for the run to have `n` batches done (or the rotation to end first: then it
+    /// says which fault it was waiting to inject, the run's state and halt reason, and the
+    /// coordinator's last words).
+    fn await_done(&mut self, p: &Project, n: i64, before: &str) {
+        let start = Instant::now();
+        loop {
+            let (done, all) = p.batches();
+            if done >= n && all > 0 {
+                return;
+            }
+            if let Some(s) = self.child.try_wait().unwrap() {
+                // The run's own record says whether it halted (and why) or the process
+                // went away while the run was still running; asked without `p.sql`, which
+                // would panic first (and lose the log) were PostgreSQL the problem.
+                let run = text(&p.run(&psql(
+                    "SELECT state::text || ': ' || coalesce(halt_reason, '-') FROM rekey.runs WHERE id = 1",
+                )));
+                panic!(
+                    "the rotation ended ({s}) before {before}: {done}/{all} batches done; \
+                     the run is {}; the coordinator's log ends:\n{}",
+                    run.trim(),
+                    self.log("err", 60)
+                );
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(180),
+                "{done}/{all} batches done after 180 s, waiting for {n} before {before}; \
+                 the coordinator's log ends:\n{}",
+                self.log("err", 60)
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// After a fault ended: how long until the next batch was done (progress resumed).
+    fn resumed(&mut self, p: &Project) -> f64 {
+        let t = Instant::now();
         let (done, all) = p.batches();
-        if done >= n && all > 0 {
-            return;
+        if done == all {
+            return 0.0;
         }
-        if let Some(s) = rotate.try_wait().unwrap() {
-            // The run's own record says whether it halted (and why) or the process
-            // went away while the run was still running.
-            let run = p.sql(
-                "SELECT state::text || ': ' || coalesce(halt_reason, '-') FROM rekey.runs WHERE id = 1",
-            );
-            panic!(
-                "the rotation ended ({s}) before {before}: {done}/{all} batches done; \
-                 the run is {}; the coordinator's log ends:\n{}",
-                run.trim(),
-                coordinator_tail(log)
-            );
+        self.await_done(p, done + 1, "the next batch after a fault");
+        t.elapsed().as_secs_f64()
+    }
+
+    /// Waits for `rekey rotate` to exit 0 within `within`; its standard output.
+    fn finish(&mut self, within: Duration) -> String {
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                assert!(
+                    s.success(),
+                    "the rotation failed ({s}):\n{}\n{}",
+                    self.log("out", usize::MAX),
+                    self.log("err", 200)
+                );
+                return self.log("out", usize::MAX);
+            }
+            if start.elapsed() > within {
+                let _ = self.child.kill();
+                panic!(
+                    "the rotation did not end within {within:?}:\n{}",
+                    self.log("err", 200)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(500));
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(180),
-            "{done}/{all} batches done after 180 s, waiting for {n} before {before}; \
-             the coordinator's log ends:\n{}",
-            coordinator_tail(log)
-        );
-        std::thread::sleep(Duration::from_millis(500));
     }
 }
 
@@ -405,17 +457,6 @@ impl SeenWorkers {
             .map(|(ip, _)| ip.clone())
             .collect()
     }
-}
-
-/// After a fault ended: how long until the next batch was done (progress resumed).
-fn resumed(p: &Project, rotate: &mut Child, log: &Path) -> f64 {
-    let t = Instant::now();
-    let (done, all) = p.batches();
-    if done == all {
-        return 0.0;
-    }
-    await_done(p, rotate, log, done + 1, "the next batch after a fault");
-    t.elapsed().as_secs_f64()
 }
 
 /// The exit codes of the containers that died since `since` (docker's event log).
@@ -489,14 +530,10 @@ fn prepare(p: &Project) {
 
 /// After the run: it completed, every value is readable under the new key, the audit log
 /// verifies, no batch is left anything but done, no message is left in a queue.
-fn verify_end(p: &Project, rotate: Child, log: &Path) {
-    let out = wait_child(rotate, Duration::from_secs(600), log);
-    let status: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| {
-        panic!(
-            "{e}: {out}\n{}",
-            std::fs::read_to_string(log.with_extension("err")).unwrap_or_default()
-        )
-    });
+fn verify_end(p: &Project, mut rotate: Rotation) {
+    let out = rotate.finish(Duration::from_secs(600));
+    let status: serde_json::Value = serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("{e}: {out}\n{}", rotate.log("err", 200)));
     assert_eq!(status["run"]["state"], "completed", "{out}");
     let target = status["run"]["target_key_id"].as_str().unwrap().to_owned();
     let v: serde_json::Value =
@@ -519,30 +556,6 @@ fn verify_end(p: &Project, rotate: Child, log: &Path) {
     );
     assert_eq!(twice, "0", "a batch's audit entries written twice");
     eprintln!("[compose] verified: {v}");
-}
-
-fn wait_child(mut child: Child, within: Duration, log: &Path) -> String {
-    let start = Instant::now();
-    loop {
-        let read = |ext| std::fs::read_to_string(log.with_extension(ext)).unwrap_or_default();
-        if let Some(s) = child.try_wait().unwrap() {
-            assert!(
-                s.success(),
-                "the rotation failed ({s}):\n{}\n{}",
-                read("out"),
-                read("err")
-            );
-            return read("out");
-        }
-        if start.elapsed() > within {
-            let _ = child.kill();
-            panic!(
-                "the rotation did not end within {within:?}:\n{}",
-                read("err")
-            );
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
 }
 
 /// The messages left in the project's queues, per queue, from the broker itself.
@@ -587,11 +600,11 @@ async fn compose_up_scaled_workers_rotate_through_kills_restarts_partitions_and_
     assert_eq!(p.containers("worker").len(), 3);
     prepare(&p);
 
-    let (mut rotate, log) = p.spawn_coordinator(&rotate_args());
+    let mut rotate = p.spawn_coordinator(&rotate_args());
     let mut faults = Vec::new();
-    let mut mark = |what: &str, t: Instant, rotate: &mut Child| {
+    let mut mark = |what: &str, t: Instant, rotate: &mut Rotation| {
         let took = t.elapsed().as_secs_f64();
-        let again = resumed(&p, rotate, &log);
+        let again = rotate.resumed(&p);
         faults.push(format!(
             "{what}: {took:.1} s, next batch done {again:.1} s after"
         ));
@@ -600,7 +613,7 @@ async fn compose_up_scaled_workers_rotate_through_kills_restarts_partitions_and_
 
     // 1. Scale 3 → 1: compose stops two workers with SIGTERM; each finishes and acks what
     //    it holds and exits 0 well inside the 2-minute grace period.
-    await_done(&p, &mut rotate, &log, 3, "scaling down");
+    rotate.await_done(&p, 3, "scaling down");
     seen.note(&p);
     let before = p.containers("worker");
     let since = unix_now() - 1;
@@ -628,7 +641,7 @@ async fn compose_up_scaled_workers_rotate_through_kills_restarts_partitions_and_
 
     // 2. SIGKILL a worker in the middle of a batch (its transaction is open).
     let (done, _) = p.batches();
-    await_done(&p, &mut rotate, &log, done + 2, "killing a worker");
+    rotate.await_done(&p, done + 2, "killing a worker");
     seen.note(&p);
     let victim = p.containers("worker")[0].clone();
     let t = Instant::now();
@@ -639,7 +652,7 @@ async fn compose_up_scaled_workers_rotate_through_kills_restarts_partitions_and_
 
     // 3. Restart the broker: every connection drops; unacked orders go back to the queue.
     let (done, _) = p.batches();
-    await_done(&p, &mut rotate, &log, done + 2, "restarting RabbitMQ");
+    rotate.await_done(&p, done + 2, "restarting RabbitMQ");
     let t = Instant::now();
     p.ok(&["restart", "rabbitmq"]);
     mark("RabbitMQ restarted", t, &mut rotate);
@@ -648,7 +661,7 @@ async fn compose_up_scaled_workers_rotate_through_kills_restarts_partitions_and_
     //    its batch is published again and done by another; when it comes back its own
     //    transaction's result must not make a second, different value.
     let (done, _) = p.batches();
-    await_done(&p, &mut rotate, &log, done + 2, "disconnecting a worker");
+    rotate.await_done(&p, done + 2, "disconnecting a worker");
     seen.note(&p);
     let cut = p.containers("worker")[1].clone();
     let t = Instant::now();
@@ -671,7 +684,7 @@ async fn compose_up_scaled_workers_rotate_through_kills_restarts_partitions_and_
 
     // 5. Pause PostgreSQL for 10 s.
     let (done, _) = p.batches();
-    await_done(&p, &mut rotate, &log, done + 2, "pausing PostgreSQL");
+    rotate.await_done(&p, done + 2, "pausing PostgreSQL");
     let t = Instant::now();
     p.ok(&["pause", "postgres"]);
     std::thread::sleep(Duration::from_secs(10));
@@ -679,7 +692,7 @@ async fn compose_up_scaled_workers_rotate_through_kills_restarts_partitions_and_
     mark("PostgreSQL paused for 10 s", t, &mut rotate);
     let faults_done = test_start.elapsed().as_secs_f64();
 
-    verify_end(&p, rotate, &log);
+    verify_end(&p, rotate);
     let left: i64 = queue_messages(&p, "rabbitmq").iter().map(|(_, n)| n).sum();
     assert_eq!(left, 0, "messages left in the queues");
 
@@ -812,14 +825,8 @@ async fn a_rotation_on_a_three_node_rabbitmq_cluster_survives_the_leaders_loss_a
     let up_secs = test_start.elapsed().as_secs_f64();
     prepare(&p);
 
-    let (mut rotate, log) = p.spawn_coordinator(&rotate_args());
-    await_done(
-        &p,
-        &mut rotate,
-        &log,
-        3,
-        "stopping the batch queue's leader",
-    );
+    let mut rotate = p.spawn_coordinator(&rotate_args());
+    rotate.await_done(&p, 3, "stopping the batch queue's leader");
     // The queues are quorum queues with a member on every node.
     let members = p.ok(&[
         "exec",
@@ -853,15 +860,9 @@ async fn a_rotation_on_a_three_node_rabbitmq_cluster_survives_the_leaders_loss_a
     let ask = nodes.iter().find(|n| **n != leader).unwrap();
     let new_leader = queue_leader(&p, ask, "rekey.batches");
     assert_ne!(new_leader, leader);
-    let leader_recovery = resumed(&p, &mut rotate, &log);
+    let leader_recovery = rotate.resumed(&p);
     let (done, _) = p.batches();
-    await_done(
-        &p,
-        &mut rotate,
-        &log,
-        done + 2,
-        "bringing the stopped node back",
-    );
+    rotate.await_done(&p, done + 2, "bringing the stopped node back");
     eprintln!(
         "[compose] stopped {leader} (the batch queue's leader, {clients_on_leader} clients on it) in {stop_secs:.1} s; \
          {new_leader} leads; next batch done {leader_recovery:.1} s after"
@@ -874,7 +875,7 @@ async fn a_rotation_on_a_three_node_rabbitmq_cluster_survives_the_leaders_loss_a
     //    the one most clients are connected to now, so that they must fail over. With
     //    pause_minority it pauses; then it heals and rejoins.
     let (done, _) = p.batches();
-    await_done(&p, &mut rotate, &log, done + 2, "partitioning a node");
+    rotate.await_done(&p, done + 2, "partitioning a node");
     let by_node = connections_by_node(&p, ask);
     let cut = *nodes
         .iter()
@@ -889,14 +890,14 @@ async fn a_rotation_on_a_three_node_rabbitmq_cluster_survives_the_leaders_loss_a
     let (during, _) = p.batches();
     docker_ok(&["network", "connect", "--alias", cut, &p.network(), &cut_id]);
     let partition_secs = t.elapsed().as_secs_f64();
-    let resumed_after = resumed(&p, &mut rotate, &log);
+    let resumed_after = rotate.resumed(&p);
     eprintln!(
         "[compose] {cut} (clients on it: {}) partitioned away for 20 s: {} batches done meanwhile; next batch done {resumed_after:.1} s after it healed",
         by_node.iter().filter(|c| *c == cut).count(),
         during - before
     );
 
-    verify_end(&p, rotate, &log);
+    verify_end(&p, rotate);
     await_cluster(&p, "rabbitmq", 3, Duration::from_secs(120));
     let queues = queue_messages(&p, "rabbitmq");
     assert!(queues.iter().all(|(_, n)| *n == 0), "{queues:?}");
