@@ -480,7 +480,10 @@ fn exit_codes_since(since: i64, ids: &[String]) -> Vec<String> {
     docker_ok(&refs).lines().map(str::to_owned).collect()
 }
 
-const ROWS: &str = "8000";
+/// Enough rows that the run outlasts every fault the tests inject: with 8,000 (320 batches of
+/// 25 over the three stages) a loaded CI machine, slow to inject the faults, saw both
+/// rotations complete before their last fault.
+const ROWS: &str = "12000";
 
 /// Each batch's transaction stays open 1 s after its writes, so that a worker killed,
 /// cut off or drained is always in the middle of one.
