@@ -124,6 +124,16 @@ impl Env {
             .stderr(Stdio::piped())
             .spawn_guarded()
     }
+
+    /// A worker whose every batch takes 300 ms more (the `worker.after_write` fault point,
+    /// with the `failpoints` feature): a run that lasts while a test does something to it.
+    pub(crate) fn slow_worker(&self, id: &str) -> Proc {
+        self.cmd("rekey-worker", &["--worker-id", id])
+            .env("FAILPOINTS", "worker.after_write=sleep(300)")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn_guarded()
+    }
 }
 
 /// `rekey rotate` as the tests run it unattended (no preflight, no key propagation wait,

@@ -309,12 +309,7 @@ async fn busy_backends_hold_publication_until_they_finish() {
 async fn a_requested_checkpoint_holds_publication_for_the_checkpoint_hold() {
     let (db, env, reports) = seeded(3_000).await;
     // Batches that take a while, so that the run is still going when the checkpoint comes.
-    let mut worker = env
-        .cmd("rekey-worker", &["--worker-id", "w"])
-        .env("FAILPOINTS", "worker.after_write=sleep(300)")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn_guarded();
+    let mut worker = env.slow_worker("w");
     let mut driver = env
         .cmd(
             "rekey",

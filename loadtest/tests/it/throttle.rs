@@ -5,7 +5,7 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use crate::binaries::{SpawnGuarded, quick_rotate, seeded, sigterm, wait_exit};
+use crate::binaries::{Env, Proc, SpawnGuarded, quick_rotate, seeded, sigterm, wait_exit};
 use crate::stalls::status_until;
 
 /// Batches of run 1 in a state.
@@ -15,6 +15,14 @@ async fn batches(db: &rekey_common::testing::TestDb, state: &str) -> i64 {
         &[&state],
     )
     .await
+}
+
+/// `rekey ARGS` in the background, its standard error (the driver's log) into `log`.
+fn logged_rekey(env: &Env, args: &[&str], log: &std::path::Path) -> Proc {
+    env.cmd("rekey", args)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn_guarded()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -103,23 +111,20 @@ async fn a_rotation_pauses_to_rebaseline_the_probe_and_records_the_new_baseline(
     let (db, env, reports) = seeded(3_000).await;
     let mut worker = env.worker("w");
     let log_path = std::env::temp_dir().join(format!("{}-rebaseline.log", db.name));
-    let mut driver = env
-        .cmd(
-            "rekey",
-            &quick_rotate(&[
-                "--stages",
-                "100",
-                "--batch-size",
-                "50",
-                "--max-in-flight",
-                "1",
-                "--rebaseline-every",
-                "2s",
-            ]),
-        )
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn_guarded();
+    let mut driver = logged_rekey(
+        &env,
+        &quick_rotate(&[
+            "--stages",
+            "100",
+            "--batch-size",
+            "50",
+            "--max-in-flight",
+            "1",
+            "--rebaseline-every",
+            "2s",
+        ]),
+        &log_path,
+    );
     let code = wait_exit(&mut driver, Duration::from_secs(180));
     let log = std::fs::read_to_string(&log_path).unwrap();
     let _ = std::fs::remove_file(&log_path);
@@ -142,5 +147,99 @@ async fn a_rotation_pauses_to_rebaseline_the_probe_and_records_the_new_baseline(
     wait_exit(&mut worker, Duration::from_secs(30));
     let (ok, out, err) = env.run("rekey-loadtest", &["verify"]);
     assert!(ok, "{out}{err}");
+    let _ = std::fs::remove_dir_all(&reports);
+}
+
+/// The breach, through the binaries: the operator's probe query (`REKEY_PROBE_QUERY`, here
+/// one whose latency the test sets) gets slow mid-stage and stays slow, so the stage is
+/// breached and the run halted with the reason; nothing published is lost, and once the
+/// application is fast again `rekey resume` runs the stage again and finishes it.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sustained_rise_of_the_probes_latency_breaches_the_stage_and_resume_finishes_it() {
+    let (db, mut env, reports) = seeded(3_000).await;
+    db.pool
+        .get()
+        .await
+        .unwrap()
+        .batch_execute("CREATE TABLE public.probe_delay (secs float8 NOT NULL)")
+        .await
+        .unwrap();
+    env.vars.push((
+        "REKEY_PROBE_QUERY",
+        "SELECT pg_sleep(coalesce((SELECT max(secs) FROM public.probe_delay), 0))".to_owned(),
+    ));
+    // Batches of 20 rows at 300 ms each at least: the stage outlasts the three judgements
+    // (2 s apart) a breach takes. The throttle is off: the breach is the gate that stands
+    // whether or not the run is paced.
+    let mut worker = env.slow_worker("w");
+    let log_path = std::env::temp_dir().join(format!("{}-breach.log", db.name));
+    let mut driver = logged_rekey(
+        &env,
+        &quick_rotate(&[
+            "--stages",
+            "100",
+            "--batch-size",
+            "20",
+            "--throttle-pct",
+            "0",
+        ]),
+        &log_path,
+    );
+    let start = std::time::Instant::now();
+    while batches(&db, "done").await < 2 {
+        assert!(start.elapsed() < Duration::from_secs(90), "no batch done");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The application slows down: every probe now takes 50 ms (its baseline: well under 1).
+    db.pool
+        .get()
+        .await
+        .unwrap()
+        .batch_execute("INSERT INTO public.probe_delay VALUES (0.05)")
+        .await
+        .unwrap();
+    let code = wait_exit(&mut driver, Duration::from_secs(120));
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    let _ = std::fs::remove_file(&log_path);
+    assert!(!code.success(), "a breached run is not a success: {log}");
+    assert!(log.contains("stage breached: run halted"), "{log}");
+    let (ok, out, err) = env.run("rekey", &["status", "1", "--json"]);
+    assert!(ok, "{out}{err}");
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(status["run"]["state"], "halted", "{status}");
+    assert_eq!(status["stages"][0]["state"], "breached", "{status}");
+    let reason = status["run"]["halt_reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("performance impact: probe latency over 20% above the baseline"),
+        "{status}"
+    );
+    let left = batches(&db, "pending").await;
+    assert!(left > 0, "halted before the end of the stage");
+    // The operator's view says the same, and what to do.
+    let (_, text, _) = env.run("rekey", &["status", "1"]);
+    assert!(text.contains("performance impact"), "{text}");
+
+    // The application is fast again: resume runs the breached stage again to its end.
+    db.pool
+        .get()
+        .await
+        .unwrap()
+        .batch_execute("DELETE FROM public.probe_delay")
+        .await
+        .unwrap();
+    let (ok, out, err) = env.run("rekey", &["resume", "1"]);
+    assert!(ok, "{out}{err}");
+    assert_eq!(
+        batches(&db, "pending").await + batches(&db, "published").await,
+        0
+    );
+    sigterm(&worker);
+    wait_exit(&mut worker, Duration::from_secs(30));
+    let (ok, out, err) = env.run("rekey-loadtest", &["verify"]);
+    assert!(
+        ok,
+        "every value readable after the breach and the resume: {out}{err}"
+    );
     let _ = std::fs::remove_dir_all(&reports);
 }
