@@ -259,43 +259,29 @@ impl Project {
     /// A `run --rm coordinator …` in the background, its standard output and error into
     /// files beside the project (read back by [`Rotation::log`]).
     pub(crate) fn spawn_coordinator(&self, args: &[&str]) -> Rotation {
-        let log = self
+        let stem = self
             .dir
             .join(format!("coordinator-{}", rand::random::<u16>()));
-        let out = std::fs::File::create(log.with_extension("out")).unwrap();
-        let err = std::fs::File::create(log.with_extension("err")).unwrap();
-        let mut a = vec!["run", "--rm", "-T", "--no-deps", "coordinator"];
-        a.extend(args);
+        let out = std::fs::File::create(stem.with_extension("out")).unwrap();
+        let err = std::fs::File::create(stem.with_extension("err")).unwrap();
         let child = self
-            .cmd(&a)
+            .cmd(&one_off(None, args))
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
             .spawn()
             .unwrap();
-        Rotation { child, files: log }
+        Rotation { child, files: stem }
     }
 
     /// A `run --rm coordinator …` that must succeed; its standard output.
     pub(crate) fn coordinator(&self, args: &[&str]) -> String {
-        let mut a = vec!["run", "--rm", "-T", "--no-deps", "coordinator"];
-        a.extend(args);
-        self.ok(&a)
+        self.ok(&one_off(None, args))
     }
 
     /// `rekey-loadtest …` in the coordinator's container.
     pub(crate) fn loadtest(&self, args: &[&str]) -> String {
-        let mut a = vec![
-            "run",
-            "--rm",
-            "-T",
-            "--no-deps",
-            "--entrypoint",
-            "rekey-loadtest",
-            "coordinator",
-        ];
-        a.extend(args);
-        self.ok(&a)
+        self.ok(&one_off(Some("rekey-loadtest"), args))
     }
 
     /// An instant query to the project's Prometheus: the result vector.
@@ -331,6 +317,18 @@ fn psql(query: &str) -> [&str; 11] {
     [
         "exec", "-T", "postgres", "psql", "-U", "rekey", "-d", "rekey", "-At", "-c", query,
     ]
+}
+
+/// `run --rm -T --no-deps [--entrypoint E] coordinator ARGS…`: a one-off container of the
+/// coordinator's image on the project's network, without starting what it depends on.
+fn one_off<'a>(entrypoint: Option<&'a str>, args: &[&'a str]) -> Vec<&'a str> {
+    let mut a = vec!["run", "--rm", "-T", "--no-deps"];
+    if let Some(e) = entrypoint {
+        a.extend(["--entrypoint", e]);
+    }
+    a.push("coordinator");
+    a.extend(args);
+    a
 }
 
 /// A `rekey rotate` started by [`Project::spawn_coordinator`]: the compose client's process
@@ -399,13 +397,13 @@ impl Rotation {
         let start = Instant::now();
         loop {
             if let Some(s) = self.child.try_wait().unwrap() {
+                let out = self.log("out", usize::MAX);
                 assert!(
                     s.success(),
-                    "the rotation failed ({s}):\n{}\n{}",
-                    self.log("out", usize::MAX),
+                    "the rotation failed ({s}):\n{out}\n{}",
                     self.log("err", 200)
                 );
-                return self.log("out", usize::MAX);
+                return out;
             }
             if start.elapsed() > within {
                 let _ = self.child.kill();
