@@ -965,3 +965,36 @@ async fn a_dry_run_with_default_flags_finishes_and_writes_nothing() {
     assert!(counts.get("rotated").is_none(), "{counts}");
     let _ = std::fs::remove_dir_all(&reports);
 }
+
+/// Waits (at most 120 s: CI builds images beside it) until each worker has said it is
+/// present: it has loaded its key ring and started consuming. A worker that exits first
+/// fails the test with its exit status and log.
+pub(crate) async fn workers_present(db: &TestDb, workers: &mut [(&str, &mut Proc)]) {
+    let ids: Vec<String> = workers.iter().map(|(id, _)| (*id).to_owned()).collect();
+    let start = std::time::Instant::now();
+    loop {
+        let n = db
+            .scalar(
+                "SELECT count(*) FROM rekey.workers WHERE worker_id = ANY($1)",
+                &[&ids],
+            )
+            .await;
+        if n == ids.len() as i64 {
+            return;
+        }
+        for (id, w) in workers.iter_mut() {
+            if let Some(status) = w.try_wait().unwrap() {
+                let mut log = String::new();
+                if let Some(err) = w.stderr.as_mut() {
+                    let _ = std::io::Read::read_to_string(err, &mut log);
+                }
+                panic!("worker {id} exited ({status}) before it was present:\n{log}");
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "workers {ids:?} not all present after 120 s ({n} were), both still running"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use rekey_common::testing::{SOFTHSM2_MODULE, TestDb, softhsm2_tokens, write_private};
 
-use crate::binaries::{Env, Proc, SpawnGuarded, quick_rotate, sigterm, wait_exit};
+use crate::binaries::{Env, SpawnGuarded, quick_rotate, sigterm, wait_exit};
 
 const MODULE: &str = SOFTHSM2_MODULE;
 const PIN: &str = "2718-rekey";
@@ -206,7 +206,7 @@ async fn a_staged_rotation_with_the_master_key_inside_a_softhsm2_token() {
     let mut w2 = env.worker("hsm-2");
     // Both have loaded their rings before the rotation makes its key: hsm-1's next load is
     // the one that loses its session.
-    workers_present(&db, &mut [("hsm-1", &mut w1), ("hsm-2", &mut w2)]).await;
+    crate::binaries::workers_present(&db, &mut [("hsm-1", &mut w1), ("hsm-2", &mut w2)]).await;
     let (ok, out, err) = env.run("rekey", &quick_rotate(&["--stages", "1,100", "--json"]));
     assert!(ok, "{out}\n{err}");
     let status: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -340,37 +340,4 @@ async fn a_staged_rotation_with_the_master_key_inside_a_softhsm2_token() {
     // log (thirty ERROR lines at every start otherwise).
     assert!(!log.contains("Mechanism type"), "{log}");
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// Waits (at most 120 s: CI builds images beside it) until each worker has said it is
-/// present: it has loaded its key ring and started consuming. A worker that exits first
-/// fails the test with its exit status and log.
-async fn workers_present(db: &TestDb, workers: &mut [(&str, &mut Proc)]) {
-    let ids: Vec<String> = workers.iter().map(|(id, _)| (*id).to_owned()).collect();
-    let start = std::time::Instant::now();
-    loop {
-        let n = db
-            .scalar(
-                "SELECT count(*) FROM rekey.workers WHERE worker_id = ANY($1)",
-                &[&ids],
-            )
-            .await;
-        if n == ids.len() as i64 {
-            return;
-        }
-        for (id, w) in workers.iter_mut() {
-            if let Some(status) = w.try_wait().unwrap() {
-                let mut log = String::new();
-                if let Some(err) = w.stderr.as_mut() {
-                    let _ = std::io::Read::read_to_string(err, &mut log);
-                }
-                panic!("worker {id} exited ({status}) before it was present:\n{log}");
-            }
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "workers {ids:?} not all present after 120 s ({n} were), both still running"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }

@@ -292,6 +292,10 @@ async fn workers_left_with_the_old_master_key_are_named_by_status_and_fail_prefl
         .vars
         .push(("REKEY_MASTER_KEY_FILE", key_file.display().to_string()));
     let mut by_file = file_env.worker("file");
+    // Both present (their key rings loaded, the old key's) before the key changes: else
+    // preflight may run before "stale" has said it is there (.ci/run failed so once).
+    crate::binaries::workers_present(&db, &mut [("stale", &mut stale), ("file", &mut by_file)])
+        .await;
 
     let new_key = dir.join("new.key");
     let (ok, out, err) = env.run(
